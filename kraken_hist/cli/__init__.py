@@ -1,0 +1,7 @@
+"""The ``kraken-hist`` command line: one module per command group, registered here."""
+
+from __future__ import annotations
+
+from .main import cli, main
+
+__all__ = ["cli", "main"]

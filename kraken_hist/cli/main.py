@@ -1,0 +1,35 @@
+"""Root command group; each command group lives in its own module and is added below."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from ..config import Settings
+from ..errors import KrakenHistError
+from .common import setup_logging
+from .db import db
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(__version__, prog_name="kraken-hist")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Keep Kraken's market history in PostgreSQL and serve it to strategies.
+
+    Configuration comes from KRAKEN_HIST_* environment variables (see the README); with no
+    KRAKEN_HIST_DATABASE_URL an embedded PostgreSQL in the user data directory is used.
+    """
+    setup_logging(verbose)
+    try:
+        ctx.obj = Settings.from_env()
+    except KrakenHistError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+cli.add_command(db)
+
+
+def main() -> None:
+    cli(prog_name="kraken-hist")

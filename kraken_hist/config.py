@@ -1,0 +1,105 @@
+"""Settings: one frozen object built from ``KRAKEN_HIST_*`` environment variables at an entry point."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+from .errors import ConfigurationError
+
+PREFIX = "KRAKEN_HIST_"
+DEFAULT_REST_URL = "https://api.kraken.com"
+DEFAULT_WS_URL = "wss://ws.kraken.com/v2"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory (embedded PostgreSQL, writer spool files)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("kraken_hist", appauthor=False))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything configurable, with the defaults a new user should get.
+
+    Build it once with ``Settings.from_env()`` at an entry point and pass it down; the
+    library itself never reads the environment.
+    """
+
+    database_url: str | None = None  # None → the embedded PostgreSQL in data_dir
+    redis_url: str = DEFAULT_REDIS_URL
+    rest_url: str = DEFAULT_REST_URL
+    ws_url: str = DEFAULT_WS_URL
+    symbols: tuple[str, ...] = ("BTC/USD",)
+    data_dir: Path = field(default_factory=default_data_dir)
+    rest_min_interval: float = 1.0  # seconds between REST calls, shared by the whole process
+    gap_fill_every: float = 300.0  # seconds between beat-scheduled gap fills
+    refresh_every: float = 60.0  # seconds between beat-scheduled aggregate refreshes
+    backfill_every: float = 900.0  # seconds between beat-scheduled catch-up backfills
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read ``KRAKEN_HIST_*`` variables; unset or empty ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _convert(f.name, raw.strip())
+        return cls(**values)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, str]:
+        """Settings as printable strings (the database password masked)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("database_url", "redis_url") and value:
+                value = mask_password(str(value))
+            out[f.name] = ",".join(value) if isinstance(value, tuple) else str(value)
+        return out
+
+
+def _convert(name: str, raw: str) -> object:
+    variable = PREFIX + name.upper()
+    if name == "symbols":
+        from .pairs import normalize_symbol
+
+        try:
+            return tuple(normalize_symbol(s) for s in raw.split(",") if s.strip())
+        except ValueError as exc:
+            raise ConfigurationError(f"{variable}: {exc}") from None
+    if name == "data_dir":
+        return Path(raw).expanduser()
+    if name in ("rest_min_interval", "gap_fill_every", "refresh_every", "backfill_every"):
+        try:
+            number = float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{variable} must be a number of seconds, got {raw!r}") from None
+        if number < 0:
+            raise ConfigurationError(f"{variable} must not be negative, got {raw!r}")
+        return number
+    if name == "database_url" and not raw.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        raise ConfigurationError(
+            f"{variable} must be a postgresql:// or postgresql+psycopg:// URL, got {mask_password(raw)!r}"
+        )
+    if name == "redis_url" and not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(f"{variable} must be a redis:// URL, got {raw!r}")
+    return raw
+
+
+def mask_password(url: str) -> str:
+    """``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, at, host = rest.rpartition("@")
+    if ":" in creds:
+        user, _, password = creds.partition(":")
+        if password:
+            creds = f"{user}:***"
+    return f"{scheme}://{creds}@{host}"

@@ -1,0 +1,92 @@
+"""Database plumbing: URL forms, the embedded default, engines, and driver errors → ours.
+
+SQLAlchemy wants ``postgresql+psycopg://``; psycopg wants ``postgresql://``. Users may give
+either, so every entry point passes URLs through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .config import Settings
+from .errors import DatabaseUnavailableError
+
+_SA_SCHEME = "postgresql+psycopg://"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Any accepted PostgreSQL URL → the SQLAlchemy psycopg 3 form."""
+    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return _SA_SCHEME + url[len(prefix):]
+    raise ValueError(f"not a PostgreSQL URL: {url!r} (expected postgresql:// or postgresql+psycopg://)")
+
+
+def libpq_url(url: str) -> str:
+    """Any accepted PostgreSQL URL → the plain libpq form psycopg connects with."""
+    return "postgresql://" + sqlalchemy_url(url)[len(_SA_SCHEME):]
+
+
+def resolve_database_url(db_url: str | None = None, settings: Settings | None = None) -> str:
+    """The URL to use: an explicit one, else the configured one, else the embedded server's.
+
+    A configured URL always wins; only with none at all does the embedded server start.
+    """
+    if db_url:
+        return libpq_url(db_url)
+    settings = settings if settings is not None else Settings.from_env()
+    if settings.database_url:
+        return libpq_url(settings.database_url)
+    from .embedded import start_embedded
+
+    return start_embedded(Path(settings.data_dir))
+
+
+def is_embedded_url(url: str, settings: Settings | None = None) -> bool:
+    """True when `url` points at the embedded server's socket directory."""
+    from .embedded import embedded_pgdata
+
+    settings = settings if settings is not None else Settings.from_env()
+    return str(embedded_pgdata(Path(settings.data_dir))) in url
+
+
+def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kwargs: object) -> Engine:
+    """A SQLAlchemy engine on psycopg 3; connections are checked before use (survives restarts)."""
+    return sa.create_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def connect(url: str, **kwargs: object) -> psycopg.Connection:
+    """A raw psycopg connection (for COPY), with driver errors translated."""
+    with translate_errors():
+        return psycopg.connect(libpq_url(url), **kwargs)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn 'the server is not there' driver errors into DatabaseUnavailableError."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+        raise DatabaseUnavailableError(f"PostgreSQL is unavailable: {exc}".strip()) from exc
+    except sa.exc.OperationalError as exc:
+        raise DatabaseUnavailableError(f"PostgreSQL is unavailable: {exc.orig}".strip()) from exc
+
+
+def has_timescaledb(conn: sa.Connection | psycopg.Connection) -> bool:
+    """True when the timescaledb extension is installed in this database."""
+    query = "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'"
+    if isinstance(conn, psycopg.Connection):
+        return conn.execute(query).fetchone() is not None
+    return conn.execute(sa.text(query)).first() is not None

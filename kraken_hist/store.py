@@ -1,0 +1,160 @@
+"""SQL building blocks shared by every writer: candles from trades, coverage, sync status.
+
+All functions take an open psycopg connection and run inside the caller's transaction,
+so a writer can store a page of trades, rebuild its minutes' candles and advance its
+resume point atomically. Nothing here commits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from .pairs import DEFAULT_REGISTRY
+from .timeutils import check_aware, floor_minute
+
+_REBUILD_CANDLES = """
+WITH minute_trades AS (
+    SELECT date_trunc('minute', time) AS minute, time, trade_id, price, volume
+    FROM trades
+    WHERE symbol = %(symbol)s AND time >= %(start)s AND time < %(end)s
+), built AS (
+    SELECT minute,
+           (array_agg(price ORDER BY time, trade_id))[1]           AS open,
+           max(price)                                              AS high,
+           min(price)                                              AS low,
+           (array_agg(price ORDER BY time DESC, trade_id DESC))[1] AS close,
+           CASE WHEN sum(volume) > 0
+                THEN trunc(sum(price * volume) / sum(volume), %(decimals)s)
+                ELSE 0 END                                         AS vwap,
+           sum(volume)                                             AS volume,
+           count(*)::integer                                       AS trades
+    FROM minute_trades
+    GROUP BY minute
+), stale AS (
+    DELETE FROM candles c
+    WHERE c.symbol = %(symbol)s AND c.source = 'trades'
+      AND c.time >= %(start)s AND c.time < %(end)s
+      AND NOT EXISTS (SELECT 1 FROM built b WHERE b.minute = c.time)
+    RETURNING 1
+)
+INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
+SELECT %(symbol)s, minute, open, high, low, close, vwap, volume, trades, 'trades', now()
+FROM built
+ON CONFLICT (symbol, time) DO UPDATE
+SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+    vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades,
+    source = 'trades', updated_at = now()
+WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
+      IS DISTINCT FROM
+      (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
+       EXCLUDED.volume, EXCLUDED.trades, 'trades')
+"""
+
+
+def minute_window(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """Widen ``[start, end)`` to whole minutes: floor the start, ceil the end."""
+    lo = floor_minute(start)
+    hi = floor_minute(end)
+    if hi < check_aware(end):
+        hi += timedelta(minutes=1)
+    return lo, max(hi, lo + timedelta(minutes=1))
+
+
+def rebuild_candles(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime) -> int:
+    """Rebuild the 1-minute candles of every minute touching ``[start, end)`` from **all**
+    stored trades of those minutes (a minute split across pages comes out whole).
+
+    Candles of minutes that no longer hold trades are removed if they were built from
+    trades; exchange candles in minutes that now hold trades are replaced (trades are
+    authoritative). Records the window in ``candle_changes``. Returns candles written.
+    """
+    lo, hi = minute_window(start, end)
+    decimals = DEFAULT_REGISTRY.get(symbol).price_decimals
+    cur = conn.execute(_REBUILD_CANDLES, {"symbol": symbol, "start": lo, "end": hi, "decimals": decimals})
+    record_candle_change(conn, symbol, lo, hi)
+    return cur.rowcount
+
+
+def record_candle_change(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime) -> None:
+    """Note that 1-minute candles in ``[start, end)`` changed, for the incremental aggregate refresh."""
+    lo, hi = minute_window(start, end)
+    conn.execute(
+        "INSERT INTO candle_changes (symbol, start_time, end_time) VALUES (%s, %s, %s)",
+        (symbol, lo, hi),
+    )
+
+
+def add_coverage(conn: psycopg.Connection, symbol: str, source: str, start: datetime, end: datetime) -> None:
+    """Record ``[start, end)`` as known complete for `symbol` from `source` (merged, idempotent)."""
+    lo, hi = check_aware(start, "start"), check_aware(end, "end")
+    if hi <= lo:
+        return
+    conn.execute(
+        """
+        INSERT INTO coverage AS c (symbol, source, ranges)
+        VALUES (%s, %s, tstzmultirange(tstzrange(%s, %s, '[)')))
+        ON CONFLICT (symbol, source) DO UPDATE
+        SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now()
+        """,
+        (symbol, source, lo, hi),
+    )
+
+
+def read_coverage(
+    conn: psycopg.Connection, symbol: str, source: str | None = None
+) -> list[tuple[datetime, datetime]]:
+    """Covered ranges of `symbol` (of one source, or of all merged), sorted and disjoint."""
+    rows = conn.execute(
+        """
+        SELECT lower(r), upper(r)
+        FROM (SELECT unnest(range_agg(ranges)) AS r
+              FROM coverage WHERE symbol = %s AND (%s::text IS NULL OR source = %s)) merged
+        ORDER BY 1
+        """,
+        (symbol, source, source),
+    ).fetchall()
+    return [(row[0], row[1]) for row in rows if row[0] is not None]
+
+
+def write_sync_status(
+    conn: psycopg.Connection,
+    symbol: str,
+    data_type: str,
+    *,
+    last_time: datetime | None,
+    cursor: str | None = None,
+    last_trade_id: int | None = None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Upsert how far `data_type` ingestion of `symbol` has come (the resume point)."""
+    conn.execute(
+        """
+        INSERT INTO sync_status AS s (symbol, data_type, last_time, cursor, last_trade_id, details, updated_at)
+        VALUES (%s, %s, %s, %s, %s, %s, now())
+        ON CONFLICT (symbol, data_type) DO UPDATE
+        SET last_time = EXCLUDED.last_time, cursor = EXCLUDED.cursor,
+            last_trade_id = EXCLUDED.last_trade_id,
+            details = s.details || EXCLUDED.details, updated_at = now()
+        """,
+        (symbol, data_type, last_time, cursor, last_trade_id, Jsonb(details or {})),
+    )
+
+
+def read_sync_status(conn: psycopg.Connection, symbol: str, data_type: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT last_time, cursor, last_trade_id, details, updated_at FROM sync_status "
+        "WHERE symbol = %s AND data_type = %s",
+        (symbol, data_type),
+    ).fetchone()
+    if row is None:
+        return None
+    return dict(zip(("last_time", "cursor", "last_trade_id", "details", "updated_at"), row))
+
+
+def lock_symbol(conn: psycopg.Connection, purpose: str, symbol: str) -> None:
+    """Serialise `purpose` work on `symbol` across processes until this transaction ends."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{purpose}:{symbol}",))

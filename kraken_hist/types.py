@@ -1,0 +1,218 @@
+"""Immutable domain records. Decimal prices and volumes, timezone-aware UTC times, nothing else.
+
+``HistoricalTrade``/``HistoricalCandle`` are what the exchange reported or the database holds;
+``TradeRecord``/``CandleRecord`` are rows on their way into storage, tagged with their source
+and validated on construction so a bad record never reaches a batch.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from .pairs import DEFAULT_REGISTRY
+from .timeutils import check_aware
+
+
+class TradeSource(str, enum.Enum):
+    """Where a stored trade came from."""
+
+    REST = "rest"
+    WEBSOCKET = "ws"
+    CSV = "csv"
+
+
+class CandleSource(str, enum.Enum):
+    """Where a stored 1-minute candle came from; TRADES (built from stored trades) is authoritative."""
+
+    TRADES = "trades"
+    REST_OHLC = "rest_ohlc"
+    WS_OHLC = "ws_ohlc"
+    CSV_OHLC = "csv_ohlc"
+
+
+class GapKind(str, enum.Enum):
+    TRADE_IDS = "trade_ids"  # a jump in the contiguous trade-id sequence
+    UNCOVERED = "uncovered"  # a time range no source has covered
+    CANDLES = "candles"  # trades stored but their minute's candle missing or stale
+
+
+def _decimal(value: object, field: str) -> Decimal:
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            result = Decimal(value)
+        except ArithmeticError:
+            raise ValueError(f"{field} is not a number: {value!r}") from None
+    else:
+        raise ValueError(f"{field} must be a Decimal, int or str (never float), got {type(value).__name__}")
+    if not result.is_finite():
+        raise ValueError(f"{field} must be finite, got {value!r}")
+    return result
+
+
+def _positive(value: object, field: str) -> Decimal:
+    result = _decimal(value, field)
+    if result <= 0:
+        raise ValueError(f"{field} must be positive, got {result}")
+    return result
+
+
+def _non_negative(value: object, field: str) -> Decimal:
+    result = _decimal(value, field)
+    if result < 0:
+        raise ValueError(f"{field} must not be negative, got {result}")
+    return result
+
+
+def _symbol(value: str) -> str:
+    return DEFAULT_REGISTRY.normalize(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoricalTrade:
+    """One trade as Kraken reported it. ``trade_id`` is Kraken's per-pair running number;
+    trades from id-less sources (Time and Sales CSV) carry a negative synthetic id."""
+
+    symbol: str
+    trade_id: int
+    time: datetime
+    price: Decimal
+    volume: Decimal
+    side: str | None = None  # "b" | "s" (taker side), None when the source does not say
+    ord_type: str | None = None  # "m" | "l", None when unknown
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "time", check_aware(self.time, "time"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TradeRecord:
+    """A trade on its way into ``trades``; refused at construction if it cannot be right."""
+
+    symbol: str
+    trade_id: int
+    time: datetime
+    price: Decimal
+    volume: Decimal
+    side: str | None = None
+    ord_type: str | None = None
+    source: TradeSource = TradeSource.REST
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "symbol", _symbol(self.symbol))
+        if not isinstance(self.trade_id, int) or isinstance(self.trade_id, bool):
+            raise ValueError(f"trade_id must be an int, got {self.trade_id!r}")
+        object.__setattr__(self, "time", check_aware(self.time, "time"))
+        object.__setattr__(self, "price", _positive(self.price, "price"))
+        object.__setattr__(self, "volume", _non_negative(self.volume, "volume"))
+        if self.side not in (None, "b", "s"):
+            raise ValueError(f"side must be 'b', 's' or None, got {self.side!r}")
+        if self.ord_type not in (None, "m", "l"):
+            raise ValueError(f"ord_type must be 'm', 'l' or None, got {self.ord_type!r}")
+        object.__setattr__(self, "source", TradeSource(self.source))
+
+    @classmethod
+    def from_trade(cls, trade: HistoricalTrade, source: TradeSource) -> "TradeRecord":
+        return cls(
+            symbol=trade.symbol,
+            trade_id=trade.trade_id,
+            time=trade.time,
+            price=trade.price,
+            volume=trade.volume,
+            side=trade.side,
+            ord_type=trade.ord_type,
+            source=source,
+        )
+
+
+def _check_ohlc(open_: Decimal, high: Decimal, low: Decimal, close: Decimal) -> None:
+    if low > high:
+        raise ValueError(f"low ({low}) must not exceed high ({high})")
+    for name, value in (("open", open_), ("close", close)):
+        if not low <= value <= high:
+            raise ValueError(f"{name} ({value}) must lie between low ({low}) and high ({high})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoricalCandle:
+    """One candle of any interval; ``time`` is the bucket's start (UTC)."""
+
+    symbol: str
+    interval: int  # minutes
+    time: datetime
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    vwap: Decimal | None
+    trades: int
+
+    @property
+    def end(self) -> datetime:
+        return self.time + timedelta(minutes=self.interval)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandleRecord:
+    """A 1-minute candle on its way into ``candles``; ``time`` must be a whole minute."""
+
+    symbol: str
+    time: datetime
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    vwap: Decimal | None
+    trades: int
+    source: CandleSource = CandleSource.TRADES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "symbol", _symbol(self.symbol))
+        when = check_aware(self.time, "time")
+        if when.second or when.microsecond:
+            raise ValueError(f"time must be the start of a minute, got {when.isoformat()}")
+        object.__setattr__(self, "time", when)
+        for name in ("open", "high", "low", "close"):
+            object.__setattr__(self, name, _positive(getattr(self, name), name))
+        object.__setattr__(self, "volume", _non_negative(self.volume, "volume"))
+        if self.vwap is not None:
+            object.__setattr__(self, "vwap", _non_negative(self.vwap, "vwap"))
+        if not isinstance(self.trades, int) or isinstance(self.trades, bool) or self.trades < 0:
+            raise ValueError(f"trades must be a non-negative int, got {self.trades!r}")
+        _check_ohlc(self.open, self.high, self.low, self.close)
+        object.__setattr__(self, "source", CandleSource(self.source))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataGap:
+    """A hole in stored data: ``[start, end)`` in time, and the missing trade ids when known."""
+
+    symbol: str
+    kind: GapKind
+    start: datetime
+    end: datetime
+    first_missing_id: int | None = None
+    last_missing_id: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", check_aware(self.start, "start"))
+        object.__setattr__(self, "end", check_aware(self.end, "end"))
+        if self.end < self.start:
+            raise ValueError(f"gap end {self.end.isoformat()} is before its start {self.start.isoformat()}")
+        object.__setattr__(self, "kind", GapKind(self.kind))
+
+    @property
+    def minutes(self) -> float:
+        return (self.end - self.start).total_seconds() / 60
+
+    @property
+    def missing_ids(self) -> int | None:
+        if self.first_missing_id is None or self.last_missing_id is None:
+            return None
+        return self.last_missing_id - self.first_missing_id + 1

@@ -1,0 +1,189 @@
+"""Initial schema: trades, 1-minute candles, the seven interval relations, bookkeeping.
+
+Two explicit branches, chosen by whether the ``timescaledb`` extension can be created:
+
+* TimescaleDB: ``trades`` and ``candles`` become hypertables and the seven intervals are
+  continuous aggregates over ``candles`` (real-time, so the newest bucket is always there).
+  A unique index on a hypertable must contain its time column, so the trade key is
+  (symbol, trade_id, time); writers recognise duplicates by (symbol, trade_id) in staging.
+* Plain PostgreSQL: the same names hold ordinary tables; the refresh job recomputes only
+  the buckets listed in ``candle_changes``.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-24
+"""
+
+from __future__ import annotations
+
+from alembic import op
+import sqlalchemy as sa
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+# (relation, bucket width) for every interval above one minute.
+INTERVALS = (
+    ("candles_5m", "5 minutes"),
+    ("candles_15m", "15 minutes"),
+    ("candles_30m", "30 minutes"),
+    ("candles_1h", "1 hour"),
+    ("candles_4h", "4 hours"),
+    ("candles_1d", "1 day"),
+    ("candles_1w", "1 week"),  # time_bucket's default origin, 2000-01-03, is a Monday
+)
+
+TRADE_COLUMNS = """
+    symbol     text        NOT NULL,
+    trade_id   bigint      NOT NULL,
+    time       timestamptz NOT NULL,
+    price      numeric     NOT NULL CHECK (price > 0),
+    volume     numeric     NOT NULL CHECK (volume >= 0),
+    side       text        CHECK (side IN ('b', 's')),
+    ord_type   text        CHECK (ord_type IN ('m', 'l')),
+    source     text        NOT NULL CHECK (source IN ('rest', 'ws', 'csv'))
+"""
+
+CANDLE_COLUMNS = """
+    symbol     text        NOT NULL,
+    time       timestamptz NOT NULL,
+    open       numeric     NOT NULL,
+    high       numeric     NOT NULL,
+    low        numeric     NOT NULL,
+    close      numeric     NOT NULL,
+    vwap       numeric,
+    volume     numeric     NOT NULL,
+    trades     integer     NOT NULL
+"""
+
+BOOKKEEPING = [
+    # How far each kind of ingestion has come, per symbol: resume points.
+    """
+    CREATE TABLE sync_status (
+        symbol        text        NOT NULL,
+        data_type     text        NOT NULL,
+        last_time     timestamptz,
+        cursor        text,
+        last_trade_id bigint,
+        details       jsonb       NOT NULL DEFAULT '{}'::jsonb,
+        updated_at    timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (symbol, data_type)
+    )
+    """,
+    # Time ranges known complete, per symbol and source (rest, ws, csv, ...).
+    """
+    CREATE TABLE coverage (
+        symbol     text           NOT NULL,
+        source     text           NOT NULL,
+        ranges     tstzmultirange NOT NULL DEFAULT '{}',
+        updated_at timestamptz    NOT NULL DEFAULT now(),
+        PRIMARY KEY (symbol, source)
+    )
+    """,
+    # Windows of 1-minute candles changed since the last aggregate refresh.
+    """
+    CREATE TABLE candle_changes (
+        id         bigserial   PRIMARY KEY,
+        symbol     text        NOT NULL,
+        start_time timestamptz NOT NULL,
+        end_time   timestamptz NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        CHECK (end_time > start_time)
+    )
+    """,
+    "CREATE INDEX candle_changes_symbol_idx ON candle_changes (symbol, start_time)",
+    # Candles as the exchange published them at any interval (OHLCVT files, REST OHLC),
+    # kept for reference and cross-checks; queries read our own relations.
+    f"""
+    CREATE TABLE exchange_candles (
+        {CANDLE_COLUMNS},
+        interval   integer     NOT NULL CHECK (interval > 0),
+        source     text        NOT NULL,
+        PRIMARY KEY (symbol, interval, time)
+    )
+    """,
+]
+
+
+def _timescaledb_available(bind: sa.Connection) -> bool:
+    row = bind.execute(
+        sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")
+    ).first()
+    return row is not None
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    timescale = _timescaledb_available(bind)
+    if timescale:
+        op.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        _upgrade_timescaledb()
+    else:
+        _upgrade_plain()
+    for statement in BOOKKEEPING:
+        op.execute(statement)
+
+
+def _upgrade_plain() -> None:
+    op.execute(f"CREATE TABLE trades ({TRADE_COLUMNS}, PRIMARY KEY (symbol, trade_id))")
+    op.execute("CREATE INDEX trades_symbol_time_idx ON trades (symbol, time)")
+    op.execute(
+        f"""CREATE TABLE candles ({CANDLE_COLUMNS},
+            source     text        NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (symbol, time))"""
+    )
+    for relation, _width in INTERVALS:
+        op.execute(f"CREATE TABLE {relation} ({CANDLE_COLUMNS}, PRIMARY KEY (symbol, time))")
+
+
+def _upgrade_timescaledb() -> None:
+    op.execute(f"CREATE TABLE trades ({TRADE_COLUMNS}, PRIMARY KEY (symbol, trade_id, time))")
+    op.execute("SELECT create_hypertable('trades', 'time', chunk_time_interval => INTERVAL '7 days')")
+    op.execute("CREATE INDEX trades_symbol_time_idx ON trades (symbol, time)")
+    op.execute(
+        f"""CREATE TABLE candles ({CANDLE_COLUMNS},
+            source     text        NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (symbol, time))"""
+    )
+    op.execute("SELECT create_hypertable('candles', 'time', chunk_time_interval => INTERVAL '30 days')")
+    for relation, width in INTERVALS:
+        # WITH NO DATA: creating a continuous aggregate with data cannot run in a transaction.
+        op.execute(
+            f"""
+            CREATE MATERIALIZED VIEW {relation}
+            WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+            SELECT symbol,
+                   time_bucket(INTERVAL '{width}', time) AS time,
+                   first(open, time)                    AS open,
+                   max(high)                            AS high,
+                   min(low)                             AS low,
+                   last(close, time)                    AS close,
+                   sum(vwap * volume) / NULLIF(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
+                   sum(volume)                          AS volume,
+                   sum(trades)::integer                 AS trades
+            FROM candles
+            GROUP BY symbol, time_bucket(INTERVAL '{width}', time)
+            WITH NO DATA
+            """
+        )
+        op.execute(
+            f"""SELECT add_continuous_aggregate_policy('{relation}',
+                    start_offset => INTERVAL '3 days', end_offset => NULL,
+                    schedule_interval => INTERVAL '5 minutes')"""
+        )
+
+
+def downgrade() -> None:
+    bind = op.get_bind()
+    timescale = bind.execute(
+        sa.text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
+    ).first() is not None
+    for relation, _width in reversed(INTERVALS):
+        kind = "MATERIALIZED VIEW" if timescale else "TABLE"
+        op.execute(f"DROP {kind} IF EXISTS {relation}")
+    for table in ("exchange_candles", "candle_changes", "coverage", "sync_status", "candles", "trades"):
+        op.execute(f"DROP TABLE IF EXISTS {table}")

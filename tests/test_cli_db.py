@@ -1,0 +1,32 @@
+from click.testing import CliRunner
+
+from kraken_hist.cli import cli
+
+
+def test_db_upgrade_then_status(empty_db_url):
+    runner = CliRunner()
+    env = {"KRAKEN_HIST_DATABASE_URL": empty_db_url}
+    before = runner.invoke(cli, ["db", "status"], env=env)
+    assert before.exit_code == 0, before.output
+    assert "revision:   none" in before.output and "run `kraken-hist db upgrade`" in before.output
+
+    upgraded = runner.invoke(cli, ["db", "upgrade"], env=env)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "plain PostgreSQL" in upgraded.output
+
+    after = runner.invoke(cli, ["db", "status"], env=env)
+    assert "up to date" in after.output and "embedded:   no" in after.output
+    assert "trades" in after.output and "candles_4h" in after.output
+
+
+def test_bad_configuration_is_one_clear_line():
+    result = CliRunner().invoke(cli, ["db", "status"], env={"KRAKEN_HIST_DATABASE_URL": "mysql://nope"})
+    assert result.exit_code == 1
+    assert "KRAKEN_HIST_DATABASE_URL must be a postgresql://" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_database_is_a_clear_error():
+    result = CliRunner().invoke(cli, ["db", "status"], env={"KRAKEN_HIST_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x?connect_timeout=2"})
+    assert result.exit_code == 1
+    assert "PostgreSQL is unavailable" in result.output

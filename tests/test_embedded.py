@@ -1,0 +1,52 @@
+"""The zero-configuration default: no database URL → an embedded PostgreSQL, reused across processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kraken_hist.config import Settings
+from kraken_hist.db import resolve_database_url
+from kraken_hist.embedded import embedded_pgdata, stop_embedded
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(args, data_dir, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_HIST_")}
+    env["KRAKEN_HIST_DATA_DIR"] = str(data_dir)
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", "kraken_hist", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    return int((embedded_pgdata(data_dir) / "postmaster.pid").read_text().splitlines()[0])
+
+
+def test_a_process_with_no_url_gets_a_working_migrated_database_and_the_next_reuses_it(tmp_path):
+    data_dir = tmp_path / "khdata"
+    try:
+        first = run_cli(["db", "status"], data_dir)
+        assert first.returncode == 0, first.stderr
+        assert "embedded:   yes" in first.stdout
+        assert "up to date" in first.stdout and "candles_1w" in first.stdout
+        assert "using the embedded PostgreSQL" in first.stderr  # said once, on stderr
+        assert first.stderr.count("using the embedded PostgreSQL") == 1
+        pid = postmaster_pid(data_dir)
+
+        second = run_cli(["db", "status"], data_dir)
+        assert second.returncode == 0, second.stderr
+        assert postmaster_pid(data_dir) == pid  # the same server, reused
+    finally:
+        stop_embedded(data_dir)
+
+
+def test_a_configured_url_always_wins(tmp_path, db_url):
+    data_dir = tmp_path / "never-used"
+    result = run_cli(["db", "status"], data_dir, {"KRAKEN_HIST_DATABASE_URL": db_url.replace("postgresql://", "postgresql+psycopg://")})
+    assert result.returncode == 0, result.stderr
+    assert "embedded:   no" in result.stdout
+    assert not data_dir.exists()
+    assert resolve_database_url(None, Settings(database_url=db_url, data_dir=data_dir)) == db_url

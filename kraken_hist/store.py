@@ -16,13 +16,10 @@ from psycopg.types.json import Jsonb
 from .pairs import DEFAULT_REGISTRY
 from .timeutils import check_aware, floor_minute
 
-_REBUILD_CANDLES = """
-WITH minute_trades AS (
-    SELECT date_trunc('minute', time) AS minute, time, trade_id, price, volume
-    FROM trades
-    WHERE symbol = %(symbol)s AND time >= %(start)s AND time < %(end)s
-), built AS (
-    SELECT minute,
+#: Kraken's 1-minute candles of one symbol's stored trades in ``[%(start)s, %(end)s)``
+#: (KRAKEN.md: open/close by time then id, vwap = trunc(Σp·v/Σv) to %(decimals)s).
+MINUTE_CANDLES_FROM_TRADES = """
+    SELECT date_trunc('minute', time)                              AS minute,
            (array_agg(price ORDER BY time, trade_id))[1]           AS open,
            max(price)                                              AS high,
            min(price)                                              AS low,
@@ -32,8 +29,26 @@ WITH minute_trades AS (
                 ELSE 0 END                                         AS vwap,
            sum(volume)                                             AS volume,
            count(*)::integer                                       AS trades
-    FROM minute_trades
-    GROUP BY minute
+    FROM trades
+    WHERE symbol = %(symbol)s AND time >= %(start)s AND time < %(end)s
+    GROUP BY 1
+"""
+
+#: Upsert tail for candles built from trades: they replace whatever is stored (trades are
+#: authoritative) and leave identical rows untouched (no needless rewrite, no change noise).
+UPSERT_TRADES_CANDLE = """
+ON CONFLICT (symbol, time) DO UPDATE
+SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+    vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades,
+    source = 'trades', updated_at = now()
+WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
+      IS DISTINCT FROM
+      (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
+       EXCLUDED.volume, EXCLUDED.trades, 'trades')
+"""
+
+_REBUILD_CANDLES = f"""
+WITH built AS ({MINUTE_CANDLES_FROM_TRADES}
 ), stale AS (
     DELETE FROM candles c
     WHERE c.symbol = %(symbol)s AND c.source = 'trades'
@@ -44,15 +59,7 @@ WITH minute_trades AS (
 INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
 SELECT %(symbol)s, minute, open, high, low, close, vwap, volume, trades, 'trades', now()
 FROM built
-ON CONFLICT (symbol, time) DO UPDATE
-SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
-    vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades,
-    source = 'trades', updated_at = now()
-WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
-      IS DISTINCT FROM
-      (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
-       EXCLUDED.volume, EXCLUDED.trades, 'trades')
-"""
+{UPSERT_TRADES_CANDLE}"""
 
 
 def minute_window(start: datetime, end: datetime) -> tuple[datetime, datetime]:

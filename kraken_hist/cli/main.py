@@ -9,6 +9,11 @@ from ..config import Settings
 from ..errors import KrakenHistError
 from .common import setup_logging
 from .db import db
+from .backfill import backfill
+from .gaps import gaps
+from .candles import candles, refresh
+from .imports import import_command
+from .stream import stream
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +34,11 @@ def cli(ctx: click.Context, verbose: int) -> None:
 
 
 cli.add_command(db)
+cli.add_command(backfill)
+cli.add_command(gaps)
+cli.add_command(candles); cli.add_command(refresh)
+cli.add_command(import_command)
+cli.add_command(stream)
 
 
 def main() -> None:

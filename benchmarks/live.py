@@ -1,0 +1,219 @@
+"""Live benchmark: trades pushed by the fake WebSocket server through a real socket, until committed.
+
+    /tmp/venv/bin/python benchmarks/live.py [--trades 300000] [--latency-seconds 10] [--rate 5000]
+
+The fake runs in its own process (so it does not share our GIL) and pushes trades as fast as
+it can; this process runs KrakenWSClient → WebSocketDBIntegration → DatabaseWriter into a
+fresh database. Prints:
+- sustained trades/s from the first frame to the last row committed, against the goal
+  (50,000 trades/s), and the peak RSS growth (bounded memory);
+- end-to-end latency (exchange trade time → row visible in PostgreSQL, polled every 10 ms)
+  p50/p99 at a steady rate, against the limit flush interval + 250 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from kraken_hist import migrate
+from kraken_hist.config import Settings
+from kraken_hist.live import WebSocketDBIntegration
+from kraken_hist.timeutils import utcnow
+from kraken_hist.writer import DatabaseWriter
+from kraken_hist.ws_client import KrakenWSClient
+
+SYMBOL = "BTC/USD"
+GOAL_RATE = 50_000
+ADMIN_URL = os.environ.get("KRAKEN_HIST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def serve(conn: "mp.connection.Connection") -> None:
+    """The fake exchange process: answers ("burst", n) and ("steady", rate, seconds) commands."""
+    import random
+
+    from kraken_hist.testing.fake_ws import FakeKrakenWS, next_trades
+    from kraken_hist.testing.market import FakeMarket
+
+    market = FakeMarket({SYMBOL: []})
+    with FakeKrakenWS(market, heartbeat_interval=1.0, max_trades_per_frame=100) as server:
+        conn.send(server.url)
+        rng = random.Random(1)
+        while True:
+            command = conn.recv()
+            if command[0] == "stop":
+                return
+            server.wait_for_subscribers("trade", [SYMBOL], timeout=30)
+            if command[0] == "burst":
+                # made before the clock starts: we measure the pipeline, not the fake's generator
+                trades = next_trades(market, SYMBOL, command[1], rng=rng)
+                conn.send("ready")
+                started = time.perf_counter()
+                for lo in range(0, len(trades), 1000):
+                    server.publish(SYMBOL, trades[lo:lo + 1000])
+                conn.send(time.perf_counter() - started)
+            elif command[0] == "steady":
+                rate, seconds = command[1], command[2]
+                tick = 0.01
+                per_tick = max(1, round(rate * tick))
+                start = time.perf_counter()
+                ticks = int(seconds / tick)
+                for i in range(ticks):
+                    server.publish(SYMBOL, next_trades(market, SYMBOL, per_tick, rng=rng))
+                    delay = start + (i + 1) * tick - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                conn.send(ticks * per_tick)
+
+
+def url_for(admin_url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(admin_url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+class Pipeline:
+    """Client → integration → writer, as `kraken-hist stream` builds it."""
+
+    def __init__(self, url: str, ws_url: str, data_dir: Path, flush_interval: float, buffer_size: int) -> None:
+        self.writer = DatabaseWriter(url, trade_buffer_size=buffer_size, trade_flush_interval=flush_interval,
+                                     settings=Settings(database_url=url, data_dir=data_dir), data_dir=data_dir)
+        self.integration = WebSocketDBIntegration(self.writer, db_url=url, symbols=[SYMBOL],
+                                                  progress_interval=max(1.0, flush_interval))
+        self.client = KrakenWSClient(ws_url, [SYMBOL], ohlc_intervals=(), trade_snapshot=False,
+                                     **self.integration.callbacks())
+
+    def __enter__(self) -> "Pipeline":
+        self.writer.start()
+        self.integration.start()
+        self.client.start()
+        if not self.client.wait_connected(10):
+            raise RuntimeError("client did not connect")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.stop()
+        self.integration.stop()
+        self.writer.stop()
+
+
+def throughput(url: str, control, ws_url: str, data_dir: Path, count: int) -> None:
+    process = psutil.Process()
+    with Pipeline(url, ws_url, data_dir, flush_interval=1.0, buffer_size=5_000) as pipe:
+        base_rss = process.memory_info().rss
+        peak = [base_rss]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak[0] = max(peak[0], process.memory_info().rss)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        control.send(("burst", count))
+        assert control.recv() == "ready"
+        started = time.perf_counter()
+        push_seconds = control.recv()
+        while pipe.writer.get_stats()["trades_written"] < count:
+            time.sleep(0.01)
+        seconds = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        stats = pipe.writer.get_stats()
+        client_state = pipe.client.state()
+    rate = count / seconds
+    print(f"throughput: {count:,} trades socket → committed in {seconds:.2f} s = {rate:,.0f} trades/s "
+          f"(fake pushed them in {push_seconds:.2f} s = {count / push_seconds:,.0f}/s)")
+    print(f"  ratio to goal {GOAL_RATE:,}/s: {rate / GOAL_RATE:.2f}  "
+          f"(flushes {stats['flushes']}, spooled {stats['spooled']}, reconnects {client_state.reconnects})")
+    print(f"  memory: peak RSS growth {(peak[0] - base_rss) / 2**20:.1f} MiB over {base_rss / 2**20:.0f} MiB "
+          f"({(peak[0] - base_rss) / count:.0f} bytes per trade pushed)")
+
+
+def latency(url: str, control, ws_url: str, data_dir: Path, rate: int, seconds: float, flush_interval: float) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        first_id = (conn.execute("SELECT coalesce(max(trade_id), 0) FROM trades").fetchone() or (0,))[0] + 1
+    seen: list[tuple[float, int]] = []  # (wall time, max id visible)
+    done = threading.Event()
+
+    def poll() -> None:
+        with psycopg.connect(url, autocommit=True) as poll_conn:
+            while not done.wait(0.01):
+                row = poll_conn.execute("SELECT max(trade_id) FROM trades WHERE symbol = %s", (SYMBOL,)).fetchone()
+                seen.append((time.time(), row[0] or 0))
+
+    with Pipeline(url, ws_url, data_dir, flush_interval=flush_interval, buffer_size=1000) as pipe:
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        control.send(("steady", rate, seconds))
+        sent = control.recv()
+        last_id = first_id + sent - 1
+        deadline = time.monotonic() + flush_interval + 10
+        while (not seen or seen[-1][1] < last_id) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done.set()
+        poller.join()
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT trade_id, extract(epoch FROM time)::float8 FROM trades "
+                            "WHERE symbol = %s AND trade_id >= %s ORDER BY trade_id", (SYMBOL, first_id)).fetchall()
+    latencies = []
+    index = 0
+    for trade_id, traded_at in rows:
+        while index < len(seen) and seen[index][1] < trade_id:
+            index += 1
+        if index == len(seen):
+            break
+        latencies.append(seen[index][0] - traded_at)
+    latencies.sort()
+    limit = flush_interval + 0.25
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(f"latency at {rate:,} trades/s for {seconds:.0f} s ({len(latencies):,} of {sent:,} trades, "
+          f"buffer 1000, flush interval {flush_interval} s):")
+    print(f"  p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms; "
+          f"limit (flush interval + 250 ms) {limit * 1000:.0f} ms; p99/limit {p99 / limit:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trades", type=int, default=300_000, help="trades in the throughput burst")
+    parser.add_argument("--rate", type=int, default=5_000, help="steady rate for the latency run")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--flush-interval", type=float, default=1.0)
+    args = parser.parse_args()
+
+    name = f"kh_bench_live_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = url_for(ADMIN_URL, name)
+    ctx = mp.get_context("spawn")
+    control, child = ctx.Pipe()
+    server = ctx.Process(target=serve, args=(child,), name="fake-kraken-ws", daemon=True)
+    server.start()
+    try:
+        migrate.upgrade(url)
+        ws_url = control.recv()
+        print(f"live benchmark on {os.cpu_count()} CPUs (shared machine: figures vary with load)")
+        with tempfile.TemporaryDirectory() as tmp:
+            throughput(url, control, ws_url, Path(tmp), args.trades)
+            latency(url, control, ws_url, Path(tmp), args.rate, args.latency_seconds, args.flush_interval)
+    finally:
+        control.send(("stop",))
+        server.join(10)
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+if __name__ == "__main__":
+    main()

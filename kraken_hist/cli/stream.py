@@ -1,0 +1,136 @@
+"""``kraken-hist stream SYMBOL...``: live trades and 1-minute candles into the database until stopped.
+
+Builds the pieces from the settings (writer, REST client for the ids a reconnect missed,
+the integration, the WebSocket client), prints one status line on stderr, and on Ctrl-C or
+SIGTERM stops in the order that loses nothing: no new input, then progress recorded, then
+the writer flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from ..backfill import KrakenTradesBackfill
+from ..errors import UnknownSymbolError
+from ..live import WebSocketDBIntegration
+from ..migrate import prepare_database
+from ..pairs import DEFAULT_REGISTRY
+from ..rest_client import KrakenRestClient
+from ..writer import DatabaseWriter
+from ..ws_client import KrakenWSClient
+from .common import friendly_errors, settings_from
+
+logger = logging.getLogger(__name__)
+
+
+@click.command()
+@click.argument("symbols", nargs=-1)
+@click.option("--ohlc", "ohlc_intervals", multiple=True, type=int, default=(1,), show_default=True,
+              help="OHLC interval(s) to subscribe to, in minutes (only 1-minute candles are stored).")
+@click.option("--no-ohlc", is_flag=True, help="Subscribe to trades only.")
+@click.option("--flush-interval", type=float, default=5.0, show_default=True,
+              help="Seconds trades may wait in the buffer before they are written.")
+@click.option("--buffer-size", type=int, default=1000, show_default=True,
+              help="Trades buffered before a write is started early.")
+@click.option("--status-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between status lines on stderr (0: none).")
+@click.option("--heartbeat-timeout", type=float, default=10.0, show_default=True,
+              help="Reconnect when nothing arrives for this many seconds.")
+@click.pass_context
+@friendly_errors
+def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[int, ...], no_ohlc: bool,
+           flush_interval: float, buffer_size: int, status_interval: float, heartbeat_timeout: float) -> None:
+    """Stream live trades (and 1-minute candles) of SYMBOLS into the database until Ctrl-C/SIGTERM.
+
+    Symbols may be given in any Kraken name (BTC/USD, XBTUSD, XXBTZUSD); default: the
+    configured KRAKEN_HIST_SYMBOLS. Trades missed while disconnected are fetched through REST.
+    """
+    settings = settings_from(ctx)
+    names = symbols or settings.symbols
+    try:
+        canonical = list(dict.fromkeys(DEFAULT_REGISTRY.normalize(s) for s in names))
+    except UnknownSymbolError as exc:
+        raise click.BadParameter(str(exc), param_hint="SYMBOLS") from None
+    db_url = prepare_database(settings=settings)
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    writer = DatabaseWriter(db_url, trade_buffer_size=buffer_size, trade_flush_interval=flush_interval,
+                            settings=settings)
+    writer.start()
+    rest = KrakenRestClient.from_settings(settings)
+    backfill = KrakenTradesBackfill(db_url, client=rest, settings=settings)
+    integration = WebSocketDBIntegration(writer, db_url=db_url, rest=backfill, symbols=canonical,
+                                         progress_interval=max(1.0, flush_interval))
+    client = KrakenWSClient.from_settings(
+        settings, canonical, ohlc_intervals=() if no_ohlc else ohlc_intervals,
+        heartbeat_timeout=heartbeat_timeout, **integration.callbacks(),
+    )
+    clean = False
+    try:
+        integration.start()
+        client.start()
+        click.echo(f"streaming {', '.join(canonical)} from {settings.ws_url} (Ctrl-C to stop)", err=True)
+        _status_loop(stop, client, integration, writer, status_interval)
+    finally:
+        click.echo("\nstopping: writing everything received...", err=True)
+        client.stop()
+        integration.stop()
+        clean = writer.stop()
+        backfill.close()
+        rest.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stats = writer.get_stats()
+    click.echo(
+        f"stopped: {stats['trades_written']:,} trades and {stats['candles_written']:,} candles written"
+        + ("" if clean else "; the rest is spooled and replayed on the next start"),
+        err=True,
+    )
+    if not clean:
+        sys.exit(1)
+
+
+def _status_loop(stop: threading.Event, client: KrakenWSClient, integration: WebSocketDBIntegration,
+                 writer: DatabaseWriter, interval: float) -> None:
+    """Until `stop`: one status line per `interval` (rewritten in place on a terminal)."""
+    tty = sys.stderr.isatty()
+    last_count, last_time = 0, time.monotonic()
+    while not stop.wait(interval if interval > 0 else 0.5):
+        if interval <= 0:
+            continue
+        now = time.monotonic()
+        live = integration.stats()
+        count = live.ws_trades + live.rest_trades
+        line = status_line(client.state(), live.to_dict(), writer.get_stats(), (count - last_count) / (now - last_time))
+        last_count, last_time = count, now
+        click.echo(("\r\x1b[2K" + line) if tty else line, nl=not tty, err=True)
+
+
+def status_line(client_state: Any, live: dict[str, Any], writer_stats: dict[str, Any], rate: float) -> str:
+    """``1,234.5 trades/s | received 99,000 | buffered 120 | written 98,765 | reconnects 1 | last trade 0.3s ago``."""
+    buffered = writer_stats.get("trade_buffer", 0) + writer_stats.get("candle_buffer", 0) + writer_stats.get(
+        "spool_pending", 0)
+    age = client_state.last_trade_age
+    parts = [
+        f"{rate:,.1f} trades/s",
+        f"received {live.get('ws_trades', 0) + live.get('rest_trades', 0):,}",
+        f"buffered {buffered:,}",
+        f"written {writer_stats.get('trades_written', 0):,}",
+        f"reconnects {client_state.reconnects}",
+        f"last trade {'-' if age is None else f'{age:.1f}s ago'}",
+    ]
+    if live.get("missing_ids"):
+        parts.append(f"fetching {live['missing_ids']:,} missed")
+    if client_state.refused:
+        parts.append("REFUSED " + ",".join(sorted({s.symbol for s in client_state.refused})))
+    if not client_state.connected:
+        parts.append("connecting")
+    return " | ".join(parts)

@@ -1,0 +1,826 @@
+"""Bulk import of Kraken's downloadable history: Time and Sales and OHLCVT files, plain or zipped.
+
+Files are streamed in chunks (bounded memory whatever their size; zip members are read
+straight from the archive) and COPYed into PostgreSQL. A parser thread prepares the next
+chunk while the database stores the current one.
+
+Integrity (DESIGN.md, "Data integrity rules"):
+
+* Id-less trades get stable synthetic ids (``csv_formats.synthetic_trade_id``), so a
+  re-import stores nothing twice.
+* A Time and Sales second that REST or WebSocket coverage touches is left to that
+  id-bearing source (no overlap); coverage ``csv`` is recorded for what the file covers, and
+  the trades resume point moves to the file's end so a REST backfill continues from there.
+* 1-minute candles of the imported minutes are written in the same transaction as the
+  trades: straight from the parser's exact sums when no other trade shares those minutes
+  (the common case, and the reason the import keeps up with COPY), otherwise rebuilt from
+  all stored trades (``store.rebuild_candles``); both give the same numbers. Then the
+  higher intervals are refreshed (``refresh.refresh_aggregates``).
+* OHLCVT 1-minute rows go to ``candles`` (source ``csv_ohlc``, vwap NULL) only in minutes no
+  trades cover; other intervals go to ``exchange_candles``, and ``compare_exchange_candles``
+  checks them against our aggregates.
+
+Transactions: strict mode imports a file in one transaction and fails at its first bad line,
+leaving the database unchanged. Otherwise each chunk commits with its candles and coverage,
+bad lines are skipped and reported, and the file's final bookkeeping (resume point, import
+record) commits last: a crash mid-file leaves complete chunks that a re-run skips as
+duplicates, and no resume point past them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import itertools
+import logging
+import queue
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Generic, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from . import store
+from .config import Settings
+from .csv_formats import (
+    OHLCVT,
+    BadRow,
+    BadRowReport,
+    Layout,
+    LayoutError,
+    OhlcChunk,
+    SecondBlocker,
+    TradeChunk,
+    parse_header_trades,
+    parse_ohlcvt,
+    parse_plain_trades,
+    sniff_layout,
+)
+from .db import connect
+from .errors import PermanentError, UnknownSymbolError
+from .intervals import INTERVAL_RELATIONS
+from .pairs import DEFAULT_REGISTRY, PairRegistry
+from .timeutils import EPOCH, floor_minute, to_unix_ns
+
+log = logging.getLogger(__name__)
+
+ONE_SECOND = timedelta(seconds=1)
+ONE_MINUTE = timedelta(minutes=1)
+
+#: Called after each chunk with (bytes read, lines read) since the previous call.
+ProgressCallback = Callable[[int, int], None]
+
+
+class ImportRefusedError(PermanentError):
+    """A file that cannot be imported as it is (unknown pair, unknown layout); nothing was stored."""
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportResult:
+    """What importing one file (or one zip member) did."""
+
+    file: str  # path, or "archive.zip:member"
+    status: str  # "imported", "refused" (nothing stored) or "failed" (strict mode: nothing stored)
+    symbol: str | None = None
+    kind: str | None = None  # "trades" or "ohlcvt"
+    interval: int | None = None  # minutes, OHLCVT only
+    layout: str | None = None
+    reason: str | None = None  # why refused or failed
+    lines: int = 0
+    bytes: int = 0
+    imported: int = 0  # rows stored by this import
+    duplicates: int = 0  # rows already stored (a re-import)
+    covered: int = 0  # rows left out: their time is covered by id-bearing trades
+    bad: int = 0  # lines skipped as bad (see bad_examples)
+    bad_by_reason: dict[str, int] = field(default_factory=dict)
+    bad_examples: tuple[BadRow, ...] = ()
+    first_time: datetime | None = None  # time range of the file's good rows
+    last_time: datetime | None = None
+    candles: int = 0  # 1-minute candles written (built from trades, or OHLCVT 1m rows)
+    refreshed: bool = False  # higher intervals refreshed afterwards
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "imported"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "status": self.status, "symbol": self.symbol, "kind": self.kind,
+            "interval": self.interval, "layout": self.layout, "reason": self.reason,
+            "lines": self.lines, "bytes": self.bytes, "imported": self.imported,
+            "duplicates": self.duplicates, "covered": self.covered, "bad": self.bad,
+            "bad_by_reason": dict(self.bad_by_reason),
+            "bad_examples": [b.to_dict() for b in self.bad_examples],
+            "first_time": self.first_time.isoformat() if self.first_time else None,
+            "last_time": self.last_time.isoformat() if self.last_time else None,
+            "candles": self.candles, "refreshed": self.refreshed, "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(slots=True)
+class _Tally:
+    lines: int = 0
+    bytes: int = 0
+    imported: int = 0
+    duplicates: int = 0
+    covered: int = 0
+    candles: int = 0
+    first_time: datetime | None = None
+    last_time: datetime | None = None
+    max_id: int | None = None
+
+
+# --------------------------------------------------------------------------- sources
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """One CSV to read: a file on disk or a member of a zip archive."""
+
+    label: str  # what reports show
+    name: str  # the file name the pair and interval are read from
+    size: int
+    opener: Callable[[], IO[bytes]]
+
+
+def _file_source(path: Path) -> _Source:
+    return _Source(str(path), path.name, path.stat().st_size, lambda: open(path, "rb", buffering=1 << 20))
+
+
+def _zip_sources(archive: zipfile.ZipFile, path: Path, pattern: str) -> list[_Source]:
+    """CSV members of `archive` whose base name matches `pattern`, streamed on demand."""
+    sources = []
+    for info in archive.infolist():
+        base = info.filename.rsplit("/", 1)[-1]
+        if info.is_dir() or info.filename.startswith("__MACOSX/") or base.startswith("._"):
+            continue
+        if not fnmatch.fnmatch(base.lower(), pattern.lower()):
+            continue
+        opener = (lambda i=info: io.BufferedReader(archive.open(i), 1 << 20))  # type: ignore[misc]
+        sources.append(_Source(f"{path}:{info.filename}", base, info.file_size, opener))
+    return sources
+
+
+# --------------------------------------------------------------------------- prefetch thread
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _Prefetcher(Generic[T]):
+    """Runs a chunk generator in a named thread up to `depth` chunks ahead of the consumer.
+
+    Parsing (Python) and storing (the server) then overlap; the bounded queue keeps memory
+    bounded. Errors in the parser (strict mode's first bad line) are raised in the consumer.
+    """
+
+    def __init__(self, chunks: Iterator[T], name: str, depth: int = 2) -> None:
+        self._chunks = chunks
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> "_Prefetcher[T]":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        """Stop the parser thread (if still running) and wait for it."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            for item in self._chunks:
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which raises it
+            self._put(_Failure(exc))
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+# --------------------------------------------------------------------------- SQL
+
+_COPY_TRADES = "COPY trades (symbol, trade_id, time, price, volume, side, ord_type, source) FROM STDIN"
+_TRADE_STAGE = "csv_trade_stage"
+_OHLC_STAGE = "csv_ohlc_stage"
+_CANDLE_STAGE = "csv_candle_stage"
+
+_CREATE_STAGES = (
+    "CREATE TEMP TABLE IF NOT EXISTS csv_trade_stage "
+    "(LIKE trades INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS csv_ohlc_stage (time timestamptz NOT NULL, open numeric NOT NULL, "
+    "high numeric NOT NULL, low numeric NOT NULL, close numeric NOT NULL, vwap numeric, "
+    "volume numeric NOT NULL, trades integer NOT NULL, line bigint NOT NULL) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS csv_candle_stage (time timestamptz NOT NULL, open numeric NOT NULL, "
+    "high numeric NOT NULL, low numeric NOT NULL, close numeric NOT NULL, notional numeric NOT NULL, "
+    "volume numeric NOT NULL, trades integer NOT NULL) ON COMMIT DELETE ROWS",
+)
+
+# Dedupe by (symbol, trade_id) in staging, never by time (the TimescaleDB key includes time).
+_MERGE_TRADES = """
+INSERT INTO trades (symbol, trade_id, time, price, volume, side, ord_type, source)
+SELECT DISTINCT ON (s.trade_id) s.symbol, s.trade_id, s.time, s.price, s.volume, s.side, s.ord_type, s.source
+FROM csv_trade_stage s
+WHERE NOT EXISTS (SELECT 1 FROM trades t WHERE t.symbol = s.symbol AND t.trade_id = s.trade_id)
+ORDER BY s.trade_id
+ON CONFLICT DO NOTHING
+"""
+
+_TRADES_PRESENT = "SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %s AND time >= %s AND time < %s)"
+
+# Candles the parser built for minutes that hold no other trade: the same numbers and the same
+# upsert as store.rebuild_candles (vwap = trunc(Σp·v / Σv) from the exact sums), without
+# reading the trades back.
+_CANDLES_FROM_STAGE = f"""
+INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
+SELECT %(symbol)s, time, open, high, low, close,
+       CASE WHEN volume > 0 THEN trunc(notional / volume, %(decimals)s) ELSE 0 END,
+       volume, trades, 'trades', now()
+FROM csv_candle_stage
+{store.UPSERT_TRADES_CANDLE}"""
+
+# Minutes without any stored trade cannot hold a valid 'trades' candle (rebuild_candles drops such too).
+_DELETE_STALE_CANDLES = """
+DELETE FROM candles WHERE symbol = %(symbol)s AND source = 'trades' AND time >= %(lo)s AND time < %(hi)s
+"""
+
+# OHLCVT 1m rows fill only minutes that no trade source covers and no trades candle holds.
+_MERGE_OHLC_1M = """
+WITH eligible AS (
+    SELECT s.* FROM csv_ohlc_stage s
+    WHERE NOT EXISTS (
+            SELECT 1 FROM coverage cv
+            WHERE cv.symbol = %(symbol)s AND cv.source IN ('rest', 'ws', 'csv')
+              AND cv.ranges && tstzrange(s.time, s.time + interval '1 minute'))
+      AND NOT EXISTS (
+            SELECT 1 FROM candles c
+            WHERE c.symbol = %(symbol)s AND c.time = s.time AND c.source = 'trades')
+), written AS (
+    INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
+    SELECT %(symbol)s, time, open, high, low, close, vwap, volume, trades, 'csv_ohlc', now() FROM eligible
+    ON CONFLICT (symbol, time) DO UPDATE
+    SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+        vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades,
+        source = 'csv_ohlc', updated_at = now()
+    WHERE c.source <> 'trades'
+      AND (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
+          IS DISTINCT FROM
+          (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
+           EXCLUDED.volume, EXCLUDED.trades, 'csv_ohlc')
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM eligible), (SELECT count(*) FROM written)
+"""
+
+_MERGE_EXCHANGE = """
+INSERT INTO exchange_candles AS c (symbol, interval, time, open, high, low, close, vwap, volume, trades, source)
+SELECT %(symbol)s, %(interval)s, time, open, high, low, close, vwap, volume, trades, 'csv_ohlc'
+FROM csv_ohlc_stage
+ON CONFLICT (symbol, interval, time) DO UPDATE
+SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+    vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades, source = EXCLUDED.source
+WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
+      IS DISTINCT FROM
+      (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
+       EXCLUDED.volume, EXCLUDED.trades, EXCLUDED.source)
+"""
+
+
+def _copy(conn: psycopg.Connection, statement: str | sql.Composed, payload: Sequence[bytes]) -> None:
+    with conn.cursor().copy(statement) as copy:
+        copy.write(b"".join(payload))
+
+
+def subtract_ranges(
+    start: datetime, end: datetime, holes: Iterable[tuple[datetime, datetime]]
+) -> list[tuple[datetime, datetime]]:
+    """``[start, end)`` minus the sorted, disjoint `holes`: the pieces left, in order."""
+    pieces, lo = [], start
+    for a, b in holes:
+        if b <= lo or a >= end:
+            continue
+        if a > lo:
+            pieces.append((lo, a))
+        lo = max(lo, b)
+    if lo < end:
+        pieces.append((lo, end))
+    return pieces
+
+
+# --------------------------------------------------------------------------- the importer
+
+class BulkCSVImporter:
+    """Import Kraken's downloadable CSV history (plain files, directories, zip archives).
+
+    ``chunk_size`` rows are parsed, stored and (outside strict mode) committed at a time;
+    memory stays bounded by a few chunks whatever the file size.
+    """
+
+    def __init__(
+        self,
+        db_url: str | None = None,
+        chunk_size: int = 100_000,
+        *,
+        settings: Settings | None = None,
+        strict: bool = False,
+        registry: PairRegistry | None = None,
+        max_examples: int = 20,
+        refresh: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self._db_url_arg = db_url
+        self._settings = settings
+        self._db_url: str | None = None
+        self.chunk_size = chunk_size
+        self.strict = strict
+        self.registry = registry or DEFAULT_REGISTRY
+        self.max_examples = max_examples
+        self.refresh = refresh
+        self.progress = progress
+
+    @property
+    def db_url(self) -> str:
+        """The database (resolved and schema-checked on first use, not at construction)."""
+        if self._db_url is None:
+            from .migrate import prepare_database
+
+            self._db_url = prepare_database(self._db_url_arg, self._settings)
+        return self._db_url
+
+    # ----- public entry points
+
+    def import_csv_file(self, path: str | Path, symbol: str | None = None) -> ImportResult:
+        """Import one CSV file, or a zip archive holding exactly one CSV file.
+
+        Raises ImportRefusedError when the file cannot be read as a Kraken CSV (the reason
+        says why) and StrictModeError in strict mode at the first bad line (nothing stored).
+        """
+        path = Path(path)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                sources = _zip_sources(archive, path, "*.csv")
+                if len(sources) != 1:
+                    raise ImportRefusedError(
+                        f"{path}: the archive holds {len(sources)} CSV files; use import_archive() for several"
+                    )
+                return self._import_source(sources[0], symbol)
+        if not path.is_file():
+            raise ImportRefusedError(f"{path}: no such file")
+        return self._import_source(_file_source(path), symbol)
+
+    def import_archive(self, path: str | Path, symbol: str | None = None, pattern: str = "*.csv") -> list[ImportResult]:
+        """Import every CSV member of a zip archive (``Kraken_OHLCVT.zip`` and the like),
+        streamed without unpacking. Members that cannot be imported are reported as refused."""
+        path = Path(path)
+        with zipfile.ZipFile(path) as archive:
+            return [self._import_or_refuse(source, symbol) for source in _zip_sources(archive, path, pattern)]
+
+    def import_directory(self, path: str | Path, pattern: str = "*.csv") -> list[ImportResult]:
+        """Import every file in `path` matching `pattern` (zip archives among them too),
+        in name order; files that cannot be imported are reported as refused."""
+        results: list[ImportResult] = []
+        for item in sorted(Path(path).iterdir()):
+            if not item.is_file() or not fnmatch.fnmatch(item.name.lower(), pattern.lower()):
+                continue
+            results.extend(self.import_paths([item]))
+        return results
+
+    def import_paths(self, paths: Iterable[str | Path], symbol: str | None = None) -> list[ImportResult]:
+        """Import files, zip archives and directories (``*.csv`` and ``*.zip`` in them)."""
+        results: list[ImportResult] = []
+        for raw in paths:
+            path = Path(raw)
+            if path.is_dir():
+                for item in sorted(path.iterdir()):
+                    if item.is_file() and item.suffix.lower() in (".csv", ".zip"):
+                        results.extend(self.import_paths([item], symbol))
+            elif path.is_file() and zipfile.is_zipfile(path):
+                results.extend(self.import_archive(path, symbol))
+            elif path.is_file():
+                results.append(self._import_or_refuse(_file_source(path), symbol))
+            else:
+                results.append(ImportResult(file=str(path), status="refused", reason="no such file or directory"))
+        return results
+
+    def compare_exchange_candles(self, symbol: str, interval: int, **kwargs: Any) -> "CandleComparison":
+        """Compare imported OHLCVT candles of `interval` with our aggregates (see the function)."""
+        return compare_exchange_candles(self.db_url, symbol, interval, **kwargs)
+
+    # ----- one file
+
+    def _import_or_refuse(self, source: _Source, symbol: str | None) -> ImportResult:
+        try:
+            return self._import_source(source, symbol)
+        except (ImportRefusedError, LayoutError) as exc:
+            log.warning("csv import refused %s: %s", source.label, exc, extra={"event": "csv_import_refused"})
+            return ImportResult(file=source.label, status="refused", reason=str(exc))
+        except PermanentError as exc:  # strict mode's first bad line, among others
+            log.warning("csv import failed %s: %s", source.label, exc, extra={"event": "csv_import_failed"})
+            return ImportResult(file=source.label, status="failed", reason=str(exc))
+
+    def _resolve_symbol(self, source: _Source, symbol: str | None) -> str:
+        try:
+            if symbol:
+                return self.registry.normalize(symbol)
+            pair, _interval = self.registry.from_csv_filename(source.name)
+            return pair.symbol
+        except UnknownSymbolError as exc:
+            how = f"symbol {symbol!r} is unknown" if symbol else f"cannot tell the pair from the file name {source.name!r}"
+            raise ImportRefusedError(
+                f"{source.label}: {how}; name the file <ALTNAME>.csv or <ALTNAME>_<minutes>.csv "
+                f"(e.g. XBTUSD.csv) or pass the symbol; known: {', '.join(exc.known)}"
+            ) from None
+
+    def _import_source(self, source: _Source, symbol: str | None) -> ImportResult:
+        started = time.monotonic()
+        resolved = self._resolve_symbol(source, symbol)
+        with source.opener() as stream:
+            first = stream.readline()
+            if first.startswith(b"\xef\xbb\xbf"):  # a byte-order mark some tools write
+                first = first[3:]
+            try:
+                layout = sniff_layout(first, source.name)
+            except LayoutError as exc:
+                raise ImportRefusedError(f"{source.label}: {exc}") from None
+            report = BadRowReport(source.label, strict=self.strict, max_examples=self.max_examples)
+            lines: Iterable[bytes] = stream if layout.header else itertools.chain([first], stream)
+            first_line_no = 2 if layout.header else 1
+            tally = _Tally()
+            if layout.header:
+                tally.lines, tally.bytes = 1, len(first)
+            log.info("csv import %s: %s, %s", source.label, resolved, layout.describe(),
+                     extra={"event": "csv_import_start"})
+            with contextlib.closing(connect(self.db_url, autocommit=True)) as conn:
+                conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"csv-import:{resolved}",))
+                for statement in _CREATE_STAGES:
+                    conn.execute(statement)
+                if layout.kind == OHLCVT:
+                    self._import_ohlcvt(conn, source, layout, resolved, lines, first_line_no, report, tally)
+                else:
+                    self._import_trades(conn, source, layout, resolved, lines, first_line_no, report, tally)
+        refreshed = False
+        if tally.candles and self.refresh and tally.first_time is not None and tally.last_time is not None:
+            refreshed = self._refresh(resolved, tally.first_time, tally.last_time + timedelta(minutes=layout.interval or 1))
+        result = ImportResult(
+            file=source.label, status="imported", symbol=resolved, kind=layout.kind, interval=layout.interval,
+            layout=layout.describe(), lines=tally.lines, bytes=tally.bytes, imported=tally.imported,
+            duplicates=tally.duplicates, covered=tally.covered, bad=report.total,
+            bad_by_reason=dict(report.counts), bad_examples=tuple(report.examples),
+            first_time=tally.first_time, last_time=tally.last_time, candles=tally.candles,
+            refreshed=refreshed, seconds=time.monotonic() - started,
+        )
+        log.info("csv import %s done: %d imported, %d duplicates, %d covered, %d bad", source.label,
+                 result.imported, result.duplicates, result.covered, result.bad, extra={"event": "csv_import_done"})
+        return result
+
+    def _transaction(self, conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
+        """Strict mode: the whole file in one transaction (chunks become savepoints)."""
+        return conn.transaction() if self.strict else contextlib.nullcontext()
+
+    def _advance(self, tally: _Tally, chunk: TradeChunk | OhlcChunk) -> None:
+        tally.lines += chunk.lines
+        tally.bytes += chunk.bytes
+        if chunk.first_time is not None and tally.first_time is None:
+            tally.first_time = chunk.first_time
+        if chunk.last_time is not None:
+            tally.last_time = chunk.last_time
+        if self.progress is not None:
+            self.progress(chunk.bytes, chunk.lines)
+
+    # ----- Time and Sales
+
+    def _import_trades(self, conn: psycopg.Connection, source: _Source, layout: Layout, symbol: str,
+                       lines: Iterable[bytes], first_line_no: int, report: BadRowReport, tally: _Tally) -> None:
+        holes: list[tuple[datetime, datetime]] = []
+        if not layout.has_ids:
+            holes = sorted(store.read_coverage(conn, symbol, "rest") + store.read_coverage(conn, symbol, "ws"))
+        blocker = SecondBlocker(holes)
+        if layout.is_plain_time_and_sales:
+            chunks: Iterator[TradeChunk] = parse_plain_trades(
+                lines, symbol=symbol, report=report, chunk_size=self.chunk_size, blocker=blocker,
+                first_line_no=first_line_no)
+        else:
+            chunks = parse_header_trades(
+                lines, layout=layout, symbol=symbol, report=report, chunk_size=self.chunk_size,
+                blocker=blocker, first_line_no=first_line_no)
+        covered_to: datetime | None = None  # coverage recorded up to here (exclusive)
+        with self._transaction(conn), _Prefetcher(chunks, name=f"csv-parse-{source.name}") as parsed:
+            for chunk in parsed:
+                with conn.transaction():
+                    inserted, duplicates, candles = self._store_trade_chunk(conn, symbol, chunk, layout.has_ids)
+                    tally.imported += inserted
+                    tally.duplicates += duplicates
+                    tally.covered += chunk.covered
+                    tally.candles += candles
+                    if chunk.last_time is not None:
+                        # Up to the chunk's last second, exclusive: that second may continue in the next chunk.
+                        start = covered_to or chunk.first_time
+                        assert start is not None
+                        self._add_coverage(conn, symbol, start, chunk.last_time, holes)
+                        covered_to = max(start, chunk.last_time)
+                    if layout.has_ids and chunk.rows:
+                        tally.max_id = max(tally.max_id or chunk.max_id, chunk.max_id)
+                self._advance(tally, chunk)
+            with conn.transaction():
+                self._finish_trades(conn, source, symbol, layout, tally, covered_to, holes, report)
+
+    def _store_trade_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
+                           has_ids: bool) -> tuple[int, int, int]:
+        """Store a chunk and the 1-minute candles of its minutes; returns (inserted, already
+        stored, candles written).
+
+        Fast path (plain files): when no trade at all is stored in the chunk's minutes, the
+        rows are COPYed straight into ``trades`` and the parser's candles are written as they
+        are. Otherwise (a re-import, REST/WebSocket trades in the same minutes, ids from the
+        file) through staging with dedupe, then ``store.rebuild_candles`` from all stored trades.
+        """
+        if not chunk.rows or chunk.first_time is None or chunk.last_time is None:
+            return 0, 0, 0
+        lo, hi = floor_minute(chunk.first_time), floor_minute(chunk.last_time) + ONE_MINUTE
+        if chunk.candles is not None and not has_ids and not conn.execute(_TRADES_PRESENT, (symbol, lo, hi)).fetchone()[0]:
+            try:
+                with conn.transaction():
+                    _copy(conn, _COPY_TRADES, chunk.payload)
+                    written = self._write_parsed_candles(conn, symbol, chunk.candles, lo, hi)
+                return chunk.rows, 0, written
+            except psycopg.errors.UniqueViolation:
+                log.info("csv import: %s rows appeared concurrently in %s..%s, deduplicating", symbol,
+                         lo.isoformat(), hi.isoformat(), extra={"event": "csv_import_conflict"})
+        conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_TRADE_STAGE)))
+        _copy(conn, sql.SQL("COPY {} (symbol, trade_id, time, price, volume, side, ord_type, source) FROM STDIN")
+              .format(sql.Identifier(_TRADE_STAGE)), chunk.payload)
+        inserted = conn.execute(_MERGE_TRADES).rowcount
+        candles = store.rebuild_candles(conn, symbol, chunk.first_time, chunk.last_time + ONE_SECOND) if inserted else 0
+        return inserted, chunk.rows - inserted, candles
+
+    @staticmethod
+    def _write_parsed_candles(conn: psycopg.Connection, symbol: str, candles: Sequence[bytes],
+                              lo: datetime, hi: datetime) -> int:
+        """Write the parser's candles of ``[lo, hi)`` (minutes holding only this chunk's trades)."""
+        stage = sql.Identifier(_CANDLE_STAGE)
+        conn.execute(sql.SQL("TRUNCATE {}").format(stage))
+        _copy(conn, sql.SQL("COPY {} (time, open, high, low, close, notional, volume, trades) FROM STDIN")
+              .format(stage), candles)
+        decimals = DEFAULT_REGISTRY.get(symbol).price_decimals
+        conn.execute(_DELETE_STALE_CANDLES, {"symbol": symbol, "lo": lo, "hi": hi})
+        written = conn.execute(_CANDLES_FROM_STAGE, {"symbol": symbol, "decimals": decimals}).rowcount
+        store.record_candle_change(conn, symbol, lo, hi)
+        return written
+
+    @staticmethod
+    def _add_coverage(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime,
+                      holes: Sequence[tuple[datetime, datetime]]) -> None:
+        """Coverage 'csv' for ``[start, end)`` except where REST/WebSocket coverage already is."""
+        for lo, hi in subtract_ranges(start, end, holes):
+            store.add_coverage(conn, symbol, "csv", lo, hi)
+
+    def _finish_trades(self, conn: psycopg.Connection, source: _Source, symbol: str, layout: Layout, tally: _Tally,
+                       covered_to: datetime | None, holes: Sequence[tuple[datetime, datetime]],
+                       report: BadRowReport) -> None:
+        """Close the file's coverage and move the resume point to its end (resume contract)."""
+        if tally.first_time is None or tally.last_time is None:
+            self._record_import(conn, source, symbol, layout, tally, report, None)
+            return
+        # Whole-second times: the file holds all of its last second S, so it ends at S+1s.
+        step = ONE_SECOND if tally.last_time.microsecond == 0 else timedelta(microseconds=1)
+        end = tally.last_time + step
+        self._add_coverage(conn, symbol, covered_to or tally.first_time, end, holes)
+        status = store.read_sync_status(conn, symbol, "trades")
+        if status is None or status["last_time"] is None or end > status["last_time"]:
+            store.write_sync_status(
+                conn, symbol, "trades", last_time=end, cursor=str(to_unix_ns(end)),
+                last_trade_id=tally.max_id if layout.has_ids else None,
+                details={"resumed_from": "csv", "csv_file": source.label},
+            )
+        self._record_import(conn, source, symbol, layout, tally, report, end)
+
+    def _record_import(self, conn: psycopg.Connection, source: _Source, symbol: str, layout: Layout,
+                       tally: _Tally, report: BadRowReport, end: datetime | None) -> None:
+        """Keep a record of the import in sync_status (data_type 'csv_import'), one key per file."""
+        data_type = "csv_import" if layout.kind != OHLCVT else f"csv_ohlcvt_{layout.interval}"
+        previous = store.read_sync_status(conn, symbol, data_type)
+        last = end
+        if previous is not None and previous["last_time"] is not None:
+            last = max(previous["last_time"], end) if end is not None else previous["last_time"]
+        store.write_sync_status(
+            conn, symbol, data_type, last_time=last,
+            details={source.label: {
+                "imported": tally.imported, "duplicates": tally.duplicates, "covered": tally.covered,
+                "bad": report.total, "lines": tally.lines,
+                "first_time": tally.first_time.isoformat() if tally.first_time else None,
+                "last_time": tally.last_time.isoformat() if tally.last_time else None,
+            }},
+        )
+
+    # ----- OHLCVT
+
+    def _import_ohlcvt(self, conn: psycopg.Connection, source: _Source, layout: Layout, symbol: str,
+                       lines: Iterable[bytes], first_line_no: int, report: BadRowReport, tally: _Tally) -> None:
+        assert layout.interval is not None
+        width = timedelta(minutes=layout.interval)
+        chunks = parse_ohlcvt(lines, layout=layout, report=report, chunk_size=self.chunk_size,
+                              first_line_no=first_line_no)
+        stage = sql.Identifier(_OHLC_STAGE)
+        with self._transaction(conn), _Prefetcher(chunks, name=f"csv-parse-{source.name}") as parsed:
+            for chunk in parsed:
+                with conn.transaction():
+                    if chunk.rows:
+                        conn.execute(sql.SQL("TRUNCATE {}").format(stage))
+                        _copy(conn, sql.SQL("COPY {} (time, open, high, low, close, vwap, volume, trades, line) "
+                                            "FROM STDIN").format(stage), chunk.payload)
+                        self._merge_ohlc_chunk(conn, symbol, layout.interval, chunk, tally)
+                    if layout.interval == 1 and chunk.last_time is not None:
+                        start = tally.first_time or chunk.first_time
+                        assert start is not None
+                        store.add_coverage(conn, symbol, "ohlc", start, chunk.last_time + width)
+                self._advance(tally, chunk)
+            with conn.transaction():
+                end = tally.last_time + width if tally.last_time is not None else None
+                self._record_import(conn, source, symbol, layout, tally, report, end)
+
+    @staticmethod
+    def _merge_ohlc_chunk(conn: psycopg.Connection, symbol: str, interval: int, chunk: OhlcChunk, tally: _Tally) -> None:
+        if interval == 1:
+            eligible, written = conn.execute(_MERGE_OHLC_1M, {"symbol": symbol}).fetchone()
+            tally.covered += chunk.rows - eligible
+            tally.duplicates += eligible - written
+            tally.imported += written
+            tally.candles += written
+            if written and chunk.first_time is not None and chunk.last_time is not None:
+                store.record_candle_change(conn, symbol, chunk.first_time, chunk.last_time + ONE_MINUTE)
+        else:
+            written = conn.execute(_MERGE_EXCHANGE, {"symbol": symbol, "interval": interval}).rowcount
+            tally.imported += written
+            tally.duplicates += chunk.rows - written
+
+    # ----- aggregates
+
+    def _refresh(self, symbol: str, start: datetime, end: datetime) -> bool:
+        """Refresh the higher intervals over the imported window, when the refresh job exists."""
+        try:
+            from .refresh import refresh_aggregates
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.refresh":
+                raise
+            log.info("csv import: kraken_hist.refresh not available; aggregates not refreshed",
+                     extra={"event": "csv_import_no_refresh"})
+            return False
+        refresh_aggregates(self.db_url, symbol, start, end)
+        return True
+
+
+# --------------------------------------------------------------------------- OHLCVT check
+
+@dataclass(frozen=True, slots=True)
+class CandleMismatch:
+    """One bucket where the exchange's candle and ours differ (None: that side has no candle)."""
+
+    time: datetime
+    fields: tuple[str, ...]
+    exchange: dict[str, Any] | None
+    ours: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"time": self.time.isoformat(), "fields": list(self.fields),
+                "exchange": {k: str(v) for k, v in self.exchange.items()} if self.exchange else None,
+                "ours": {k: str(v) for k, v in self.ours.items()} if self.ours else None}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandleComparison:
+    """Exchange candles (OHLCVT import) against our aggregates over the same buckets."""
+
+    symbol: str
+    interval: int
+    compared: int  # buckets present on either side
+    matching: int
+    mismatched: int  # both sides present, some field differs
+    missing_ours: int  # the exchange has a candle, we have none
+    missing_exchange: int  # we have a candle, the exchange none
+    examples: tuple[CandleMismatch, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.compared == self.matching
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"symbol": self.symbol, "interval": self.interval, "compared": self.compared,
+                "matching": self.matching, "mismatched": self.mismatched, "missing_ours": self.missing_ours,
+                "missing_exchange": self.missing_exchange, "ok": self.ok,
+                "examples": [m.to_dict() for m in self.examples]}
+
+
+_FIELDS = ("open", "high", "low", "close", "volume", "trades")
+
+
+def _ours_query(interval: int, use_relation: bool) -> sql.Composable:
+    """Our candles of `interval`: the stored relation, or computed from 1-minute candles."""
+    columns = sql.SQL("time, open, high, low, close, volume, trades")
+    if use_relation and interval in INTERVAL_RELATIONS:
+        return sql.SQL("SELECT {} FROM {} WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s").format(
+            columns, sql.Identifier(INTERVAL_RELATIONS[interval]))
+    return sql.SQL(
+        """SELECT date_bin(make_interval(mins => %(interval)s), time, %(origin)s) AS time,
+                  (array_agg(open ORDER BY time))[1] AS open, max(high) AS high, min(low) AS low,
+                  (array_agg(close ORDER BY time DESC))[1] AS close, sum(volume) AS volume,
+                  sum(trades)::integer AS trades
+           FROM candles WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s
+           GROUP BY 1""")
+
+
+def compare_exchange_candles(
+    db_url: str,
+    symbol: str,
+    interval: int,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    use_relation: bool = True,
+    max_examples: int = 20,
+) -> CandleComparison:
+    """Compare ``exchange_candles`` of `interval` (imported OHLCVT rows) with our candles of
+    the same buckets: the stored relation of that interval (``use_relation``, after a
+    refresh) or buckets computed from 1-minute candles (always, and for 720 which is not
+    stored). Compares open, high, low, close, volume and trade count, exactly."""
+    symbol = DEFAULT_REGISTRY.normalize(symbol)
+    with contextlib.closing(connect(db_url, autocommit=True)) as conn:
+        lo, hi = conn.execute(
+            "SELECT min(time), max(time) FROM exchange_candles WHERE symbol = %s AND interval = %s "
+            "AND (%s::timestamptz IS NULL OR time >= %s) AND (%s::timestamptz IS NULL OR time < %s)",
+            (symbol, interval, start, start, end, end),
+        ).fetchone()
+        if lo is None:
+            return CandleComparison(symbol=symbol, interval=interval, compared=0, matching=0, mismatched=0,
+                                    missing_ours=0, missing_exchange=0)
+        hi = hi + timedelta(minutes=interval)
+        query = sql.SQL(
+            """WITH ex AS (SELECT time, open, high, low, close, volume, trades FROM exchange_candles
+                           WHERE symbol = %(symbol)s AND interval = %(interval)s
+                             AND time >= %(lo)s AND time < %(hi)s),
+                    ours AS ({ours})
+               SELECT coalesce(ex.time, ours.time), ex.open, ex.high, ex.low, ex.close, ex.volume, ex.trades,
+                      ours.time IS NOT NULL, ours.open, ours.high, ours.low, ours.close, ours.volume, ours.trades,
+                      ex.time IS NOT NULL
+               FROM ex FULL JOIN ours ON ours.time = ex.time ORDER BY 1""").format(ours=_ours_query(interval, use_relation))
+        params = {"symbol": symbol, "interval": interval, "lo": lo, "hi": hi, "origin": EPOCH}
+        counts = {"compared": 0, "matching": 0, "mismatched": 0, "missing_ours": 0, "missing_exchange": 0}
+        examples: list[CandleMismatch] = []
+        with conn.transaction(), conn.cursor(name="csv_compare") as cur:
+            cur.execute(query, params)
+            for row in cur:
+                counts["compared"] += 1
+                theirs = dict(zip(_FIELDS, row[1:7])) if row[14] else None
+                ours = dict(zip(_FIELDS, row[8:14])) if row[7] else None
+                if theirs is None or ours is None:
+                    counts["missing_ours" if ours is None else "missing_exchange"] += 1
+                    differing = _FIELDS
+                else:
+                    differing = tuple(f for f in _FIELDS if theirs[f] != ours[f])
+                    if not differing:
+                        counts["matching"] += 1
+                        continue
+                    counts["mismatched"] += 1
+                if len(examples) < max_examples:
+                    examples.append(CandleMismatch(row[0], differing, theirs, ours))
+    return CandleComparison(symbol=symbol, interval=interval, examples=tuple(examples), **counts)

@@ -1,0 +1,689 @@
+"""The query layer: candles of any whole-minute interval for strategies, without look-ahead.
+
+Stored intervals (1m, 5m, 15m, 30m, 1h, 4h, 1d, 1w) are read from their relation; any other
+whole-minute interval is aggregated in SQL from the largest stored interval dividing it
+(``Interval.source_interval``). Buckets follow KRAKEN.md: epoch-aligned, days at 00:00 UTC,
+weeks (and multi-week intervals) from Monday 00:00 UTC.
+
+No look-ahead: a bucket is *complete* when its end is at or before ``min(now, end)``; only
+complete buckets are returned unless ``include_forming=True``, and a forming bucket at a
+past ``end`` is built only from 1-minute candles that had closed by then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.engine import Engine
+
+from . import refresh as refresh_module
+from .config import Settings
+from .db import create_engine, has_timescaledb, libpq_url, translate_errors
+from .errors import KrakenHistError, PermanentError
+from .intervals import INTERVAL_RELATIONS, Interval
+from .pairs import normalize_symbol
+from .schema import candle_changes, candles, interval_tables, sync_status
+from .timeutils import ONE_MINUTE, UTC, check_aware, floor_minute, parse_time, utcnow
+from .types import HistoricalCandle
+
+log = logging.getLogger(__name__)
+
+#: Stored relation of each standard interval (minutes → table or continuous aggregate).
+INTERVAL_VIEWS: dict[int, str] = dict(INTERVAL_RELATIONS)
+
+#: Columns of the candle DataFrames, in order (index: UTC DatetimeIndex named ``time``).
+FRAME_COLUMNS = ("open", "high", "low", "close", "volume", "vwap", "trades")
+
+DEFAULT_TIMEFRAMES = (1, 5, 15, 60, 240, 1440)
+
+TimeArg = datetime | str | None
+IntervalArg = Interval | int | str
+
+
+class InsufficientDataError(PermanentError, LookupError):
+    """Fewer complete candles are stored than were asked for (warm-up)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataRange:
+    """First and last stored 1-minute candle of a symbol (``end`` = last + 1 minute)."""
+
+    symbol: str
+    first: datetime
+    last: datetime
+
+    @property
+    def end(self) -> datetime:
+        return self.last + ONE_MINUTE
+
+    def to_dict(self) -> dict[str, str]:
+        return {"symbol": self.symbol, "first": self.first.isoformat(), "last": self.last.isoformat(),
+                "end": self.end.isoformat()}
+
+
+def candles_to_frame(candles: Sequence[HistoricalCandle], *, exact: bool = False) -> pd.DataFrame:
+    """Candles → the DataFrame backtesting libraries take: UTC ``DatetimeIndex`` named ``time``,
+    columns open, high, low, close, volume, vwap, trades.
+
+    Prices and volumes become float64 (what backtrader/vectorbt/backtesting.py compute with;
+    vwap NaN where unknown) unless ``exact=True``, which keeps Decimal objects (object dtype).
+    ``trades`` is int64. ``attrs`` carries ``symbol`` and ``interval`` (minutes).
+    """
+    index = pd.DatetimeIndex([c.time for c in candles], name="time").tz_convert(UTC) if candles else \
+        pd.DatetimeIndex([], tz=UTC, name="time")
+    if exact:
+        data: dict[str, Any] = {
+            name: pd.Series([getattr(c, name) for c in candles], index=index, dtype=object)
+            for name in FRAME_COLUMNS[:-1]
+        }
+    else:
+        data = {
+            name: pd.Series([float(getattr(c, name)) for c in candles], index=index, dtype="float64")
+            for name in ("open", "high", "low", "close", "volume")
+        }
+        data["vwap"] = pd.Series(
+            [float(c.vwap) if c.vwap is not None else float("nan") for c in candles], index=index, dtype="float64"
+        )
+    data["trades"] = pd.Series([c.trades for c in candles], index=index, dtype="int64")
+    frame = pd.DataFrame(data, index=index, columns=list(FRAME_COLUMNS))
+    if candles:
+        frame.attrs["symbol"] = candles[0].symbol
+        frame.attrs["interval"] = candles[0].interval
+    return frame
+
+
+def _time(value: TimeArg, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_time(value)
+    return check_aware(value, field)
+
+
+def _ceil(interval: Interval, when: datetime) -> datetime:
+    """First bucket start at or after `when`."""
+    start = interval.bucket_start(when)
+    return start if start == when else start + interval.delta
+
+
+def _aggregate_columns(p: sa.FromClause) -> list[sa.ColumnElement[Any]]:
+    """SQL twin of ``aggregates.resample`` (and of ``refresh.AGGREGATE_COLUMNS``)."""
+    weighted = p.c.vwap.isnot(None)
+    return [
+        sa.func.array_agg(aggregate_order_by(p.c.open, p.c.time))[1].label("open"),
+        sa.func.max(p.c.high).label("high"),
+        sa.func.min(p.c.low).label("low"),
+        sa.func.array_agg(aggregate_order_by(p.c.close, p.c.time.desc()))[1].label("close"),
+        sa.func.sum(p.c.volume).label("volume"),
+        (sa.func.sum(p.c.vwap * p.c.volume) / sa.func.nullif(sa.func.sum(p.c.volume).filter(weighted), 0)).label("vwap"),
+        sa.cast(sa.func.sum(p.c.trades), sa.Integer).label("trades"),
+    ]
+
+
+def _symbol_filter(column: sa.ColumnElement[Any], symbols: Sequence[str]) -> sa.ColumnElement[bool]:
+    return column == symbols[0] if len(symbols) == 1 else column.in_(list(symbols))
+
+
+def select_candles(
+    interval: Interval, symbols: Sequence[str], lo: datetime | None, hi: datetime | None
+) -> sa.Select[Any]:
+    """Buckets of `interval` starting in ``[lo, hi)`` (bounds aligned by the caller), unordered.
+
+    Columns: symbol, time, open, high, low, close, volume, vwap, trades.
+    """
+    if interval.is_stored:
+        t = interval_tables[interval.minutes]
+        stmt = sa.select(t.c.symbol, t.c.time, t.c.open, t.c.high, t.c.low, t.c.close, t.c.volume, t.c.vwap,
+                         t.c.trades).where(_symbol_filter(t.c.symbol, symbols))
+        time_col = t.c.time
+    else:
+        p = interval_tables[interval.source_interval().minutes].alias("p")
+        bucket = sa.func.date_bin(
+            sa.literal(interval.delta, sa.Interval), p.c.time, sa.literal(interval.origin, sa.DateTime(timezone=True))
+        ).label("time")
+        stmt = (
+            sa.select(p.c.symbol, bucket, *_aggregate_columns(p))
+            .where(_symbol_filter(p.c.symbol, symbols))
+            .group_by(p.c.symbol, bucket)
+        )
+        time_col = p.c.time
+    if lo is not None:
+        stmt = stmt.where(time_col >= lo)
+    if hi is not None:
+        stmt = stmt.where(time_col < hi)
+    return stmt
+
+
+_CANDLE_FIELDS = ("symbol", "time", "open", "high", "low", "close", "volume", "vwap", "trades")
+_SETTERS = tuple(getattr(HistoricalCandle, name).__set__ for name in _CANDLE_FIELDS)
+_SET_INTERVAL = HistoricalCandle.interval.__set__  # type: ignore[attr-defined]
+_new = object.__new__
+
+
+def _candle(row: Sequence[Any], minutes: int) -> HistoricalCandle:
+    """A HistoricalCandle from a result row (symbol, time, open, high, low, close, volume, vwap,
+    trades). Fills the slots directly: HistoricalCandle has no validation to skip, and the
+    keyword call of a frozen dataclass costs twice as much — it bounds replay throughput."""
+    candle = _new(HistoricalCandle)
+    s_symbol, s_time, s_open, s_high, s_low, s_close, s_volume, s_vwap, s_trades = _SETTERS
+    s_symbol(candle, row[0])
+    _SET_INTERVAL(candle, minutes)
+    s_time(candle, row[1])
+    s_open(candle, row[2])
+    s_high(candle, row[3])
+    s_low(candle, row[4])
+    s_close(candle, row[5])
+    s_volume(candle, row[6])
+    s_vwap(candle, row[7])
+    s_trades(candle, row[8])
+    return candle
+
+
+def fill_quiet(
+    candles: Sequence[HistoricalCandle],
+    interval: Interval,
+    lo: datetime | None,
+    hi: datetime,
+    previous_close: Decimal | None,
+    symbol: str,
+) -> list[HistoricalCandle]:
+    """A regular series over ``[lo, hi)``: every missing bucket becomes a quiet candle —
+    volume 0, trades 0, open = high = low = close = the previous close, vwap None (there was
+    no trade to weight). Buckets before the first known price are left out."""
+    out: list[HistoricalCandle] = []
+    by_time = {c.time: c for c in candles}
+    when = lo if lo is not None else (candles[0].time if candles else hi)
+    close = previous_close
+    while when < hi:
+        found = by_time.get(when)
+        if found is not None:
+            out.append(found)
+            close = found.close
+        elif close is not None:
+            out.append(HistoricalCandle(symbol=symbol, interval=interval.minutes, time=when, open=close, high=close,
+                                        low=close, close=close, volume=Decimal(0), vwap=None, trades=0))
+        when += interval.delta
+    return out
+
+
+class HistoricalDataProvider:
+    """Read candles for strategies (backtests, warm-up, replay, multi-timeframe).
+
+    Sync, thread-safe (a SQLAlchemy connection pool). ``db_url=None`` resolves the configured
+    or embedded database (``migrate.prepare_database``). An injected ``engine`` is used as is
+    and not disposed by ``close()``. ``pool_min_size`` connections are kept in the pool,
+    up to ``pool_max_size`` open at once.
+
+    By default only stored candles are returned: a minute without trades has no candle, so a
+    series may have holes. ``fill_quiet=True`` fills them (see ``fill_quiet``).
+    """
+
+    def __init__(
+        self,
+        db_url: str | None = None,
+        pool_min_size: int = 2,
+        pool_max_size: int = 10,
+        *,
+        settings: Settings | None = None,
+        engine: Engine | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        if pool_min_size < 0 or pool_max_size < max(1, pool_min_size):
+            raise ValueError(f"need 0 <= pool_min_size <= pool_max_size >= 1, got {pool_min_size}, {pool_max_size}")
+        self._db_url = db_url
+        self._settings = settings
+        self._pool = (pool_min_size, pool_max_size)
+        self._engine = engine
+        self._owns_engine = engine is None
+        self._url: str | None = (
+            libpq_url(db_url) if db_url else
+            libpq_url(engine.url.render_as_string(hide_password=False)) if engine is not None else None
+        )
+        self._clock = clock
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def connect(self) -> "HistoricalDataProvider":
+        """Resolve the database, check its schema, open the pool and check it answers."""
+        if self._engine is None:
+            from .migrate import prepare_database
+
+            self._url = prepare_database(self._db_url, self._settings)
+            low, high = self._pool
+            self._engine = create_engine(
+                self._url, pool_size=max(low, 1), max_overflow=high - max(low, 1),
+                connect_args={"options": "-c TimeZone=UTC"},
+            )
+        with self._connection() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return self
+
+    def close(self) -> None:
+        """Close the pool (only if this provider created it)."""
+        if self._engine is not None and self._owns_engine:
+            self._engine.dispose()
+            self._engine = None
+
+    def __enter__(self) -> "HistoricalDataProvider":
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sa.Connection]:
+        if self._engine is None:
+            self.connect()
+        assert self._engine is not None
+        with translate_errors(), self._engine.connect() as conn:
+            yield conn
+
+    def _now(self) -> datetime:
+        return check_aware(self._clock(), "clock()")
+
+    def _cutoff(self, end: datetime | None) -> tuple[datetime, bool]:
+        """``min(now, end)`` and whether it lies in the past (a historical point in time)."""
+        now = self._now()
+        if end is not None and end < now:
+            return end, True
+        return now, False
+
+    def _fetch(self, stmt: sa.Select[Any], minutes: int) -> list[HistoricalCandle]:
+        with self._connection() as conn:
+            rows = conn.execute(stmt).all()
+        return [_candle(row, minutes) for row in rows]
+
+    # --- candles --------------------------------------------------------------------------
+
+    def get_candles(
+        self,
+        symbol: str,
+        interval: IntervalArg,
+        start: TimeArg = None,
+        end: TimeArg = None,
+        limit: int | None = None,
+        *,
+        include_forming: bool = False,
+        fill_quiet: bool = False,
+    ) -> list[HistoricalCandle]:
+        """Complete candles whose bucket starts at or after `start` and ends at or before
+        ``min(now, end)``, oldest first, at most `limit` (the first ones).
+
+        Stored candles only (holes where nothing traded) unless ``fill_quiet``; the bucket
+        still forming at the cutoff is appended when ``include_forming``.
+        """
+        name, iv = normalize_symbol(symbol), Interval.parse(interval)
+        lo_time, end_time = _time(start, "start"), _time(end, "end")
+        cutoff, historical = self._cutoff(end_time)
+        lo = _ceil(iv, lo_time) if lo_time is not None else None
+        hi = iv.bucket_start(cutoff)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        if fill_quiet:
+            if lo is None:
+                data_range = self.get_data_range(name)
+                lo = iv.bucket_start(data_range.first) if data_range else hi
+            if limit is not None:
+                hi = min(hi, lo + limit * iv.delta)
+            stmt = select_candles(iv, [name], lo, hi).order_by(sa.column("time"))
+            result = self._fill(self._fetch(stmt, iv.minutes), iv, lo, hi, name)
+        elif limit is not None and not iv.is_stored:
+            result = self._first_aggregated(name, iv, lo, hi, limit)
+        else:
+            stmt = select_candles(iv, [name], lo, hi).order_by(sa.column("time"))
+            if limit is not None:
+                stmt = stmt.limit(limit)
+            result = self._fetch(stmt, iv.minutes)
+        if include_forming and (limit is None or len(result) < limit):
+            forming = self._read_forming(name, iv, cutoff, historical)
+            if forming is not None and (lo is None or forming.time >= lo):
+                result.append(forming)
+        return result
+
+    def get_latest_candles(
+        self, symbol: str, interval: IntervalArg, count: int, *, include_forming: bool = False,
+        fill_quiet: bool = False,
+    ) -> list[HistoricalCandle]:
+        """The `count` most recent complete candles, oldest first (plus the forming one if asked)."""
+        name, iv = normalize_symbol(symbol), Interval.parse(interval)
+        cutoff, historical = self._cutoff(None)
+        result = self._latest(name, iv, cutoff, count, fill_quiet)
+        if include_forming:
+            forming = self._read_forming(name, iv, cutoff, historical)
+            if forming is not None:
+                result.append(forming)
+        return result
+
+    def get_warmup_data(
+        self, symbol: str, interval: IntervalArg, periods: int, end: TimeArg = None, *, fill_quiet: bool = False
+    ) -> list[HistoricalCandle]:
+        """Exactly `periods` complete candles ending at or before `end` (default now), oldest
+        first — what an indicator needs before the first live bar, with nothing from after `end`.
+
+        Raises InsufficientDataError when fewer are stored.
+        """
+        name, iv = normalize_symbol(symbol), Interval.parse(interval)
+        if periods < 1:
+            raise ValueError(f"periods must be at least 1, got {periods}")
+        cutoff, _historical = self._cutoff(_time(end, "end"))
+        result = self._latest(name, iv, cutoff, periods, fill_quiet)
+        if len(result) < periods:
+            raise InsufficientDataError(
+                f"warm-up of {periods} x {iv} {name} candles up to {cutoff.isoformat()}: only {len(result)} stored"
+            )
+        return result
+
+    def get_multi_timeframe_candles(
+        self,
+        symbol: str,
+        end: TimeArg = None,
+        intervals: Sequence[IntervalArg] = DEFAULT_TIMEFRAMES,
+        count: int = 100,
+        *,
+        include_forming: bool = False,
+        fill_quiet: bool = False,
+    ) -> dict[int, list[HistoricalCandle]]:
+        """Every timeframe as it was known at `end`: per interval (minutes), the `count` latest
+        candles that had closed by ``min(now, end)``; with ``include_forming`` also each
+        interval's bucket in progress, built only from 1-minute candles closed by then."""
+        name = normalize_symbol(symbol)
+        cutoff, historical = self._cutoff(_time(end, "end"))
+        out: dict[int, list[HistoricalCandle]] = {}
+        for value in intervals:
+            iv = Interval.parse(value)
+            series = self._latest(name, iv, cutoff, count, fill_quiet)
+            if include_forming:
+                forming = self._read_forming(name, iv, cutoff, historical)
+                if forming is not None:
+                    series.append(forming)
+            out[iv.minutes] = series
+        return out
+
+    # DataFrame variants (float64 prices unless exact=True; see candles_to_frame).
+
+    def get_candles_df(self, symbol: str, interval: IntervalArg, start: TimeArg = None, end: TimeArg = None,
+                       limit: int | None = None, *, include_forming: bool = False, fill_quiet: bool = False,
+                       exact: bool = False) -> pd.DataFrame:
+        """``get_candles`` as a DataFrame."""
+        return candles_to_frame(self.get_candles(symbol, interval, start, end, limit, include_forming=include_forming,
+                                                 fill_quiet=fill_quiet), exact=exact)
+
+    def get_latest_candles_df(self, symbol: str, interval: IntervalArg, count: int, *, include_forming: bool = False,
+                              fill_quiet: bool = False, exact: bool = False) -> pd.DataFrame:
+        """``get_latest_candles`` as a DataFrame."""
+        return candles_to_frame(self.get_latest_candles(symbol, interval, count, include_forming=include_forming,
+                                                        fill_quiet=fill_quiet), exact=exact)
+
+    def get_warmup_df(self, symbol: str, interval: IntervalArg, periods: int, end: TimeArg = None, *,
+                      fill_quiet: bool = False, exact: bool = False) -> pd.DataFrame:
+        """``get_warmup_data`` as a DataFrame."""
+        return candles_to_frame(self.get_warmup_data(symbol, interval, periods, end, fill_quiet=fill_quiet),
+                                exact=exact)
+
+    def get_multi_timeframe_df(self, symbol: str, end: TimeArg = None,
+                               intervals: Sequence[IntervalArg] = DEFAULT_TIMEFRAMES, count: int = 100, *,
+                               include_forming: bool = False, fill_quiet: bool = False,
+                               exact: bool = False) -> dict[int, pd.DataFrame]:
+        """``get_multi_timeframe_candles`` as one DataFrame per interval."""
+        series = self.get_multi_timeframe_candles(symbol, end, intervals, count, include_forming=include_forming,
+                                                  fill_quiet=fill_quiet)
+        return {minutes: candles_to_frame(c, exact=exact) for minutes, c in series.items()}
+
+    # --- replay ---------------------------------------------------------------------------
+
+    def replay_candles(
+        self,
+        symbol: str | Sequence[str],
+        interval: IntervalArg,
+        start: TimeArg = None,
+        end: TimeArg = None,
+        speed: float = 0.0,
+        *,
+        batch_size: int = 5000,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> Iterator[HistoricalCandle]:
+        """Stream complete candles in time order (several symbols merged by time, then symbol),
+        each released when its bucket closes on the replay clock.
+
+        `speed` is market time per wall time: 0 = as fast as possible, 60 = one market minute
+        per second. The clock starts at `start` (or the first candle). Memory stays constant:
+        one server-side cursor per symbol, read `batch_size` rows at a time.
+        """
+        if speed < 0:
+            raise ValueError(f"speed must not be negative, got {speed}")
+        names = [normalize_symbol(symbol)] if isinstance(symbol, str) else [normalize_symbol(s) for s in symbol]
+        if not names:
+            raise ValueError("replay needs at least one symbol")
+        iv = Interval.parse(interval)
+        lo_time = _time(start, "start")
+        cutoff, _historical = self._cutoff(_time(end, "end"))
+        lo = _ceil(iv, lo_time) if lo_time is not None else None
+        hi = iv.bucket_start(cutoff)
+        with self._connection() as conn:
+            streaming = conn.execution_options(stream_results=True, yield_per=batch_size)
+            streams = [
+                self._stream(streaming, select_candles(iv, [n], lo, hi).order_by(sa.column("time")), iv.minutes)
+                for n in names
+            ]
+            merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda c: (c.time, c.symbol))
+            if speed == 0:
+                yield from merged
+                return
+            origin: datetime | None = lo
+            wall_start = time.monotonic()
+            for candle in merged:
+                if origin is None:
+                    origin = candle.time
+                due = (candle.end - origin).total_seconds() / speed
+                delay = due - (time.monotonic() - wall_start)
+                if delay > 0:
+                    sleep(delay)
+                yield candle
+
+    @staticmethod
+    def _stream(conn: sa.Connection, stmt: sa.Select[Any], minutes: int) -> Iterator[HistoricalCandle]:
+        result = conn.execute(stmt)
+        try:
+            for rows in result.partitions():
+                yield from [_candle(row, minutes) for row in rows]
+        finally:
+            result.close()
+
+    # --- metadata -------------------------------------------------------------------------
+
+    def get_symbols(self) -> list[str]:
+        """Symbols that have stored 1-minute candles (a skip scan of the primary key)."""
+        with self._connection() as conn:
+            return [row[0] for row in conn.execute(sa.text(_SYMBOLS_SQL))]
+
+    def get_data_range(self, symbol: str) -> DataRange | None:
+        """First and last stored 1-minute candle, or None when nothing is stored."""
+        name = normalize_symbol(symbol)
+        stmt = sa.select(sa.func.min(candles.c.time), sa.func.max(candles.c.time)).where(candles.c.symbol == name)
+        with self._connection() as conn:
+            first, last = conn.execute(stmt).one()
+        return DataRange(symbol=name, first=first, last=last) if first is not None else None
+
+    def get_sync_status(self, symbol: str | None = None) -> list[dict[str, Any]]:
+        """Ingestion progress rows (symbol, data_type, last_time, cursor, last_trade_id, details, updated_at)."""
+        stmt = sa.select(sync_status).order_by(sync_status.c.symbol, sync_status.c.data_type)
+        if symbol is not None:
+            stmt = stmt.where(sync_status.c.symbol == normalize_symbol(symbol))
+        with self._connection() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
+    def health_check(self) -> dict[str, Any]:
+        """Database reachability and latency, flavour, newest candle age per symbol and the
+        aggregate refresh lag (pending ``candle_changes``). Never raises for an outage:
+        reports ``ok: False`` with the error instead."""
+        now = self._now()
+        report: dict[str, Any] = {"ok": False, "checked_at": now.isoformat()}
+        began = time.perf_counter()
+        try:
+            with self._connection() as conn:
+                conn.execute(sa.text("SELECT 1"))
+                latency = (time.perf_counter() - began) * 1000
+                version = conn.execute(sa.text("SHOW server_version")).scalar_one()
+                timescale = has_timescaledb(conn)
+                newest = conn.execute(sa.text(_NEWEST_SQL)).all()
+                pending, oldest = conn.execute(
+                    sa.select(sa.func.count(), sa.func.min(candle_changes.c.created_at))
+                ).one()
+        except (KrakenHistError, sa.exc.SQLAlchemyError) as exc:  # reported, not raised: a health check answers
+            log.warning("health check failed: %s", exc, extra={"event": "provider.health_failed"})
+            report["database"] = {"reachable": False, "error": str(exc)}
+            return report
+        report["ok"] = True
+        report["database"] = {
+            "reachable": True, "latency_ms": round(latency, 3), "server_version": version,
+            "timescaledb": timescale,
+        }
+        report["symbols"] = {
+            sym: {"newest_candle": last.isoformat(), "age_seconds": round((now - (last + ONE_MINUTE)).total_seconds(), 3)}
+            for sym, last in newest
+        }
+        report["aggregates"] = {
+            "pending_changes": int(pending),
+            "oldest_pending": oldest.isoformat() if oldest is not None else None,
+            "lag_seconds": round((now - oldest).total_seconds(), 3) if oldest is not None else 0.0,
+        }
+        return report
+
+    # --- refresh --------------------------------------------------------------------------
+
+    def refresh_aggregates(
+        self, symbol: str | None = None, start: TimeArg = None, end: TimeArg = None
+    ) -> refresh_module.RefreshResult:
+        """Bring the interval relations up to date (see ``kraken_hist.refresh``)."""
+        if self._url is None:
+            self.connect()
+        assert self._url is not None
+        return refresh_module.refresh_aggregates(self._url, symbol, _time(start, "start"), _time(end, "end"))
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _latest(
+        self, name: str, iv: Interval, cutoff: datetime, count: int, fill: bool
+    ) -> list[HistoricalCandle]:
+        """Up to `count` complete candles before `cutoff`, oldest first."""
+        if count < 0:
+            raise ValueError(f"count must not be negative, got {count}")
+        hi = iv.bucket_start(cutoff)
+        if count == 0:
+            return []
+        if fill:
+            lo = hi - count * iv.delta
+            rows = self._fetch(select_candles(iv, [name], lo, hi).order_by(sa.column("time")), iv.minutes)
+            return self._fill(rows, iv, lo, hi, name)
+        if iv.is_stored:
+            stmt = select_candles(iv, [name], None, hi).order_by(sa.column("time").desc()).limit(count)
+            return self._fetch(stmt, iv.minutes)[::-1]
+        # Aggregated on the fly: read a window wide enough for `count` buckets, widen if sparse.
+        source = interval_tables[iv.source_interval().minutes]
+        with self._connection() as conn:
+            first = conn.execute(sa.select(sa.func.min(source.c.time)).where(source.c.symbol == name)).scalar()
+        if first is None:
+            return []
+        span = 2 * count
+        while True:
+            lo = max(hi - span * iv.delta, iv.bucket_start(first))
+            stmt = select_candles(iv, [name], lo, hi).order_by(sa.column("time").desc()).limit(count)
+            rows = self._fetch(stmt, iv.minutes)
+            if len(rows) >= count or lo <= first:
+                return rows[::-1]
+            span *= 4
+
+    def _first_aggregated(
+        self, name: str, iv: Interval, lo: datetime | None, hi: datetime, limit: int
+    ) -> list[HistoricalCandle]:
+        """The first `limit` on-the-fly buckets in ``[lo, hi)``, scanning the source in windows of
+        `limit` buckets (widened over sparse stretches) rather than the rest of history."""
+        if lo is None:
+            data_range = self.get_data_range(name)
+            if data_range is None:
+                return []
+            lo = iv.bucket_start(data_range.first)
+        out: list[HistoricalCandle] = []
+        span = limit
+        while len(out) < limit and lo < hi:
+            upper = min(hi, lo + span * iv.delta)
+            stmt = select_candles(iv, [name], lo, upper).order_by(sa.column("time")).limit(limit - len(out))
+            out.extend(self._fetch(stmt, iv.minutes))
+            lo, span = upper, span * 4
+        return out
+
+    def _read_forming(
+        self, name: str, iv: Interval, cutoff: datetime, historical: bool
+    ) -> HistoricalCandle | None:
+        """The bucket in progress at `cutoff`, from 1-minute candles known by then: at a past
+        point in time only minutes that had closed (``time + 1m <= cutoff``); live, every
+        stored minute including the current one."""
+        start = iv.bucket_start(cutoff)
+        if start == cutoff:
+            return None
+        p = candles.alias("p")
+        known = p.c.time < floor_minute(cutoff) if historical else p.c.time <= cutoff
+        stmt = (
+            sa.select(p.c.symbol, sa.literal(start, sa.DateTime(timezone=True)), *_aggregate_columns(p))
+            .where(p.c.symbol == name, p.c.time >= start, known)
+            .group_by(p.c.symbol)
+        )
+        rows = self._fetch(stmt, iv.minutes)
+        return rows[0] if rows else None
+
+    def _fill(
+        self, rows: list[HistoricalCandle], iv: Interval, lo: datetime, hi: datetime, name: str
+    ) -> list[HistoricalCandle]:
+        """``fill_quiet`` with the previous close read from the 1-minute candles before `lo`."""
+        previous = self._previous_close(name, lo) if (not rows or rows[0].time > lo) else None
+        return fill_quiet(rows, iv, lo, hi, previous, name)
+
+    def _previous_close(self, name: str, before: datetime) -> Decimal | None:
+        stmt = (
+            sa.select(candles.c.close).where(candles.c.symbol == name, candles.c.time < before)
+            .order_by(candles.c.time.desc()).limit(1)
+        )
+        with self._connection() as conn:
+            return conn.execute(stmt).scalar()
+
+
+_SYMBOLS_SQL = """
+WITH RECURSIVE s(symbol) AS (
+    SELECT min(symbol) FROM candles
+    UNION ALL
+    SELECT (SELECT min(c.symbol) FROM candles c WHERE c.symbol > s.symbol) FROM s WHERE s.symbol IS NOT NULL
+)
+SELECT symbol FROM s WHERE symbol IS NOT NULL ORDER BY symbol
+"""
+
+_NEWEST_SQL = """
+WITH RECURSIVE s(symbol) AS (
+    SELECT min(symbol) FROM candles
+    UNION ALL
+    SELECT (SELECT min(c.symbol) FROM candles c WHERE c.symbol > s.symbol) FROM s WHERE s.symbol IS NOT NULL
+)
+SELECT s.symbol, (SELECT max(c.time) FROM candles c WHERE c.symbol = s.symbol)
+FROM s WHERE s.symbol IS NOT NULL ORDER BY s.symbol
+"""
+
+__all__ = [
+    "DataRange",
+    "FRAME_COLUMNS",
+    "HistoricalDataProvider",
+    "INTERVAL_VIEWS",
+    "InsufficientDataError",
+    "candles_to_frame",
+    "fill_quiet",
+    "select_candles",
+]

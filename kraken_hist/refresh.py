@@ -1,0 +1,340 @@
+"""Keep the interval relations (5m … 1w) in step with the 1-minute candles.
+
+* Plain PostgreSQL: the relations are tables. Only buckets whose 1-minute data changed
+  (``candle_changes`` rows, written by ``store.rebuild_candles``/``record_candle_change``)
+  are recomputed, level by level from the one below (``REFRESH_PARENT``: 5m from 1m, 15m
+  from 5m, …, 1w from 1d), and buckets left without data are deleted. Change rows are
+  consumed in the same transaction as the recompute, so a crash loses nothing and rows
+  committed by a concurrent writer after that delete stay for the next run.
+* TimescaleDB: the relations are continuous aggregates; ``refresh_continuous_aggregate``
+  runs over the changed window. It refuses to run inside a transaction block, so that path
+  uses an autocommit connection and deletes the change rows it covered only afterwards.
+
+The aggregation is the SQL twin of ``aggregates.resample`` and of the continuous aggregate
+in migration 0001: first open, max high, min low, last close, summed volume and trades,
+vwap = Σ(vwap·volume)/Σvolume over rows with a vwap (NULL when that volume is 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Iterable
+
+import psycopg
+from psycopg import sql
+
+from .db import connect, has_timescaledb
+from .intervals import INTERVAL_RELATIONS, REFRESH_PARENT, Interval
+from .pairs import normalize_symbol
+from .store import lock_symbol
+from .timeutils import check_aware
+
+log = logging.getLogger(__name__)
+
+_MICRO = timedelta(microseconds=1)
+
+#: Aggregate columns over rows aliased ``p`` (open, high, low, close, vwap, volume, trades).
+AGGREGATE_COLUMNS = """
+    (array_agg(p.open ORDER BY p.time))[1]        AS open,
+    max(p.high)                                   AS high,
+    min(p.low)                                    AS low,
+    (array_agg(p.close ORDER BY p.time DESC))[1]  AS close,
+    sum(p.vwap * p.volume) / NULLIF(sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL), 0) AS vwap,
+    sum(p.volume)                                 AS volume,
+    sum(p.trades)::integer                        AS trades
+"""
+
+_REFRESH_LEVEL = """
+WITH win (lo, hi) AS (
+    SELECT * FROM unnest(%(los)s::timestamptz[], %(his)s::timestamptz[])
+), built AS (
+    SELECT date_bin(%(stride)s::interval, p.time, %(origin)s::timestamptz) AS bucket,
+           {aggregate}
+    FROM {parent} p JOIN win ON p.time >= win.lo AND p.time < win.hi
+    WHERE p.symbol = %(symbol)s
+    GROUP BY 1
+), stale AS (
+    DELETE FROM {target} t USING win
+    WHERE t.symbol = %(symbol)s AND t.time >= win.lo AND t.time < win.hi
+      AND NOT EXISTS (SELECT 1 FROM built b WHERE b.bucket = t.time)
+    RETURNING 1
+), written AS (
+    INSERT INTO {target} AS t (symbol, time, open, high, low, close, vwap, volume, trades)
+    SELECT %(symbol)s, bucket, open, high, low, close, vwap, volume, trades FROM built
+    ON CONFLICT (symbol, time) DO UPDATE
+    SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+        vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades
+    WHERE (t.open, t.high, t.low, t.close, t.vwap, t.volume, t.trades)
+          IS DISTINCT FROM
+          (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
+           EXCLUDED.volume, EXCLUDED.trades)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM stale), (SELECT count(*) FROM written)
+"""
+
+Window = tuple[datetime, datetime]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefreshResult:
+    """What one refresh did. ``written``/``deleted`` count buckets per interval (minutes);
+    they stay empty on TimescaleDB, which does not report them."""
+
+    timescaledb: bool
+    symbols: tuple[str, ...]
+    changes_consumed: int
+    windows: dict[str, list[Window]] = field(default_factory=dict)
+    written: dict[int, int] = field(default_factory=dict)
+    deleted: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "timescaledb": self.timescaledb,
+            "symbols": list(self.symbols),
+            "changes_consumed": self.changes_consumed,
+            "windows": {
+                s: [[lo.isoformat(), hi.isoformat()] for lo, hi in ws] for s, ws in self.windows.items()
+            },
+            "written": {str(k): v for k, v in self.written.items()},
+            "deleted": {str(k): v for k, v in self.deleted.items()},
+            "seconds": round(self.seconds, 6),
+        }
+
+
+def merge_windows(windows: Iterable[Window]) -> list[Window]:
+    """Sorted, disjoint union of half-open windows (touching windows are joined)."""
+    out: list[Window] = []
+    for lo, hi in sorted(windows):
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def widen_windows(windows: Iterable[Window], interval: Interval) -> list[Window]:
+    """Each window widened to whole buckets of `interval`, then merged."""
+    return merge_windows((interval.bucket_start(lo), interval.bucket_end(hi - _MICRO)) for lo, hi in windows)
+
+
+def refresh_order() -> list[int]:
+    """Intervals in the order the hierarchical refresh must visit them (parents first)."""
+    order: list[int] = []
+    pending = dict(REFRESH_PARENT)
+    done = {1}
+    while pending:
+        ready = sorted(m for m, parent in pending.items() if parent in done)
+        if not ready:
+            raise RuntimeError(f"REFRESH_PARENT has a cycle or an unknown parent: {pending}")
+        for minutes in ready:
+            order.append(minutes)
+            done.add(minutes)
+            del pending[minutes]
+    return order
+
+
+def refresh_aggregates(
+    db_url: str,
+    symbol: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> RefreshResult:
+    """Bring the interval relations up to date with the 1-minute candles.
+
+    Without `start`/`end`, recompute what ``candle_changes`` says changed (and consume those
+    rows). With either, recompute that window (open ends: the stored data's ends) whatever
+    the change rows say. Safe to run concurrently: work on a symbol is serialised by an
+    advisory lock, and every write is an idempotent upsert.
+    """
+    began = time.monotonic()
+    canonical = normalize_symbol(symbol) if symbol is not None else None
+    lo = check_aware(start, "start") if start is not None else None
+    hi = check_aware(end, "end") if end is not None else None
+    if lo is not None and hi is not None and hi <= lo:
+        raise ValueError(f"end {hi.isoformat()} must be after start {lo.isoformat()}")
+    explicit = start is not None or end is not None
+    with connect(db_url) as conn:
+        timescale = has_timescaledb(conn)
+        conn.rollback()
+    if timescale:
+        result = _refresh_timescaledb(db_url, canonical, lo, hi, explicit)
+    else:
+        result = _refresh_plain(db_url, canonical, lo, hi, explicit)
+    result = RefreshResult(
+        timescaledb=result.timescaledb,
+        symbols=result.symbols,
+        changes_consumed=result.changes_consumed,
+        windows=result.windows,
+        written=result.written,
+        deleted=result.deleted,
+        seconds=time.monotonic() - began,
+    )
+    log.info(
+        "aggregates refreshed: %d symbols, %d change rows, %d buckets written, %d deleted in %.3fs",
+        len(result.symbols), result.changes_consumed, sum(result.written.values()),
+        sum(result.deleted.values()), result.seconds, extra={"event": "refresh.done"},
+    )
+    return result
+
+
+# --- plain PostgreSQL -------------------------------------------------------------------
+
+
+def _refresh_plain(
+    db_url: str, symbol: str | None, start: datetime | None, end: datetime | None, explicit: bool
+) -> RefreshResult:
+    written = {m: 0 for m in refresh_order()}
+    deleted = dict.fromkeys(written, 0)
+    windows_by_symbol: dict[str, list[Window]] = {}
+    consumed = 0
+    with connect(db_url) as conn:
+        symbols = [symbol] if symbol else _symbols_to_refresh(conn, explicit)
+        conn.rollback()
+        for name in symbols:
+            with conn.transaction():
+                lock_symbol(conn, "refresh", name)
+                if explicit:
+                    windows = _explicit_window(conn, name, start, end)
+                else:
+                    rows = conn.execute(
+                        "DELETE FROM candle_changes WHERE symbol = %s RETURNING start_time, end_time", (name,)
+                    ).fetchall()
+                    consumed += len(rows)
+                    windows = merge_windows((row[0], row[1]) for row in rows)
+                if not windows:
+                    continue
+                windows_by_symbol[name] = windows
+                _refresh_levels(conn, name, windows, written, deleted)
+    return RefreshResult(
+        timescaledb=False,
+        symbols=tuple(windows_by_symbol),
+        changes_consumed=consumed,
+        windows=windows_by_symbol,
+        written=written,
+        deleted=deleted,
+    )
+
+
+def _symbols_to_refresh(conn: psycopg.Connection, explicit: bool) -> list[str]:
+    if not explicit:
+        return [r[0] for r in conn.execute("SELECT DISTINCT symbol FROM candle_changes ORDER BY 1")]
+    # Every symbol with 1-minute candles, by a skip scan of the primary key.
+    rows = conn.execute(
+        """
+        WITH RECURSIVE s(symbol) AS (
+            SELECT min(symbol) FROM candles
+            UNION ALL
+            SELECT (SELECT min(c.symbol) FROM candles c WHERE c.symbol > s.symbol)
+            FROM s WHERE s.symbol IS NOT NULL
+        )
+        SELECT symbol FROM s WHERE symbol IS NOT NULL
+        """
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _explicit_window(
+    conn: psycopg.Connection, symbol: str, start: datetime | None, end: datetime | None
+) -> list[Window]:
+    if start is None or end is None:
+        first, last = conn.execute(
+            "SELECT min(time), max(time) FROM candles WHERE symbol = %s", (symbol,)
+        ).fetchone() or (None, None)
+        if first is None:
+            return []
+        start = start if start is not None else first
+        end = end if end is not None else last + timedelta(minutes=1)
+        if end <= start:
+            return []
+    return [(start, end)]
+
+
+def _refresh_levels(
+    conn: psycopg.Connection,
+    symbol: str,
+    minute_windows: list[Window],
+    written: dict[int, int],
+    deleted: dict[int, int],
+) -> None:
+    """Recompute, parents first, every bucket above `minute_windows`."""
+    windows_at = {1: widen_windows(minute_windows, Interval(1))}
+    for minutes in refresh_order():
+        parent = REFRESH_PARENT[minutes]
+        interval = Interval(minutes)
+        windows = widen_windows(windows_at[parent], interval)
+        windows_at[minutes] = windows
+        statement = sql.SQL(_REFRESH_LEVEL).format(
+            aggregate=sql.SQL(AGGREGATE_COLUMNS),
+            parent=sql.Identifier(INTERVAL_RELATIONS[parent]),
+            target=sql.Identifier(INTERVAL_RELATIONS[minutes]),
+        )
+        row = conn.execute(
+            statement,
+            {
+                "los": [w[0] for w in windows],
+                "his": [w[1] for w in windows],
+                "stride": interval.delta,
+                "origin": interval.origin,
+                "symbol": symbol,
+            },
+        ).fetchone()
+        assert row is not None
+        deleted[minutes] += row[0]
+        written[minutes] += row[1]
+
+
+# --- TimescaleDB ----------------------------------------------------------------------------
+
+
+def _refresh_timescaledb(
+    db_url: str, symbol: str | None, start: datetime | None, end: datetime | None, explicit: bool
+) -> RefreshResult:
+    """CALL refresh_continuous_aggregate over the changed window (autocommit: it cannot run in
+    a transaction block). Change rows are deleted by id only after the refresh succeeded."""
+    with connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended('refresh:timescaledb', 0))")
+        try:
+            ids: list[int] = []
+            if explicit:
+                if start is None or end is None:
+                    first, last = conn.execute(
+                        "SELECT min(time), max(time) FROM candles WHERE %s::text IS NULL OR symbol = %s",
+                        (symbol, symbol),
+                    ).fetchone() or (None, None)
+                    if first is None:
+                        return RefreshResult(timescaledb=True, symbols=(), changes_consumed=0)
+                    start = start if start is not None else first
+                    end = end if end is not None else last + timedelta(minutes=1)
+                window: Window | None = (start, end)
+            else:
+                rows = conn.execute(
+                    "SELECT id, start_time, end_time FROM candle_changes "
+                    "WHERE %s::text IS NULL OR symbol = %s",
+                    (symbol, symbol),
+                ).fetchall()
+                ids = [r[0] for r in rows]
+                window = (min(r[1] for r in rows), max(r[2] for r in rows)) if rows else None
+            if window is None:
+                return RefreshResult(timescaledb=True, symbols=(), changes_consumed=0)
+            for minutes in refresh_order():
+                interval = Interval(minutes)
+                lo, hi = interval.bucket_start(window[0]), interval.bucket_end(window[1] - _MICRO)
+                conn.execute(
+                    sql.SQL("CALL refresh_continuous_aggregate({}, {}, {})").format(
+                        sql.Literal(INTERVAL_RELATIONS[minutes]), sql.Literal(lo), sql.Literal(hi)
+                    )
+                )
+            if ids:
+                conn.execute("DELETE FROM candle_changes WHERE id = ANY(%s)", (ids,))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended('refresh:timescaledb', 0))")
+    label = symbol or "*"
+    return RefreshResult(
+        timescaledb=True, symbols=(label,), changes_consumed=len(ids), windows={label: [window]}
+    )

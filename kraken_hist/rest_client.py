@@ -1,0 +1,279 @@
+"""Kraken public REST client: one Session, explicit timeouts, the process limiter, bounded retries.
+
+Every answer goes through :func:`unwrap`, the one place where ``{"error": [...], "result": ...}``
+and HTTP failures become :class:`ExchangeTransientError` (retry later) or
+:class:`ExchangePermanentError` (fix something first). Unknown errors are permanent: retrying
+what we do not understand would only hammer the exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from .config import DEFAULT_REST_URL
+from .errors import ExchangePermanentError, ExchangeTransientError
+from .pairs import DEFAULT_REGISTRY, PairRegistry
+from .parsing import (
+    OhlcPage,
+    OhlcRow,
+    ParseError,
+    SystemStatus,
+    TradesPage,
+    loads,
+    parse_asset_pairs,
+    parse_ohlc_result,
+    parse_server_time,
+    parse_system_status,
+    parse_trades_result,
+)
+from .ratelimit import RateLimiter, process_limiter
+from .timeutils import check_aware, to_unix_ns, to_unix_seconds
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ExchangeThrottledError",
+    "KrakenRestClient",
+    "OhlcPage",
+    "OhlcRow",
+    "SystemStatus",
+    "TradesPage",
+    "classify_error",
+    "retry_delay",
+    "unwrap",
+]
+
+THROTTLE_ERRORS = frozenset({"EGeneral:Too many requests", "EAPI:Rate limit exceeded"})
+TRANSIENT_ERRORS = THROTTLE_ERRORS | {
+    "EService:Unavailable",
+    "EService:Busy",
+    "EGeneral:Internal error",
+    "EDatabase:Internal error",
+}
+OHLC_INTERVALS = (1, 5, 15, 30, 60, 240, 1440, 10080, 21600)
+
+
+class ExchangeThrottledError(ExchangeTransientError):
+    """Kraken's rate limit answered: the whole process must slow down, not just this call."""
+
+
+def classify_error(messages: list[str]) -> type[ExchangeTransientError] | type[ExchangePermanentError]:
+    """The error class for a non-empty Kraken ``error`` array (a pure decision, table-tested).
+
+    Messages may carry detail after the code (``EService:Unavailable:...``), so codes are
+    matched on their first two parts.
+    """
+    codes = {":".join(str(m).split(":")[:2]) for m in messages}
+    if codes & THROTTLE_ERRORS:
+        return ExchangeThrottledError
+    if codes and codes <= TRANSIENT_ERRORS:
+        return ExchangeTransientError
+    return ExchangePermanentError
+
+
+def unwrap(status: int, text: str | bytes, what: str) -> Any:
+    """HTTP status and body of one answer → its ``result``, or the typed error.
+
+    HTTP 429, 5xx (Cloudflare's 520–522 included) and bodies that are not JSON (a truncated
+    transfer) are transient; an ``error`` array is classified by :func:`classify_error`
+    whatever the HTTP status (Kraken sends most errors with 200).
+    """
+    try:
+        payload = loads(text)
+    except ParseError as exc:
+        if status == 429:
+            raise ExchangeThrottledError(f"{what}: HTTP 429") from None
+        if status >= 500:
+            raise ExchangeTransientError(f"{what}: HTTP {status}") from None
+        if status != 200:
+            raise ExchangePermanentError(f"{what}: HTTP {status} without a Kraken answer") from None
+        raise ExchangeTransientError(f"{what}: malformed answer ({exc})") from exc
+    errors = payload.get("error") if isinstance(payload, Mapping) else None
+    if errors:
+        messages = [str(e) for e in errors] if isinstance(errors, list) else [str(errors)]
+        cls = classify_error(messages)
+        if status == 429 or status >= 500:
+            cls = ExchangeThrottledError if cls is ExchangeThrottledError else ExchangeTransientError
+        raise cls(f"{what}: {', '.join(messages)}")
+    if status == 429:
+        raise ExchangeThrottledError(f"{what}: HTTP 429")
+    if status >= 500:
+        raise ExchangeTransientError(f"{what}: HTTP {status}")
+    if status != 200:
+        raise ExchangePermanentError(f"{what}: HTTP {status}")
+    if not isinstance(payload, Mapping) or "result" not in payload:
+        raise ExchangeTransientError(f"{what}: answer without a result")
+    return payload["result"]
+
+
+def retry_delay(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
+    """Seconds to wait before retry number `attempt` (1-based) of a transient failure."""
+    return min(cap, base * 2 ** (attempt - 1))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientStats:
+    calls: int
+    retries: int
+    throttled: int
+    failures: int
+
+
+class KrakenRestClient:
+    """Blocking client of Kraken's public endpoints; symbols in and out are canonical (``BTC/USD``)."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_REST_URL,
+        *,
+        min_interval: float = 1.0,
+        timeout: tuple[float, float] = (3.05, 30.0),
+        max_retries: int = 6,
+        limiter: RateLimiter | None = None,
+        session: requests.Session | None = None,
+        retry_base_delay: float = 1.0,
+        registry: PairRegistry | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_base_delay = retry_base_delay
+        self.limiter = limiter if limiter is not None else process_limiter(min_interval)
+        self.registry = registry if registry is not None else DEFAULT_REGISTRY
+        self._owns_session = session is None
+        self._session = session if session is not None else requests.Session()
+        self._session.headers.setdefault("User-Agent", "kraken-hist")
+        self._sleep = sleep
+        self._stats_lock = threading.Lock()
+        self._calls = self._retries = self._throttled = self._failures = 0
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", **overrides: Any) -> "KrakenRestClient":
+        """The client the settings describe: base URL and the process-wide pace."""
+        options: dict[str, Any] = {"min_interval": settings.rest_min_interval}
+        options.update(overrides)
+        return cls(settings.rest_url, **options)
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+
+    def __enter__(self) -> "KrakenRestClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> ClientStats:
+        with self._stats_lock:
+            return ClientStats(calls=self._calls, retries=self._retries, throttled=self._throttled,
+                               failures=self._failures)
+
+    def _bump(self, name: str) -> None:
+        with self._stats_lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    # --- the one request path ---------------------------------------------------------------
+
+    def request(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET ``/0/public/<method>``, paced and retried; returns the unwrapped ``result``.
+
+        Transient failures are retried up to ``max_retries`` times (a throttle answer also
+        blocks every thread of the process through the limiter); permanent ones raise at once.
+        """
+        url = f"{self.base_url}/0/public/{method}"
+        what = f"{method} {dict(params or {})}"
+        attempt = 0
+        while True:
+            self.limiter.acquire()
+            self._bump("_calls")
+            try:
+                try:
+                    response = self._session.get(url, params=params, timeout=self.timeout)
+                except requests.Timeout as exc:
+                    raise ExchangeTransientError(f"{what}: timed out ({exc.__class__.__name__})") from exc
+                except requests.ConnectionError as exc:
+                    raise ExchangeTransientError(f"{what}: connection failed ({exc})") from exc
+                result = unwrap(response.status_code, response.content, what)
+            except ExchangeThrottledError as exc:
+                self._bump("_throttled")
+                self.limiter.throttled()
+                error: ExchangeTransientError = exc
+            except ExchangeTransientError as exc:
+                error = exc
+            except ExchangePermanentError:
+                self._bump("_failures")
+                raise
+            else:
+                self.limiter.succeeded()
+                return result
+            attempt += 1
+            if attempt > self.max_retries:
+                self._bump("_failures")
+                raise ExchangeTransientError(f"{error} (gave up after {attempt} attempts)") from error
+            self._bump("_retries")
+            if not isinstance(error, ExchangeThrottledError):
+                delay = retry_delay(attempt, self.retry_base_delay)
+                logger.info("%s; retry %d/%d in %.2f s", error, attempt, self.max_retries, delay)
+                self._sleep(delay)
+
+    def _pair_name(self, symbol: str) -> tuple[str, str]:
+        pair = self.registry.get(symbol)
+        return pair.symbol, pair.altname
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    def get_trades(self, symbol: str, since: str | int | datetime | None = None, count: int = 1000) -> TradesPage:
+        """Up to `count` trades after `since` (a ``last`` cursor as received, ns as int, or a
+        datetime), oldest first."""
+        canonical, name = self._pair_name(symbol)
+        params: dict[str, Any] = {"pair": name, "count": count}
+        if since is not None:
+            params["since"] = str(to_unix_ns(check_aware(since))) if isinstance(since, datetime) else str(since)
+        result = self.request("Trades", params)
+        try:
+            return parse_trades_result(result, canonical)
+        except ParseError as exc:
+            raise ExchangeTransientError(f"Trades {canonical}: {exc}") from exc
+
+    def get_ohlc(self, symbol: str, interval: int = 1, since: int | datetime | None = None) -> OhlcPage:
+        """OHLC rows (at most the 720 most recent; since exclusive, in unix seconds); filler
+        rows and the unfinished last row included."""
+        if interval not in OHLC_INTERVALS:
+            raise ValueError(f"interval must be one of {OHLC_INTERVALS}, got {interval}")
+        canonical, name = self._pair_name(symbol)
+        params: dict[str, Any] = {"pair": name, "interval": interval}
+        if since is not None:
+            params["since"] = to_unix_seconds(since) if isinstance(since, datetime) else int(since)
+        result = self.request("OHLC", params)
+        try:
+            return parse_ohlc_result(result, canonical, interval)
+        except ParseError as exc:
+            raise ExchangeTransientError(f"OHLC {canonical}: {exc}") from exc
+
+    def get_asset_pairs(self, symbols: list[str] | None = None, *, register: bool = False) -> dict[str, dict[str, Any]]:
+        """AssetPairs info keyed by REST pair key; with `register`, names are added to the registry."""
+        params = {"pair": ",".join(self._pair_name(s)[1] for s in symbols)} if symbols else None
+        result = self.request("AssetPairs", params)
+        try:
+            return parse_asset_pairs(result, self.registry if register else None)
+        except ParseError as exc:
+            raise ExchangeTransientError(f"AssetPairs: {exc}") from exc
+
+    def get_server_time(self) -> datetime:
+        return parse_server_time(self.request("Time"))
+
+    def get_system_status(self) -> SystemStatus:
+        return parse_system_status(self.request("SystemStatus"))

@@ -1,0 +1,660 @@
+"""A fake Kraken WebSocket v2 server on loopback: a small RFC 6455 server on stdlib sockets.
+
+It speaks v2 as KRAKEN.md and the recorded frames show: a ``status`` frame on connect (with
+a ``connection_id`` above 2^63), one subscribe ack per symbol with ``time_in``/``time_out``,
+refusals of unknown or legacy names (``XBT/USD`` → "Currency pair not supported XBT/USD"),
+heartbeats about once a second when idle, ping → pong, ``trade`` and ``ohlc`` snapshots and
+updates with JSON numbers, ohlc rows keyed by ``interval_begin`` with quiet minutes absent.
+
+It reads the same :class:`FakeMarket` as the fake REST server, so both agree on trade ids.
+``publish`` appends live trades to the market and broadcasts them. Faults on demand:
+``drop_connections`` (abrupt TCP reset: the client sees 1006), ``stall`` (stop sending and
+reading without closing) and ``send_malformed``. No new dependency, full control over faults.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import random
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any, Iterable, Sequence
+
+from ..intervals import Interval
+from ..pairs import DEFAULT_REGISTRY, get_pair
+from ..timeutils import EPOCH, utcnow
+from ..types import HistoricalCandle, HistoricalTrade
+from .market import FakeMarket
+
+logger = logging.getLogger(__name__)
+
+_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+OHLC_INTERVALS = (1, 5, 15, 30, 60, 240, 1440, 10080, 21600)
+TRADE_SNAPSHOT_DEPTH = 50
+
+#: What ``send_malformed`` sends by default: each must be logged and skipped by a client.
+MALFORMED_FRAMES = (
+    "this is not json",
+    '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy","pri',
+    '{"channel":"mystery","type":"update","data":[]}',
+    '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy","price":"x",'
+    '"qty":1.0,"ord_type":"limit","trade_id":1,"timestamp":"2025-01-01T00:00:00.000000Z"}]}',
+    "[]",
+)
+
+
+def _rfc3339(when: datetime, digits: int = 6) -> str:
+    base = when.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{when.microsecond:06d}{'0' * (digits - 6)}Z"
+
+
+def _num(value: Decimal) -> str:
+    """A Decimal as JSON number text (never exponent notation, never through float)."""
+    return format(value, "f")
+
+
+@lru_cache(maxsize=64)
+def _quoted(symbol: str) -> str:
+    return json.dumps(symbol)
+
+
+@lru_cache(maxsize=4096)
+def _trade_time(when: datetime) -> str:
+    return _rfc3339(when)
+
+
+def trade_item(trade: HistoricalTrade) -> str:
+    """One v2 trade object as JSON text (hand-built so numbers stay exact decimals)."""
+    side = "sell" if trade.side == "s" else "buy"
+    ord_type = "market" if trade.ord_type == "m" else "limit"
+    return (
+        f'{{"symbol":{_quoted(trade.symbol)},"side":"{side}","price":{trade.price:f},'
+        f'"qty":{trade.volume:f},"ord_type":"{ord_type}","trade_id":{trade.trade_id},'
+        f'"timestamp":"{_trade_time(trade.time)}"}}'
+    )
+
+
+def candle_item(candle: HistoricalCandle) -> str:
+    """One v2 ohlc object; ``timestamp`` (deprecated) is the interval END, as Kraken sends it."""
+    end = candle.time + timedelta(minutes=candle.interval)
+    return (
+        f'{{"symbol":{json.dumps(candle.symbol)},"open":{_num(candle.open)},"high":{_num(candle.high)},'
+        f'"low":{_num(candle.low)},"close":{_num(candle.close)},"trades":{candle.trades},'
+        f'"volume":{_num(candle.volume)},"vwap":{_num(candle.vwap or Decimal(0))},'
+        f'"interval_begin":"{_rfc3339(candle.time, 9)}","interval":{candle.interval},'
+        f'"timestamp":"{_rfc3339(end)}"}}'
+    )
+
+
+def next_trades(
+    market: FakeMarket,
+    symbol: str,
+    count: int,
+    *,
+    when: datetime | None = None,
+    rng: random.Random | None = None,
+) -> list[HistoricalTrade]:
+    """`count` new trades continuing `symbol`'s id sequence and price, at `when` (default now)."""
+    pair = get_pair(symbol)
+    rng = rng or random.Random()
+    first_id = market.next_trade_id(pair.symbol)
+    stamp = when or market.now()
+    recent = market.trades_since(pair.symbol, None, 1) if market.has(pair.symbol) else []
+    quantum = Decimal(1).scaleb(-pair.price_decimals)
+    price = recent[0][0].price if recent else Decimal(100)
+    tick = max(1, int(price / quantum))
+    step = max(1, tick // 20_000)
+    out = []
+    for offset in range(count):
+        tick = max(1, tick + rng.randint(-2, 2) * step)
+        out.append(
+            HistoricalTrade(
+                symbol=pair.symbol,
+                trade_id=first_id + offset,
+                time=stamp,
+                price=Decimal(tick) * quantum,
+                volume=Decimal(rng.randint(1, 50_000_000)).scaleb(-8),
+                side=rng.choice("bs"),
+                ord_type=rng.choice("lm"),
+            )
+        )
+    return out
+
+
+@dataclass
+class _Running:
+    """The running candle of one bucket, updated trade by trade (vwap from exact sums)."""
+
+    key: int
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal = Decimal(0)
+    notional: Decimal = Decimal(0)
+    count: int = 0
+
+    def add(self, trade: HistoricalTrade) -> None:
+        self.high = max(self.high, trade.price)
+        self.low = min(self.low, trade.price)
+        self.close = trade.price
+        self.volume += trade.volume
+        self.notional += trade.price * trade.volume
+        self.count += 1
+
+    def candle(self, symbol: str, interval: int, decimals: int) -> HistoricalCandle:
+        vwap = Decimal(0)
+        if self.volume:
+            vwap = (self.notional / self.volume).quantize(Decimal(1).scaleb(-decimals), rounding="ROUND_DOWN")
+        return HistoricalCandle(
+            symbol=symbol, interval=interval, time=EPOCH + timedelta(minutes=self.key * interval),
+            open=self.open, high=self.high, low=self.low, close=self.close,
+            volume=self.volume, vwap=vwap, trades=self.count,
+        )
+
+
+@dataclass
+class _Connection:
+    """One client socket and what it subscribed to."""
+
+    sock: socket.socket
+    number: int
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    subscriptions: set[tuple[str, str, int]] = field(default_factory=set)  # (channel, symbol, interval)
+    heartbeats: bool = False
+    stalled: bool = False
+    closed: bool = False
+    last_sent: float = field(default_factory=time.monotonic)
+
+
+class FakeKrakenWS:
+    """The fake v2 endpoint; ``url`` is ``ws://127.0.0.1:PORT/v2`` once started."""
+
+    def __init__(
+        self,
+        market: FakeMarket,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        heartbeat_interval: float = 1.0,
+        max_trades_per_frame: int = 100,
+        ohlc_snapshot_depth: int = 60,
+        refuse: Iterable[str] = (),
+        mute: Iterable[str] = (),
+    ) -> None:
+        self.market = market
+        self.heartbeat_interval = heartbeat_interval
+        self.max_trades_per_frame = max_trades_per_frame
+        self.ohlc_snapshot_depth = ohlc_snapshot_depth
+        self.refused = set(refuse)  # extra symbols to refuse although known
+        self.muted = set(mute)  # symbols whose subscribe gets no answer at all (a lost ack)
+        self._host, self._port = host, port
+        self._server: socket.socket | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.RLock()  # subscribe/publish/drop: a snapshot never races an update
+        self._connections: dict[int, _Connection] = {}
+        self._running: dict[tuple[str, int], _Running] = {}
+        self._numbers = 0
+        self.stats = {"connections": 0, "frames_sent": 0, "trades_sent": 0, "requests": 0, "drops": 0}
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeKrakenWS is not started")
+        host, port = self._server.getsockname()[:2]
+        return f"ws://{host}:{port}/v2"
+
+    def start(self) -> "FakeKrakenWS":
+        server = socket.create_server((self._host, self._port), reuse_port=False)
+        server.settimeout(0.2)
+        self._server = server
+        for name, target in (("fake-ws-accept", self._accept_loop), ("fake-ws-heartbeat", self._heartbeat_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads.clear()
+        with self._lock:
+            for conn in list(self._connections.values()):
+                self._close(conn, abrupt=True)
+        if self._server is not None:
+            self._server.close()
+
+    def __enter__(self) -> "FakeKrakenWS":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- push API and faults --------------------------------------------------------------
+
+    def publish(self, symbol: str, trades: Sequence[HistoricalTrade]) -> None:
+        """Trades "happen": appended to the market, then sent to every trade/ohlc subscriber."""
+        canonical = get_pair(symbol).symbol
+        with self._lock:
+            self.market.append(canonical, trades)
+            self._broadcast_trades(canonical, trades)
+
+    def publish_new(self, symbol: str, count: int, *, rng: random.Random | None = None) -> list[HistoricalTrade]:
+        """Make `count` new trades of `symbol` at the market's now and publish them."""
+        with self._lock:
+            trades = next_trades(self.market, symbol, count, rng=rng)
+            self.publish(symbol, trades)
+        return trades
+
+    def drop_connections(self) -> int:
+        """Cut every connection abruptly (TCP reset, no close frame: the client sees 1006)."""
+        with self._lock:
+            conns = list(self._connections.values())
+            for conn in conns:
+                self._close(conn, abrupt=True)
+            self.stats["drops"] += len(conns)
+        return len(conns)
+
+    def stall(self) -> int:
+        """Stop talking on every current connection without closing it (no heartbeats either).
+        New connections behave normally."""
+        with self._lock:
+            conns = list(self._connections.values())
+            for conn in conns:
+                conn.stalled = True
+        return len(conns)
+
+    def send_malformed(self, frames: Iterable[str] = MALFORMED_FRAMES) -> None:
+        """Send each text in `frames` to every live connection."""
+        texts = list(frames)
+        with self._lock:
+            for conn in list(self._connections.values()):
+                for text in texts:
+                    self._send_text(conn, text)
+
+    def connection_count(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._connections.values() if not c.stalled)
+
+    def subscribers(self, channel: str, symbol: str) -> int:
+        """How many live connections are subscribed to `channel` for `symbol`."""
+        with self._lock:
+            return sum(
+                1 for c in self._connections.values()
+                if not c.stalled and any(s[0] == channel and s[1] == symbol for s in c.subscriptions)
+            )
+
+    def wait_for_subscribers(self, channel: str, symbols: Iterable[str], timeout: float = 10.0) -> None:
+        """Block until each symbol has a live `channel` subscriber; TimeoutError otherwise."""
+        wanted = list(symbols)
+        deadline = time.monotonic() + timeout
+        while not all(self.subscribers(channel, s) for s in wanted):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {channel} subscriber for {wanted} within {timeout}s")
+            time.sleep(0.01)
+
+    # --- connections ----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._server is not None
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._server.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._numbers += 1
+                conn = _Connection(sock=sock, number=self._numbers)
+            thread = threading.Thread(target=self._serve, args=(conn,), name=f"fake-ws-conn-{conn.number}", daemon=True)
+            thread.start()
+
+    def _serve(self, conn: _Connection) -> None:
+        sock = conn.sock
+        try:
+            sock.settimeout(5)
+            if not self._handshake(sock):
+                sock.close()
+                return
+            sock.settimeout(0.5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._connections[conn.number] = conn
+                self.stats["connections"] += 1
+            self._send_json(conn, {
+                "channel": "status", "type": "update",
+                "data": [{
+                    "version": "2.0.10", "system": "online", "api_version": "v2",
+                    "connection_id": (1 << 63) + random.getrandbits(62) + 1,
+                    "upcoming_maintenance": [], "emergency": [],
+                }],
+            })
+            reader = _FrameReader(sock)
+            while not self._stop.is_set() and not conn.closed:
+                try:
+                    frame = reader.read()
+                except socket.timeout:
+                    continue
+                if frame is None:
+                    break
+                if conn.stalled:
+                    continue
+                opcode, payload = frame
+                if opcode == OP_TEXT:
+                    self._on_request(conn, payload.decode("utf-8", "replace"))
+                elif opcode == OP_PING:
+                    self._send_frame(conn, OP_PONG, payload)
+                elif opcode == OP_CLOSE:
+                    self._send_frame(conn, OP_CLOSE, payload[:2] or struct.pack("!H", 1000))
+                    break
+        except (OSError, ValueError) as exc:
+            logger.debug("fake ws connection %d ended: %r", conn.number, exc)
+        finally:
+            with self._lock:
+                self._close(conn, abrupt=False)
+
+    def _handshake(self, sock: socket.socket) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return False
+            data += chunk
+            if len(data) > 65536:
+                return False
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        headers = {}
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        key = headers.get("sec-websocket-key")
+        if not key or "websocket" not in headers.get("upgrade", "").lower():
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return False
+        accept = base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
+        sock.sendall(
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            ).encode()
+        )
+        return True
+
+    def _close(self, conn: _Connection, *, abrupt: bool) -> None:
+        """Caller holds the lock. Abrupt: RST via SO_LINGER 0, so no close frame is ever seen."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self._connections.pop(conn.number, None)
+        locked = conn.send_lock.acquire(timeout=1.0)  # do not close under a sender's feet
+        try:
+            if abrupt:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.sock.close()
+        except OSError as exc:
+            logger.debug("fake ws connection %d already gone: %r", conn.number, exc)
+        finally:
+            if locked:
+                conn.send_lock.release()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _on_request(self, conn: _Connection, text: str) -> None:
+        self.stats["requests"] += 1
+        time_in = _rfc3339(utcnow())
+        try:
+            request = json.loads(text)
+            method = request["method"]
+        except (ValueError, KeyError, TypeError):
+            self._send_json(conn, {"error": "Malformed request", "success": False,
+                                   "time_in": time_in, "time_out": _rfc3339(utcnow())})
+            return
+        req_id = request.get("req_id")
+        extra = {"req_id": req_id} if isinstance(req_id, int) else {}
+        if method == "ping":
+            self._send_json(conn, {"method": "pong", **extra, "time_in": time_in, "time_out": _rfc3339(utcnow())})
+        elif method in ("subscribe", "unsubscribe"):
+            self._on_subscribe(conn, method, request.get("params") or {}, extra, time_in)
+        else:
+            self._send_json(conn, {"error": f"Method not found {method}", "method": method, "success": False,
+                                   **extra, "time_in": time_in, "time_out": _rfc3339(utcnow())})
+
+    def _accepts(self, symbol: object) -> bool:
+        """Only exact canonical v2 names: ``XBT/USD`` and lower case are refused, like Kraken."""
+        if not isinstance(symbol, str) or symbol in self.refused:
+            return False
+        if self.market.has(symbol):
+            return True
+        return DEFAULT_REGISTRY.is_known(symbol) and DEFAULT_REGISTRY.get(symbol).symbol == symbol
+
+    def _on_subscribe(self, conn: _Connection, method: str, params: dict, extra: dict, time_in: str) -> None:
+        channel = params.get("channel")
+        symbols = params.get("symbol") or []
+        interval = params.get("interval", 1) if channel == "ohlc" else 0
+        snapshot = params.get("snapshot", channel == "ohlc")
+        conn.heartbeats = True
+        if channel not in ("trade", "ohlc") or not isinstance(symbols, list) or (
+            channel == "ohlc" and interval not in OHLC_INTERVALS
+        ):
+            self._send_json(conn, {"error": f"Unsupported request for channel {channel!r}", "method": method,
+                                   "success": False, **extra, "time_in": time_in, "time_out": _rfc3339(utcnow())})
+            return
+        for symbol in symbols:
+            if symbol in self.muted:
+                continue
+            if not self._accepts(symbol):
+                self._send_json(conn, {"error": f"Currency pair not supported {symbol}", "method": method,
+                                       "success": False, "symbol": symbol, **extra,
+                                       "time_in": time_in, "time_out": _rfc3339(utcnow())})
+                continue
+            result: dict[str, Any] = {"channel": channel}
+            if channel == "ohlc":
+                result["interval"] = interval
+            result["snapshot"] = bool(snapshot)
+            result["symbol"] = symbol
+            if channel == "ohlc":
+                result["warnings"] = ["timestamp is deprecated, use interval_begin"]
+            with self._lock:  # the ack, the snapshot and the registration are one step
+                key = (channel, symbol, interval)
+                if method == "subscribe":
+                    conn.subscriptions.add(key)
+                else:
+                    conn.subscriptions.discard(key)
+                self._send_json(conn, {"method": method, "result": result, "success": True, **extra,
+                                       "time_in": time_in, "time_out": _rfc3339(utcnow())})
+                if method == "subscribe" and snapshot and self.market.has(symbol):
+                    self._send_snapshot(conn, channel, symbol, interval)
+
+    def _send_snapshot(self, conn: _Connection, channel: str, symbol: str, interval: int) -> None:
+        if channel == "trade":
+            trades = [t for t, _ in self.market.trades_since(symbol, None, TRADE_SNAPSHOT_DEPTH)]
+            items = ",".join(trade_item(t) for t in trades)
+            self._send_text(conn, f'{{"channel":"trade","type":"snapshot","data":[{items}]}}')
+            return
+        now = self.market.now()
+        start = Interval(interval).bucket_start(now) - timedelta(minutes=interval * (self.ohlc_snapshot_depth - 1))
+        candles = self.market.candles(symbol, interval, start, now + timedelta(minutes=interval))
+        items = ",".join(candle_item(c) for c in candles)
+        self._send_text(conn, f'{{"channel":"ohlc","type":"snapshot","timestamp":"{_rfc3339(utcnow(), 9)}",'
+                              f'"data":[{items}]}}')
+
+    # --- broadcasting ---------------------------------------------------------------------
+
+    def _broadcast_trades(self, symbol: str, trades: Sequence[HistoricalTrade]) -> None:
+        """Caller holds the lock. One trade frame per chunk, then the running candles."""
+        trade_conns = [c for c in self._connections.values() if ("trade", symbol, 0) in c.subscriptions]
+        if trade_conns and trades:
+            for lo in range(0, len(trades), self.max_trades_per_frame):
+                chunk = trades[lo:lo + self.max_trades_per_frame]
+                text = '{"channel":"trade","type":"update","data":[' + ",".join(trade_item(t) for t in chunk) + "]}"
+                for conn in trade_conns:
+                    self._send_text(conn, text, trades=len(chunk))
+        intervals = {s[2] for c in self._connections.values() for s in c.subscriptions
+                     if s[0] == "ohlc" and s[1] == symbol}
+        for interval in sorted(intervals):
+            candles = self._update_running(symbol, interval, trades)
+            items = ",".join(candle_item(c) for c in candles)
+            text = (f'{{"channel":"ohlc","type":"update","timestamp":"{_rfc3339(utcnow(), 9)}",'
+                    f'"data":[{items}]}}')
+            for conn in list(self._connections.values()):
+                if ("ohlc", symbol, interval) in conn.subscriptions:
+                    self._send_text(conn, text)
+
+    def _update_running(self, symbol: str, interval: int, trades: Sequence[HistoricalTrade]) -> list[HistoricalCandle]:
+        """Running candles of the buckets `trades` touched (already appended to the market)."""
+        decimals = get_pair(symbol).price_decimals
+        seconds = interval * 60
+        touched: list[HistoricalCandle] = []
+        state = self._running.get((symbol, interval))
+        index = 0
+        while index < len(trades):
+            key = int((trades[index].time - EPOCH).total_seconds()) // seconds
+            group_end = index
+            while group_end < len(trades) and int((trades[group_end].time - EPOCH).total_seconds()) // seconds == key:
+                group_end += 1
+            if state is None or state.key != key:
+                start = EPOCH + timedelta(seconds=key * seconds)
+                # first time this bucket is seen: every stored trade of it, the new ones included
+                bucket = self.market.trades(symbol, start, start + timedelta(seconds=seconds))
+                bucket = bucket or list(trades[index:group_end])
+                state = _Running(key=key, open=bucket[0].price, high=bucket[0].price,
+                                 low=bucket[0].price, close=bucket[0].price)
+                for trade in bucket:
+                    state.add(trade)
+            else:
+                for trade in trades[index:group_end]:
+                    state.add(trade)
+            touched.append(state.candle(symbol, interval, decimals))
+            index = group_end
+        if state is not None:
+            self._running[(symbol, interval)] = state
+        return touched
+
+    def _heartbeat_loop(self) -> None:
+        tick = max(0.01, self.heartbeat_interval / 4)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._connections.values())
+            for conn in conns:
+                if conn.heartbeats and now - conn.last_sent >= self.heartbeat_interval:
+                    self._send_text(conn, '{"channel":"heartbeat"}')
+
+    # --- frames out -----------------------------------------------------------------------
+
+    def _send_json(self, conn: _Connection, obj: dict) -> None:
+        self._send_text(conn, json.dumps(obj, separators=(",", ":")))
+
+    def _send_text(self, conn: _Connection, text: str, *, trades: int = 0) -> None:
+        self._send_frame(conn, OP_TEXT, text.encode("utf-8"))
+        if not conn.closed and not conn.stalled:
+            self.stats["trades_sent"] += trades
+
+    def _send_frame(self, conn: _Connection, opcode: int, payload: bytes) -> None:
+        if conn.closed or conn.stalled:
+            return
+        length = len(payload)
+        if length < 126:
+            header = struct.pack("!BB", 0x80 | opcode, length)
+        elif length < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+        with conn.send_lock:
+            try:
+                conn.sock.sendall(header + payload)
+            except OSError:
+                conn.closed = True  # the reader thread notices and cleans up
+                return
+            conn.last_sent = time.monotonic()
+            self.stats["frames_sent"] += 1
+
+
+class _FrameReader:
+    """Reads masked client frames; keeps partial data across socket timeouts."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def _need(self, size: int) -> bool:
+        while len(self._buffer) < size:
+            chunk = self._sock.recv(65536)  # may raise socket.timeout: the buffer is kept
+            if not chunk:
+                return False
+            self._buffer += chunk
+        return True
+
+    def read(self) -> tuple[int, bytes] | None:
+        """Next (opcode, payload), or None when the peer closed the socket."""
+        if not self._need(2):
+            return None
+        b1, b2 = self._buffer[0], self._buffer[1]
+        length = b2 & 0x7F
+        offset = 2
+        if length == 126:
+            if not self._need(4):
+                return None
+            length = struct.unpack_from("!H", self._buffer, 2)[0]
+            offset = 4
+        elif length == 127:
+            if not self._need(10):
+                return None
+            length = struct.unpack_from("!Q", self._buffer, 2)[0]
+            offset = 10
+        if not b2 & 0x80:
+            raise ValueError("client frame not masked (RFC 6455 5.1)")
+        if not self._need(offset + 4 + length):
+            return None
+        mask = bytes(self._buffer[offset:offset + 4])
+        body = bytes(self._buffer[offset + 4:offset + 4 + length])
+        del self._buffer[:offset + 4 + length]
+        if not b1 & 0x80:
+            raise ValueError("fragmented frames are not supported by the fake")
+        repeated = (mask * (length // 4 + 1))[:length]
+        payload = (int.from_bytes(body, "big") ^ int.from_bytes(repeated, "big")).to_bytes(length, "big")
+        return b1 & 0x0F, payload
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m kraken_hist.testing.fake_ws --port 8081``: serve generated trades, live."""
+    import argparse
+
+    from .history import generate_trades
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--symbols", default="BTC/USD,ETH/USD")
+    parser.add_argument("--rate", type=float, default=5.0, help="new trades per second per symbol")
+    args = parser.parse_args(argv)
+    now = utcnow()
+    symbols = [get_pair(s).symbol for s in args.symbols.split(",") if s.strip()]
+    market = FakeMarket({s: generate_trades(s, now - timedelta(hours=2), now) for s in symbols})
+    with FakeKrakenWS(market, port=args.port) as server:
+        print(f"fake Kraken WebSocket v2 at {server.url}", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+                for symbol in symbols:
+                    server.publish_new(symbol, max(1, round(random.expovariate(1 / args.rate))))
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

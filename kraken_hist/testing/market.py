@@ -1,0 +1,195 @@
+"""The fake exchange's state: trade histories per pair and a controllable clock.
+
+Shared by the fake REST and WebSocket servers so both tell the same story. Only trades at
+or before the clock's "now" are visible, so a test can let time pass (and trades appear)
+without sleeping. ``append`` adds live trades.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from ..aggregates import kraken_vwap
+from ..pairs import get_pair
+from ..timeutils import EPOCH, check_aware, utcnow
+from ..types import HistoricalCandle, HistoricalTrade
+from .history import trade_time_ns
+
+Clock = Callable[[], datetime]
+
+
+class ManualClock:
+    """A clock that only moves when told to; thread-safe. Call it to read the time."""
+
+    def __init__(self, start: datetime) -> None:
+        self._lock = threading.Lock()
+        self._now = check_aware(start, "start")
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def set(self, when: datetime) -> None:
+        with self._lock:
+            self._now = check_aware(when, "when")
+
+    def advance(self, delta: timedelta | float) -> datetime:
+        """Move forward by `delta` (a timedelta or seconds); returns the new time."""
+        step = delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
+        with self._lock:
+            self._now += step
+            return self._now
+
+
+def _micros(when: datetime) -> int:
+    delta = when - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+class _Book:
+    """One pair's trades plus sorted keys for bisecting (microseconds and reported ns)."""
+
+    __slots__ = ("trades", "micros", "ns")
+
+    def __init__(self) -> None:
+        self.trades: list[HistoricalTrade] = []
+        self.micros: list[int] = []
+        self.ns: list[int] = []
+
+    def extend(self, symbol: str, trades: Iterable[HistoricalTrade]) -> None:
+        for trade in trades:
+            if trade.symbol != symbol:
+                raise ValueError(f"trade {trade.trade_id} is for {trade.symbol}, not {symbol}")
+            if self.trades:
+                previous = self.trades[-1]
+                if trade.trade_id != previous.trade_id + 1:
+                    raise ValueError(
+                        f"{symbol}: trade id {trade.trade_id} does not follow {previous.trade_id} "
+                        "(Kraken's ids are contiguous)"
+                    )
+                if trade.time < previous.time:
+                    raise ValueError(f"{symbol}: trade {trade.trade_id} is older than the one before it")
+            self.trades.append(trade)
+            self.micros.append(_micros(trade.time))
+            self.ns.append(trade_time_ns(trade.time))
+
+
+class FakeMarket:
+    """Trade histories by canonical symbol, seen through an injected clock (default: real time)."""
+
+    def __init__(self, histories: Mapping[str, list[HistoricalTrade]], clock: Clock | None = None) -> None:
+        self._lock = threading.Lock()
+        self._clock: Clock = clock or utcnow
+        self._books: dict[str, _Book] = {}
+        for name, trades in histories.items():
+            symbol = get_pair(name).symbol
+            book = _Book()
+            book.extend(symbol, trades)
+            self._books[symbol] = book
+
+    # --- time and pairs -------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The market's current time (aware UTC)."""
+        return check_aware(self._clock(), "clock()")
+
+    def symbols(self) -> list[str]:
+        with self._lock:
+            return sorted(self._books)
+
+    def has(self, symbol: str) -> bool:
+        with self._lock:
+            return symbol in self._books
+
+    # --- trades ---------------------------------------------------------------------------
+
+    def append(self, symbol: str, trades: Iterable[HistoricalTrade]) -> None:
+        """Add newer trades (live trading); ids must continue the pair's sequence."""
+        canonical = get_pair(symbol).symbol
+        with self._lock:
+            book = self._books.setdefault(canonical, _Book())
+            book.extend(canonical, list(trades))
+
+    def next_trade_id(self, symbol: str) -> int:
+        """The id the pair's next trade gets."""
+        with self._lock:
+            book = self._books.get(get_pair(symbol).symbol)
+            return book.trades[-1].trade_id + 1 if book and book.trades else 1
+
+    def trades(self, symbol: str, start: datetime | None = None, end: datetime | None = None) -> list[HistoricalTrade]:
+        """Visible trades (time <= now) in ``[start, end)``, oldest first."""
+        with self._lock:
+            book = self._books[symbol]
+            hi = self._visible(book)
+            lo = 0 if start is None else bisect_left(book.micros, _micros(check_aware(start)), 0, hi)
+            if end is not None:
+                hi = bisect_left(book.micros, _micros(check_aware(end)), lo, hi)
+            return book.trades[lo:hi]
+
+    def trades_since(
+        self, symbol: str, since_ns: int | None, count: int, *, inclusive: bool = False
+    ) -> list[tuple[HistoricalTrade, int]]:
+        """Up to `count` visible trades with reported time > `since_ns` (>= when `inclusive`),
+        each with its nanosecond time; with `since_ns` None the `count` most recent."""
+        with self._lock:
+            book = self._books[symbol]
+            hi = self._visible(book)
+            if since_ns is None:
+                lo = max(0, hi - count)
+            else:
+                find = bisect_left if inclusive else bisect_right
+                lo = find(book.ns, since_ns, 0, hi)
+            stop = min(hi, lo + count)
+            return list(zip(book.trades[lo:stop], book.ns[lo:stop]))
+
+    def last_trade_before(self, symbol: str, when: datetime) -> HistoricalTrade | None:
+        """The newest visible trade strictly before `when`."""
+        with self._lock:
+            book = self._books[symbol]
+            index = bisect_left(book.micros, _micros(check_aware(when)), 0, self._visible(book))
+            return book.trades[index - 1] if index else None
+
+    def _visible(self, book: _Book) -> int:
+        return bisect_right(book.micros, _micros(self.now()))
+
+    # --- candles --------------------------------------------------------------------------
+
+    def candles(self, symbol: str, interval: int, start: datetime, end: datetime) -> list[HistoricalCandle]:
+        """Candles of the minutes/buckets in ``[start, end)`` that hold visible trades, by
+        Kraken's rule (vwap rounded down to the pair's decimals). Buckets are aligned to the
+        epoch, as Kraken's OHLC endpoint aligns them. Quiet buckets are absent."""
+        seconds = interval * 60
+        decimals = get_pair(symbol).price_decimals
+        out: list[HistoricalCandle] = []
+        bucket: list[HistoricalTrade] = []
+        bucket_key: int | None = None
+        for trade in self.trades(symbol, start, end):
+            key = _micros(trade.time) // 1_000_000 // seconds
+            if key != bucket_key and bucket:
+                out.append(_candle(symbol, interval, bucket_key, bucket, decimals))  # type: ignore[arg-type]
+                bucket = []
+            bucket_key = key
+            bucket.append(trade)
+        if bucket:
+            out.append(_candle(symbol, interval, bucket_key, bucket, decimals))  # type: ignore[arg-type]
+        return out
+
+
+def _candle(symbol: str, interval: int, key: int, trades: list[HistoricalTrade], decimals: int) -> HistoricalCandle:
+    prices = [t.price for t in trades]
+    return HistoricalCandle(
+        symbol=symbol,
+        interval=interval,
+        time=EPOCH + timedelta(seconds=key * interval * 60),
+        open=trades[0].price,
+        high=max(prices),
+        low=min(prices),
+        close=trades[-1].price,
+        volume=sum((t.volume for t in trades), Decimal(0)),
+        vwap=kraken_vwap(trades, decimals),
+        trades=len(trades),
+    )

@@ -1,0 +1,141 @@
+"""``kraken-hist stream`` as a real process: SIGTERM with trades still buffered, then a restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+
+from kraken_hist.testing.fake_rest import FakeKrakenREST
+from kraken_hist.testing.fake_ws import FakeKrakenWS
+from kraken_hist.testing.history import generate_trades
+from kraken_hist.testing.market import FakeMarket
+from kraken_hist.timeutils import floor_minute, utcnow
+
+SYMBOLS = ("BTC/USD", "ETH/USD")
+
+
+class StreamProcess:
+    """`kraken-hist stream` in a subprocess, its stderr collected line by line."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        command = [sys.executable, "-m", "kraken_hist", "stream", *args]
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def received(self) -> int:
+        counts = [int(m.group(1).replace(",", "")) for line in list(self.lines)
+                  if (m := re.search(r"received ([\d,]+)", line))]
+        return counts[-1] if counts else 0
+
+    def wait_received(self, count: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.received() < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"stream received {self.received()} < {count}:\n" + "\n".join(self.lines))
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            self._reader.join(5)
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
+        return code
+
+
+@pytest.fixture
+def exchange() -> Iterator[tuple[FakeMarket, FakeKrakenWS, FakeKrakenREST]]:
+    now = utcnow()
+    market = FakeMarket({s: generate_trades(s, floor_minute(now - timedelta(minutes=10)), now, seed=4) for s in SYMBOLS})
+    with FakeKrakenREST(market) as rest, FakeKrakenWS(market, heartbeat_interval=0.3) as ws:
+        yield market, ws, rest
+
+
+def stored_ids(conn: psycopg.Connection, symbol: str) -> list[int]:
+    conn.rollback()
+    return [r[0] for r in conn.execute("SELECT trade_id FROM trades WHERE symbol = %s ORDER BY trade_id", (symbol,))]
+
+
+def test_sigterm_writes_everything_buffered_and_a_restart_continues(
+    db_url: str, tmp_path: Path, conn: psycopg.Connection, exchange: tuple[FakeMarket, FakeKrakenWS, FakeKrakenREST]
+) -> None:
+    market, ws, rest = exchange
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_HIST_")},
+        "KRAKEN_HIST_DATABASE_URL": db_url,
+        "KRAKEN_HIST_WS_URL": ws.url,
+        "KRAKEN_HIST_REST_URL": rest.url,
+        "KRAKEN_HIST_DATA_DIR": str(tmp_path / "data"),
+        "KRAKEN_HIST_REST_MIN_INTERVAL": "0",
+    }
+    # a long flush interval: the trades are still buffered when SIGTERM arrives
+    args = ("XBTUSD", "eth/usd", "--flush-interval", "60", "--status-interval", "0.1", "--heartbeat-timeout", "3")
+    first = StreamProcess(env, *args)
+    try:
+        ws.wait_for_subscribers("trade", SYMBOLS, timeout=30)
+        for symbol in SYMBOLS:
+            ws.publish_new(symbol, 25)
+        first.wait_received(2 * (50 + 25))  # snapshot + updates
+        assert stored_ids(conn, "BTC/USD") == []  # nothing written yet: all of it is in the buffer
+    finally:
+        code = first.terminate()
+    assert code == 0, "\n".join(first.lines)
+    assert any("stopped:" in line for line in first.lines)
+    first_ids = {s: stored_ids(conn, s) for s in SYMBOLS}
+    for symbol in SYMBOLS:
+        ids = first_ids[symbol]
+        assert len(ids) == 75 and ids == list(range(ids[0], market.next_trade_id(symbol)))
+
+    for symbol in SYMBOLS:  # trading goes on while nothing runs: more than a snapshot brings back
+        for _ in range(4):
+            ws.publish_new(symbol, 40)
+    second = StreamProcess(env, *args)
+    try:
+        ws.wait_for_subscribers("trade", SYMBOLS, timeout=30)
+        for symbol in SYMBOLS:
+            ws.publish_new(symbol, 5)
+        second.wait_received(2 * (160 + 5))
+    finally:
+        code = second.terminate()
+    assert code == 0, "\n".join(second.lines)
+    for symbol in SYMBOLS:
+        ids = stored_ids(conn, symbol)
+        assert ids == list(range(first_ids[symbol][0], market.next_trade_id(symbol)))
+        conn.rollback()
+        status = conn.execute(
+            "SELECT last_trade_id FROM sync_status WHERE symbol = %s AND data_type = 'trades'", (symbol,)
+        ).fetchone()
+        assert status == (market.next_trade_id(symbol) - 1,)
+    assert rest.calls["Trades"] >= 2  # the missed ids came through REST
+
+
+def test_unknown_symbol_is_a_usage_error(tmp_path: Path) -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_HIST_")},
+           "KRAKEN_HIST_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "kraken_hist", "stream", "NOPE/USD"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "NOPE/USD" in result.stderr

@@ -8,10 +8,10 @@ from .. import __version__
 from ..config import Settings
 from ..errors import KrakenHistError
 from .common import setup_logging
-from .db import db
 from .backfill import backfill
-from .gaps import gaps
 from .candles import candles, refresh
+from .db import db
+from .gaps import gaps
 from .imports import import_command
 from .stream import stream
 
@@ -33,12 +33,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-cli.add_command(db)
-cli.add_command(backfill)
-cli.add_command(gaps)
-cli.add_command(candles); cli.add_command(refresh)
-cli.add_command(import_command)
-cli.add_command(stream)
+for command in (db, backfill, stream, import_command, gaps, candles, refresh):
+    cli.add_command(command)
 
 
 def main() -> None:

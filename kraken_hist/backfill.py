@@ -143,6 +143,7 @@ class KrakenTradesBackfill:
         settings: "Settings | None" = None,
         page_size: int = PAGE_SIZE,
         progress: Callable[[BackfillProgress], None] | None = None,
+        refresh: bool = True,
     ) -> None:
         from .config import Settings
 
@@ -164,6 +165,7 @@ class KrakenTradesBackfill:
             raise ValueError(f"page_size must be in ({MAX_SAME_TIMESTAMP}, {PAGE_SIZE}], got {page_size}")
         self.page_size = page_size
         self.progress = progress
+        self.refresh = refresh  # bring the 5m…1w relations up to date at the end of a run
         self._conn: psycopg.Connection | None = None
         self._staging_ready = False
 
@@ -471,6 +473,8 @@ class KrakenTradesBackfill:
                 tally.reached_until = True  # everything before `until` was already stored
         except ExchangePermanentError as exc:
             raise ExchangePermanentError(f"backfill of {canonical} refused by Kraken: {exc}") from exc
+        if self.refresh and tally.stored:
+            self._refresh_aggregates(canonical)
         seconds = time.monotonic() - started
         after = self.get_resume_point(canonical)
         result = BackfillResult(
@@ -494,6 +498,21 @@ class KrakenTradesBackfill:
             " (caught up)" if result.caught_up else "",
         )
         return result
+
+    def _refresh_aggregates(self, symbol: str) -> None:
+        """Refresh the interval relations from this run's changed minutes (incremental).
+
+        A failure is not the backfill's: the trades are stored and the changes stay queued
+        in ``candle_changes`` for the next refresh (Celery beat, ``kraken-hist refresh``).
+        """
+        from .errors import KrakenHistError
+        from .refresh import refresh_aggregates
+
+        try:
+            refresh_aggregates(self.db_url, symbol)
+        except (KrakenHistError, psycopg.Error) as exc:
+            logger.warning("%s: aggregate refresh after backfill failed (%s); changes stay queued", symbol, exc,
+                           extra={"event": "backfill_refresh_failed"})
 
     def _store_pages(
         self,

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from kraken_hist import store
-from kraken_hist.aggregates import candles_from_trades
+from kraken_hist.aggregates import candles_from_trades, resample
 from kraken_hist.backfill import KrakenTradesBackfill, merge_ranges, missing_ranges
 from kraken_hist.cli.main import cli
 from kraken_hist.errors import ExchangePermanentError
@@ -137,6 +137,12 @@ def test_full_backfill_equals_the_history(job: KrakenTradesBackfill, db_url: str
     assert point.last_time == history[-1].time
     with psycopg.connect(db_url) as conn:
         assert store.read_coverage(conn, "BTC/USD", "rest") == [(history[0].time, history[-1].time)]
+        # the run refreshed the interval relations: 1h buckets equal the 1-minute data resampled
+        hourly = conn.execute("SELECT time, open, high, low, close, volume, trades FROM candles_1h ORDER BY time").fetchall()
+        pending = conn.execute("SELECT count(*) FROM candle_changes").fetchone()[0]
+    expected_hourly = [(c.time, c.open, c.high, c.low, c.close, c.volume, c.trades)
+                       for c in resample(candles_from_trades(history), 60)]
+    assert hourly == expected_hourly and pending == 0
     # a second run is caught up at once and changes nothing
     before = snapshot(db_url)
     calls = fake.calls["Trades"]

@@ -131,6 +131,10 @@ def test_sigterm_writes_everything_buffered_and_a_restart_continues(
         ).fetchone()
         assert status == (market.next_trade_id(symbol) - 1,)
     assert rest.calls["Trades"] >= 2  # the missed ids came through REST
+    # the interval relations were refreshed on the way out: nothing left queued, 5m rows there
+    pending = conn.execute("SELECT count(*) FROM candle_changes").fetchone()[0]
+    fives = conn.execute("SELECT count(*) FROM candles_5m").fetchone()[0]
+    assert pending == 0 and fives > 0
 
 
 def test_unknown_symbol_is_a_usage_error(tmp_path: Path) -> None:

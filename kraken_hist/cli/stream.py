@@ -43,10 +43,13 @@ logger = logging.getLogger(__name__)
               help="Seconds between status lines on stderr (0: none).")
 @click.option("--heartbeat-timeout", type=float, default=10.0, show_default=True,
               help="Reconnect when nothing arrives for this many seconds.")
+@click.option("--refresh-every", type=float, default=None,
+              help="Seconds between refreshes of the 5m…1w relations [default: KRAKEN_HIST_REFRESH_EVERY; 0: never].")
 @click.pass_context
 @friendly_errors
 def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[int, ...], no_ohlc: bool,
-           flush_interval: float, buffer_size: int, status_interval: float, heartbeat_timeout: float) -> None:
+           flush_interval: float, buffer_size: int, status_interval: float, heartbeat_timeout: float,
+           refresh_every: float | None) -> None:
     """Stream live trades (and 1-minute candles) of SYMBOLS into the database until Ctrl-C/SIGTERM.
 
     Symbols may be given in any Kraken name (BTC/USD, XBTUSD, XXBTZUSD); default: the
@@ -59,6 +62,7 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
     except UnknownSymbolError as exc:
         raise click.BadParameter(str(exc), param_hint="SYMBOLS") from None
     db_url = prepare_database(settings=settings)
+    refresher = PeriodicRefresh(db_url, settings.refresh_every if refresh_every is None else refresh_every)
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -78,12 +82,13 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
         integration.start()
         client.start()
         click.echo(f"streaming {', '.join(canonical)} from {settings.ws_url} (Ctrl-C to stop)", err=True)
-        _status_loop(stop, client, integration, writer, status_interval)
+        _status_loop(stop, client, integration, writer, status_interval, refresher)
     finally:
         click.echo("\nstopping: writing everything received...", err=True)
         client.stop()
         integration.stop()
         clean = writer.stop()
+        refresher.run()
         backfill.close()
         rest.close()
         for sig, handler in previous.items():
@@ -98,12 +103,43 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
         sys.exit(1)
 
 
+class PeriodicRefresh:
+    """Keeps the 5m…1w relations current while streaming without Celery beat.
+
+    Incremental (only minutes the writer changed); a failure is logged and retried next
+    time, since the changes stay queued in ``candle_changes``.
+    """
+
+    def __init__(self, db_url: str, every: float) -> None:
+        self.db_url = db_url
+        self.every = every
+        self._due = time.monotonic() + every
+
+    def maybe(self) -> None:
+        if self.every > 0 and time.monotonic() >= self._due:
+            self.run()
+
+    def run(self) -> None:
+        if self.every <= 0:
+            return
+        from ..errors import KrakenHistError
+        from ..refresh import refresh_aggregates
+
+        self._due = time.monotonic() + self.every
+        try:
+            refresh_aggregates(self.db_url)
+        except (KrakenHistError, OSError, RuntimeError) as exc:
+            logger.warning("aggregate refresh failed (%s); retrying in %.0f s", exc, self.every,
+                           extra={"event": "stream_refresh_failed"})
+
+
 def _status_loop(stop: threading.Event, client: KrakenWSClient, integration: WebSocketDBIntegration,
-                 writer: DatabaseWriter, interval: float) -> None:
+                 writer: DatabaseWriter, interval: float, refresher: PeriodicRefresh) -> None:
     """Until `stop`: one status line per `interval` (rewritten in place on a terminal)."""
     tty = sys.stderr.isatty()
     last_count, last_time = 0, time.monotonic()
     while not stop.wait(interval if interval > 0 else 0.5):
+        refresher.maybe()
         if interval <= 0:
             continue
         now = time.monotonic()

@@ -61,7 +61,12 @@ def candles_from_trades(
 
 def resample(candles: Iterable[HistoricalCandle | CandleRecord], interval: Interval | int) -> list[HistoricalCandle]:
     """Aggregate candles into `interval` buckets: first open, max high, min low, last close,
-    summed volume and trades, volume-weighted vwap (over candles that have one)."""
+    summed volume and trades, volume-weighted vwap (over candles that have one).
+
+    From 1-minute candles this is exactly what the stored relations hold. Resampling already
+    resampled candles is not, where a bucket mixed minutes with and without vwap: its vwap is
+    then weighted here by its whole volume, while the relations keep the volume of just the
+    minutes that had a vwap (``vwap_volume``, which HistoricalCandle does not carry)."""
     target = Interval.parse(interval)
     ordered = sorted(candles, key=lambda c: (c.symbol, c.time))
     out: list[HistoricalCandle] = []

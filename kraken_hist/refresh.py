@@ -10,9 +10,12 @@
   runs over the changed window. It refuses to run inside a transaction block, so that path
   uses an autocommit connection and deletes the change rows it covered only afterwards.
 
-The aggregation is the SQL twin of ``aggregates.resample`` and of the continuous aggregate
-in migration 0001: first open, max high, min low, last close, summed volume and trades,
-vwap = Σ(vwap·volume)/Σvolume over rows with a vwap (NULL when that volume is 0).
+The aggregation is the SQL twin of ``aggregates.resample`` over 1-minute candles and of the
+continuous aggregate in migration 0001: first open, max high, min low, last close, summed
+volume and trades, vwap = Σ(vwap·volume)/Σvolume over the 1-minute rows that have a vwap
+(NULL when that volume is 0). Each level carries ``vwap_volume`` (that volume), so a level
+built from the one below weights each child's vwap by its own vwap-bearing volume and gets
+the direct 1-minute vwap even where minutes with and without vwap mix (OHLCVT imports).
 """
 
 from __future__ import annotations
@@ -36,16 +39,37 @@ log = logging.getLogger(__name__)
 
 _MICRO = timedelta(microseconds=1)
 
-#: Aggregate columns over rows aliased ``p`` (open, high, low, close, vwap, volume, trades).
+#: Aggregate columns over rows aliased ``p`` (open, high, low, close, vwap, volume, trades,
+#: vwap_volume); `{weights}` is MINUTE_WEIGHTS or BUCKET_WEIGHTS.
 AGGREGATE_COLUMNS = """
     (array_agg(p.open ORDER BY p.time))[1]        AS open,
     max(p.high)                                   AS high,
     min(p.low)                                    AS low,
     (array_agg(p.close ORDER BY p.time DESC))[1]  AS close,
-    sum(p.vwap * p.volume) / NULLIF(sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL), 0) AS vwap,
     sum(p.volume)                                 AS volume,
-    sum(p.trades)::integer                        AS trades
+    sum(p.trades)::integer                        AS trades,
+    {weights}
 """
+
+#: vwap and its weight from 1-minute candles (which have no vwap_volume column).
+MINUTE_WEIGHTS = """
+    sum(p.vwap * p.volume) / NULLIF(sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL), 0) AS vwap,
+    sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL) AS vwap_volume
+"""
+
+#: vwap and its weight from buckets that carry vwap_volume: Σ(vwap·vwap_volume)/Σvwap_volume
+#: is the direct 1-minute weighting (up to numeric division's 16+ significant digits).
+BUCKET_WEIGHTS = """
+    sum(p.vwap * p.vwap_volume) / NULLIF(sum(p.vwap_volume), 0) AS vwap,
+    sum(p.vwap_volume) AS vwap_volume
+"""
+
+
+def aggregate_columns(parent_minutes: int) -> sql.Composable:
+    """The aggregate select list over a parent relation of `parent_minutes`."""
+    weights = MINUTE_WEIGHTS if parent_minutes == 1 else BUCKET_WEIGHTS
+    return sql.SQL(AGGREGATE_COLUMNS.format(weights=weights.strip()))
+
 
 _REFRESH_LEVEL = """
 WITH win (lo, hi) AS (
@@ -62,15 +86,16 @@ WITH win (lo, hi) AS (
       AND NOT EXISTS (SELECT 1 FROM built b WHERE b.bucket = t.time)
     RETURNING 1
 ), written AS (
-    INSERT INTO {target} AS t (symbol, time, open, high, low, close, vwap, volume, trades)
-    SELECT %(symbol)s, bucket, open, high, low, close, vwap, volume, trades FROM built
+    INSERT INTO {target} AS t (symbol, time, open, high, low, close, vwap, volume, trades, vwap_volume)
+    SELECT %(symbol)s, bucket, open, high, low, close, vwap, volume, trades, vwap_volume FROM built
     ON CONFLICT (symbol, time) DO UPDATE
     SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
-        vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades
-    WHERE (t.open, t.high, t.low, t.close, t.vwap, t.volume, t.trades)
+        vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades,
+        vwap_volume = EXCLUDED.vwap_volume
+    WHERE (t.open, t.high, t.low, t.close, t.vwap, t.volume, t.trades, t.vwap_volume)
           IS DISTINCT FROM
           (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
-           EXCLUDED.volume, EXCLUDED.trades)
+           EXCLUDED.volume, EXCLUDED.trades, EXCLUDED.vwap_volume)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM stale), (SELECT count(*) FROM written)
@@ -270,7 +295,7 @@ def _refresh_levels(
         windows = widen_windows(windows_at[parent], interval)
         windows_at[minutes] = windows
         statement = sql.SQL(_REFRESH_LEVEL).format(
-            aggregate=sql.SQL(AGGREGATE_COLUMNS),
+            aggregate=aggregate_columns(parent),
             parent=sql.Identifier(INTERVAL_RELATIONS[parent]),
             target=sql.Identifier(INTERVAL_RELATIONS[minutes]),
         )

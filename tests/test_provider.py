@@ -5,6 +5,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pandas as pd
+import psycopg
 import pytest
 
 from kraken_hist import store
@@ -216,6 +217,32 @@ def test_health_check_of_a_database_that_is_not_there():
     assert report["ok"] is False and report["database"]["reachable"] is False and report["database"]["error"]
     with pytest.raises(DatabaseUnavailableError):
         provider.get_candles("BTC/USD", 60)
+
+
+def test_reads_lend_the_pooled_connection_back_as_they_found_it(db_url, conn, loaded):
+    """get_candles reads through the driver connection in autocommit: it goes back to the pool
+    with its own autocommit setting and no transaction, also after a failed query."""
+    from kraken_hist.db import create_engine
+
+    engine = create_engine(db_url, pool_size=1, max_overflow=0)
+    try:
+        with HistoricalDataProvider(engine=engine) as provider:
+            first = provider.get_candles("BTC/USD", 60, T0, limit=5)
+            assert_same(first, resample(loaded["BTC/USD"], 60)[:5])
+            conn.execute("ALTER TABLE candles_1h RENAME TO candles_1h_gone")
+            conn.commit()
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                provider.get_candles("BTC/USD", 60, T0, limit=5)
+            conn.execute("ALTER TABLE candles_1h_gone RENAME TO candles_1h")
+            conn.commit()
+            assert provider.get_candles("BTC/USD", 60, T0, limit=5) == first  # the same (only) connection
+            assert provider.get_latest_candles("BTC/USD", 60, 3) == provider.get_candles("BTC/USD", 60, T0)[-3:]
+            assert engine.pool.checkedout() == 0
+            with engine.connect() as sa_conn:
+                driver = sa_conn.connection.driver_connection
+                assert driver.autocommit is False and driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    finally:
+        engine.dispose()
 
 
 def test_constructor_checks_pool_sizes():

@@ -90,3 +90,13 @@ def test_candles_usage_errors(run, minutes):
     assert bad_interval.exit_code == 2 and "interval" in bad_interval.output
     bad_time = run("candles", "BTC/USD", "--start", "yesterday")
     assert bad_time.exit_code == 2 and "cannot read time" in bad_time.output
+
+
+def test_aggregated_vwap_is_shown_with_two_digits_more_than_the_pair_quotes():
+    from decimal import Decimal
+
+    from kraken_hist.cli.candles import _vwap_text
+
+    assert _vwap_text(Decimal("99134.260673677459610267414490605879449980"), 1) == "99134.261"
+    assert _vwap_text(Decimal("99134.2"), 1) == "99134.2"  # a 1-minute vwap stays exact
+    assert _vwap_text(None, 1) == ""

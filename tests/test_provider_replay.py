@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from kraken_hist.errors import DatabaseUnavailableError
 from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.types import CandleRecord
 
@@ -79,11 +80,46 @@ def _peak_while_replaying(provider, rows):
         tracemalloc.stop()
 
 
+def _replay_backends(conn):
+    """(state, wait_event) of the server backends running a replay's SELECT, other than `conn`."""
+    return conn.execute(
+        "SELECT state, wait_event FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND query LIKE 'SELECT candles.symbol%'"
+    ).fetchall()
+
+
+def _wait_for(predicate, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_replay_memory_stays_flat_over_a_large_range(db_url, conn):
     generate_minutes(conn, "BTC/USD", 120_000)
     with HistoricalDataProvider(db_url) as provider:
         small_count, small_peak = _peak_while_replaying(provider, 12_000)
         large_count, large_peak = _peak_while_replaying(provider, 120_000)
-    assert (small_count, large_count) == (12_000, 120_000)
-    assert large_peak < 4 * 1024 * 1024  # a few batches (~1.5 MB seen), not 120k candles (~35 MB as objects)
-    assert large_peak < small_peak * 1.5 + 512 * 1024
+        assert (small_count, large_count) == (12_000, 120_000)
+        assert large_peak < 4 * 1024 * 1024  # a few batches (~1 MB seen), not 120k candles (~35 MB as objects)
+        assert large_peak < small_peak * 1.5 + 512 * 1024
+        # Nor are the rows buffered outside Python's sight (libpq): while the caller holds the
+        # first candle, the server is blocked writing the rest to us.
+        conn.autocommit = True
+        replay = provider.replay_candles("BTC/USD", 1, T0, T0 + timedelta(minutes=120_000), batch_size=2000)
+        assert next(replay).time == T0
+        assert _wait_for(lambda: ("active", "ClientWrite") in _replay_backends(conn)), _replay_backends(conn)
+        replay.close()  # stopping early ends the query and closes the stream's connection
+        assert _wait_for(lambda: _replay_backends(conn) == []), _replay_backends(conn)
+        assert provider._engine.pool.checkedout() == 0
+
+
+def test_replay_refuses_a_batch_size_below_one_and_reports_an_outage(db_url):
+    with HistoricalDataProvider(db_url) as provider:
+        with pytest.raises(ValueError, match="batch_size"):
+            next(provider.replay_candles("BTC/USD", 1, T0, batch_size=0))
+    gone = HistoricalDataProvider("postgresql://postgres@127.0.0.1:9/nothing")
+    with pytest.raises(DatabaseUnavailableError):
+        next(gone.replay_candles("BTC/USD", 1, T0))

@@ -10,7 +10,7 @@ import pytest
 
 from kraken_hist import store
 from kraken_hist.aggregates import resample
-from kraken_hist.intervals import INTERVAL_RELATIONS, REFRESH_PARENT, Interval
+from kraken_hist.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.refresh import merge_windows, refresh_aggregates, refresh_order, widen_windows
 from kraken_hist.types import CandleRecord
@@ -23,18 +23,17 @@ COLUMNS = ("open", "high", "low", "close", "volume", "vwap", "trades")
 
 def random_candles(symbol, rng, days=16):
     """1-minute candles with holes: quiet minutes, quiet hours, whole quiet days; some minutes
-    traded zero volume, and some stretches have no vwap at all (as OHLCVT imports).
-
-    vwap-less minutes come in whole Monday-aligned fortnights: the hierarchical refresh weights
-    a child's vwap by the child's volume, which equals the direct 1-minute weighting unless a
-    child bucket mixes minutes with and without vwap (see test_mixed_vwap_buckets_...)."""
+    traded zero volume. vwap is missing (as in OHLCVT imports) on whole days, on a random
+    share of the minutes of other days, or nowhere — so buckets of every interval mix minutes
+    with and without vwap."""
     out, price = [], Decimal(rng.randrange(1000, 5000))
-    no_vwap_blocks = {}
     for day in range(days):
         if rng.random() < 0.1:
             continue
-        block = Interval(20160).bucket_start(T0 + timedelta(days=day))
-        no_vwap_day = no_vwap_blocks.setdefault(block, rng.random() < 0.4)
+        r = rng.random()
+        no_vwap_day = r < 0.25
+        missing_share = 0.5 if r < 0.5 else 0.05 if r < 0.75 else 0.0
+        holes = random.Random(r)  # its own stream: the main one stays as it was
         base = T0 + timedelta(days=day)
         for hour in range(24):
             if rng.random() < 0.15:
@@ -49,6 +48,8 @@ def random_candles(symbol, rng, days=16):
                 low = max(Decimal("0.1"), min(o, c) - Decimal(rng.randrange(0, 20)) / 10)
                 volume = Decimal(0) if rng.random() < 0.02 else Decimal(rng.randrange(1, 10**9)) / 10**8
                 vwap = None if no_vwap_day else (low + (h - low) * Decimal(rng.randrange(0, 11)) / 10).quantize(Decimal("0.1"))
+                if holes.random() < missing_share:
+                    vwap = None
                 out.append(CandleRecord(symbol=symbol, time=when, open=o, high=h, low=low, close=c, volume=volume,
                                         vwap=vwap, trades=rng.randrange(1, 40)))
                 price = c
@@ -241,21 +242,32 @@ def test_window_arithmetic():
     assert refresh_order() == [5, 15, 30, 60, 240, 1440, 10080]
 
 
-def test_mixed_vwap_buckets_follow_the_hierarchical_rule(db_url, conn):
-    """A child bucket that mixes minutes with and without vwap weighs in with its full volume
-    (Σ child.vwap·child.volume / Σ child.volume over children with a vwap): the rule of the
-    issue, applied level by level like resample(resample(...))."""
-    rng = random.Random(9)
-    records = random_candles("BTC/USD", rng, days=3)
-    mixed = [
-        CandleRecord(symbol=c.symbol, time=c.time, open=c.open, high=c.high, low=c.low, close=c.close,
-                     volume=c.volume, vwap=None if c.time.minute % 2 else (c.vwap or c.low), trades=c.trades)
-        for c in records
-    ]
-    insert_candles(conn, mixed)
+def test_mixed_vwap_buckets_weight_by_the_minutes_that_have_a_vwap(db_url, conn):
+    """A bucket mixing minutes with and without vwap weighs each minute's vwap by its volume at
+    every level, stored or on the fly: the children carry vwap_volume (the volume of their
+    minutes with a vwap), not their full volume — which would give (10·4 + 20·1)/5 = 12 here."""
+    def minute(m, vwap, volume):
+        p = Decimal(vwap or 15)
+        return CandleRecord(symbol="BTC/USD", time=T0 + timedelta(minutes=m), open=p, high=p, low=p, close=p,
+                            volume=Decimal(volume), vwap=Decimal(vwap) if vwap else None, trades=1)
+
+    # 5m bucket 0: 10 @ 1 and a vwap-less 3; bucket 5: 20 @ 1; bucket 10: vwap-less only
+    insert_candles(conn, [minute(0, "10", "1"), minute(1, None, "3"), minute(5, "20", "1"), minute(12, None, "2")])
     refresh_aggregates(db_url)
-    chain = {1: mixed}
-    for minutes in refresh_order():
-        chain[minutes] = resample(chain[REFRESH_PARENT[minutes]], minutes)
-        with HistoricalDataProvider(db_url) as provider:
-            assert_same(provider.get_candles("BTC/USD", minutes, end=T0 + timedelta(days=30)), chain[minutes])
+    five = conn.execute("SELECT time, vwap, vwap_volume, volume FROM candles_5m ORDER BY time").fetchall()
+    assert [(r[1], r[2], r[3]) for r in five] == [(10, 1, 4), (20, 1, 1), (None, None, 2)]
+    for minutes in refresh_order()[1:]:
+        (vwap, weight, volume), = conn.execute(
+            f"SELECT vwap, vwap_volume, volume FROM {INTERVAL_RELATIONS[minutes]}").fetchall()
+        assert (vwap, weight, volume) == (15, 2, 7), minutes
+    with HistoricalDataProvider(db_url) as provider:
+        for minutes in (15, 60, 10080, 20, 45, 180, 2880, 20160):  # stored, and on the fly from 5m … 1w
+            (candle,) = provider.get_candles("BTC/USD", minutes, end=T0 + timedelta(days=30))
+            assert (candle.vwap, candle.volume) == (15, 7), minutes
+        forming = provider.get_multi_timeframe_candles("BTC/USD", T0 + timedelta(minutes=14), [60], count=1,
+                                                       include_forming=True)[60]
+        assert [(c.vwap, c.volume) for c in forming] == [(15, 7)]
+    # A later minute with a vwap changes the weight all the way up.
+    insert_candles(conn, [minute(13, "33", "2")])
+    refresh_aggregates(db_url)
+    assert conn.execute("SELECT vwap, vwap_volume FROM candles_1w").fetchone() == (Decimal(24), 4)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Sequence
 
 import click
 
 from ..intervals import Interval
+from ..pairs import DEFAULT_REGISTRY
 from ..provider import HistoricalDataProvider
 from ..refresh import refresh_aggregates
 from ..timeutils import parse_time
@@ -19,10 +21,23 @@ from .common import friendly_errors, settings_from
 FIELDS = ("time", "open", "high", "low", "close", "volume", "vwap", "trades")
 
 
+def _vwap_text(vwap: Decimal | None, price_decimals: int) -> str:
+    """An aggregated vwap is an exact quotient with dozens of digits; show two more than the
+    pair quotes prices in (1-minute vwaps, already at the pair's decimals, stay as they are)."""
+    if vwap is None:
+        return ""
+    digits = price_decimals + 2
+    exponent = vwap.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -digits:
+        vwap = vwap.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_EVEN)
+    return str(vwap)
+
+
 def _row(candle: HistoricalCandle) -> list[str]:
+    decimals = DEFAULT_REGISTRY.get(candle.symbol).price_decimals
     return [
         candle.time.isoformat(), str(candle.open), str(candle.high), str(candle.low), str(candle.close),
-        str(candle.volume), "" if candle.vwap is None else str(candle.vwap), str(candle.trades),
+        str(candle.volume), _vwap_text(candle.vwap, decimals), str(candle.trades),
     ]
 
 

@@ -9,6 +9,10 @@ Two explicit branches, chosen by whether the ``timescaledb`` extension can be cr
 * Plain PostgreSQL: the same names hold ordinary tables; the refresh job recomputes only
   the buckets listed in ``candle_changes``.
 
+The interval relations also keep ``vwap_volume``, the volume of the 1-minute candles that
+have a vwap (OHLCVT imports have none): the weight that lets each level be computed from
+the one below with exactly the vwap of direct 1-minute weighting.
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-24
@@ -136,7 +140,9 @@ def _upgrade_plain() -> None:
             PRIMARY KEY (symbol, time))"""
     )
     for relation, _width in INTERVALS:
-        op.execute(f"CREATE TABLE {relation} ({CANDLE_COLUMNS}, PRIMARY KEY (symbol, time))")
+        op.execute(
+            f"CREATE TABLE {relation} ({CANDLE_COLUMNS}, vwap_volume numeric, PRIMARY KEY (symbol, time))"
+        )
 
 
 def _upgrade_timescaledb() -> None:
@@ -164,7 +170,8 @@ def _upgrade_timescaledb() -> None:
                    last(close, time)                    AS close,
                    sum(vwap * volume) / NULLIF(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
                    sum(volume)                          AS volume,
-                   sum(trades)::integer                 AS trades
+                   sum(trades)::integer                 AS trades,
+                   sum(volume) FILTER (WHERE vwap IS NOT NULL) AS vwap_volume
             FROM candles
             GROUP BY symbol, time_bucket(INTERVAL '{width}', time)
             WITH NO DATA

@@ -10,6 +10,7 @@ write-to-commit latency p99 at 5,000 trades/s against the flush interval + 250 m
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import urllib.parse
@@ -77,9 +78,10 @@ def writer_run(url: str, trades: list[TradeRecord], build_candles: bool, data_di
         start = time.perf_counter()
         for record in trades:
             writer.write_trade(record)
+        produced = time.perf_counter() - start
         assert writer.flush(timeout=3600)
         elapsed = time.perf_counter() - start
-        stats = writer.get_stats()
+        stats = writer.get_stats() | {"producer_s": produced}
     finally:
         writer.stop()
     return elapsed, stats
@@ -121,7 +123,8 @@ def main() -> None:
         trades = make_trades(args.trades)
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = Path(tmp)
-            print(f"{args.trades:,} trades (figures taken on a shared machine)")
+            print(f"{args.trades:,} trades; load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} "
+                  f"on {os.cpu_count()} CPUs at start")
             for build_candles in (False, True):
                 raw = raw_copy(url, trades)
                 reset(url)
@@ -130,8 +133,9 @@ def main() -> None:
                 raw_rate, rate = args.trades / raw, args.trades / elapsed
                 print(
                     f"build_candles={build_candles!s:5}  raw COPY {raw_rate:>10,.0f}/s   writer {rate:>10,.0f}/s   "
-                    f"ratio {rate / raw_rate:.2f} (goal >= 0.70)   flushes={stats['flushes']} "
-                    f"spooled={stats['spooled']} fallbacks={stats['merge_fallbacks']}"
+                    f"ratio {rate / raw_rate:.2f} (goal >= 0.70)   write_trade loop {stats['producer_s']:.2f}s of "
+                    f"{elapsed:.2f}s   transactions={stats['flushes']} spooled={stats['spooled']} "
+                    f"merges={stats['merge_fallbacks']}"
                 )
                 reset(url)
             for build_candles in (False, True):

@@ -1,71 +1,78 @@
-"""The writer's local append-only spool: records that could not (yet) go to PostgreSQL.
+"""The writer's local append-only spool: batches that could not (yet) go to PostgreSQL.
 
-A spool is a directory of segment files replayed in name order. Each line is one record,
-``<crc32 hex>\\t<kind>\\t<fields...>\\n``, written with one ``os.write`` per append, so a
-killed process leaves at worst one torn last line (detected by its missing newline or
-checksum, and dropped). Durability policy: every append reaches the OS at once (survives
-the process being killed); the tail segment is ``fsync``-ed by :meth:`Spool.sync` (the
-writer calls it at most once a second while dirty, and on stop), spilled segments are
-``fsync``-ed before they count. An OS crash or power loss can so lose at most about one
-second of spooled records; a process crash loses none.
+A spool is a directory of segment files replayed in name order; a segment is a sequence of
+**blocks**, one per batch, each written with a single ``os.write``::
 
-Ordering: segments are numbered; appends go to the tail (numbers counting up), spills of
-older records go in front of everything (numbers counting down), so replaying in name
-order replays in acceptance order. One process at a time owns a spool directory
-(``fcntl.flock`` on ``.lock``); the writer picks the first free slot under its spool root.
+    header  (25 bytes) magic "KHS1", kind, record count, meta length, payload length,
+                       CRC32 of meta + payload, CRC32 of the header's first 21 bytes
+    meta    JSON: for trade blocks {symbol: [lowest id, highest id, [touched minutes]]}
+    payload trade blocks: the rows as PostgreSQL COPY text (fed to COPY unchanged);
+            candle and sync blocks: one tab-separated line per record (``encode_*``)
+
+Trade payloads are the very bytes the writer holds in memory, so spooling a batch costs one
+write and replaying it one read, one CRC and one COPY; no per-row work in Python. (CRCs use
+``binascii.crc32``, which keeps the GIL: a spool call never hands the interpreter to another
+thread mid-way, and both the producer and the flush thread would wait to get it back.)
+
+Damage: a killed process leaves at worst one torn last block (short, or failing its CRC),
+which recovery drops and truncates, so later appends never follow garbage. A complete block
+whose body fails its CRC is skipped and counted (``corrupt``); a header that fails its own
+CRC ends the segment (its lengths cannot be trusted).
+
+Durability policy: a block reaches the OS with its one write (it survives the process being
+killed); the tail segment is ``fsync``-ed at most about once a second while it holds unsynced
+blocks (the writer's spool-sync thread) and when it is sealed; spilled segments are
+``fsync``-ed before they count. An OS crash can so lose about a second of spooled batches; a
+process crash loses none of them. (Records still in the writer's in-memory buffer, at most
+one batch, are lost with the process, as any in-memory buffer is.)
+
+Ordering: appends go to the tail segment (numbers counting up), spills of older batches go in
+front of everything (numbers counting down), so replaying in name order replays in acceptance
+order. One process at a time owns a spool directory (``fcntl.flock`` on ``.lock``); the writer
+picks the first free slot under its spool root.
 """
 
 from __future__ import annotations
 
+import binascii
 import fcntl
+import json
 import logging
 import os
-import zlib
-from dataclasses import dataclass
+import struct
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
 _FIRST_NUMBER = 500_000_000_000  # room to count down (spills) and up (appends)
 _SUFFIX = ".spool"
-#: Start a new tail segment past this size, so replays read moderate files.
+#: Start a new tail segment past this size, so fully replayed files are removed early.
 MAX_SEGMENT_BYTES = 16 * 1024 * 1024
 
 TRADE = "T"
 CANDLE = "C"
 SYNC = "S"
 
+MAGIC = b"KHS1"
+_HEAD = struct.Struct("<4scIIII")  # magic, kind, count, meta length, payload length, body crc
+_HEADER = struct.Struct("<4scIIIII")  # ... + header crc
+HEADER_SIZE = _HEADER.size
+
 _NULL = ""  # None is stored as an empty field; no stored text field can be empty otherwise
 
 
-@dataclass(slots=True)
-class Segment:
-    """One spool file; ``first_seq`` orders it among the writer's pending records."""
-
-    number: int
-    path: Path
-    records: int
-    first_seq: int
-    done: int = 0  # records at the start already committed (skipped on a retry in this process)
-
-
-# ---------------------------------------------------------------- encoding
+# ---------------------------------------------------------------- record lines (candles, syncs)
 
 def _opt(value: object) -> str:
     return _NULL if value is None else str(value)
 
 
-def encode_trade(row: tuple) -> str:
-    """(symbol, trade_id, time, price, volume, side, ord_type, source) → spool body."""
-    symbol, trade_id, time, price, volume, side, ord_type, source = row
-    return f"{TRADE}\t{symbol}\t{trade_id}\t{time.isoformat()}\t{price}\t{volume}\t{_opt(side)}\t{_opt(ord_type)}\t{source}"
-
-
 def encode_candle(row: tuple) -> str:
-    """(symbol, time, open, high, low, close, vwap, volume, trades, source) → spool body."""
+    """(symbol, time, open, high, low, close, vwap, volume, trades, source) → one line (no newline)."""
     symbol, time, open_, high, low, close, vwap, volume, trades, source = row
     return (
         f"{CANDLE}\t{symbol}\t{time.isoformat()}\t{open_}\t{high}\t{low}\t{close}\t{_opt(vwap)}"
@@ -74,7 +81,7 @@ def encode_candle(row: tuple) -> str:
 
 
 def encode_sync(row: tuple) -> str:
-    """(symbol, data_type, time, cursor, last_trade_id, details_json) → spool body."""
+    """(symbol, data_type, time, cursor, last_trade_id, details_json) → one line (no newline)."""
     symbol, data_type, time, cursor, last_trade_id, details_json = row
     fields = (symbol, data_type, _opt(time and time.isoformat()), _opt(cursor), _opt(last_trade_id), details_json)
     for value in fields:
@@ -88,14 +95,9 @@ def _none(text: str) -> str | None:
 
 
 def decode(body: str) -> tuple[str, tuple]:
-    """Spool body → (kind, row) in the shape the encoders took."""
+    """A candle or sync line → (kind, row) in the shape the encoders took."""
     kind, _, rest = body.partition("\t")
     f = rest.split("\t")
-    if kind == TRADE:
-        return kind, (
-            f[0], int(f[1]), datetime.fromisoformat(f[2]), Decimal(f[3]), Decimal(f[4]),
-            _none(f[5]), _none(f[6]), f[7],
-        )
     if kind == CANDLE:
         vwap = _none(f[6])
         return kind, (
@@ -111,29 +113,107 @@ def decode(body: str) -> tuple[str, tuple]:
     raise ValueError(f"unknown spool record kind {kind!r}")
 
 
-def frame(body: str) -> bytes:
-    data = body.encode()
-    return b"%08x\t%s\n" % (zlib.crc32(data), data)
+def encode_lines(bodies: list[str]) -> bytes:
+    """Candle/sync lines → a block payload."""
+    return ("\n".join(bodies) + "\n").encode() if bodies else b""
 
 
-def _unframe(line: bytes) -> str | None:
-    """The body of a whole, intact line; None when torn or corrupt."""
-    if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b"\t":
-        return None
-    data = line[9:-1]
-    try:
-        if int(line[:8], 16) != zlib.crc32(data):
-            return None
-    except ValueError:
-        return None
-    return data.decode()
+def decode_lines(payload: bytes) -> list[tuple[str, tuple]]:
+    return [decode(line) for line in payload.decode().splitlines()]
+
+
+# ---------------------------------------------------------------- blocks
+
+def encode_block(kind: str, count: int, meta: dict, payload: bytes) -> bytes:
+    """One block: header, JSON meta, payload."""
+    meta_bytes = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+    crc = binascii.crc32(payload, binascii.crc32(meta_bytes))
+    head = _HEAD.pack(MAGIC, kind.encode(), count, len(meta_bytes), len(payload), crc)
+    return b"".join((head, struct.pack("<I", binascii.crc32(head)), meta_bytes, payload))
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    """One pending block: where it is and what it holds. ``first_seq`` orders it among the
+    writer's pending records; ``meta`` is the decoded JSON meta."""
+
+    segment: "Segment"
+    offset: int
+    size: int  # whole block, header included
+    kind: str
+    count: int
+    meta: dict
+    first_seq: int
+
+
+def read_blocks(blocks: list[Block]) -> list[bytes]:
+    """The payloads of consecutive blocks of one segment, with one read, CRCs verified
+    (ValueError if the file changed under us)."""
+    segment = blocks[0].segment
+    start = blocks[0].offset
+    size = blocks[-1].offset + blocks[-1].size - start
+    if segment.read_fd is None:
+        segment.read_fd = os.open(segment.path, os.O_RDONLY)
+    data = memoryview(os.pread(segment.read_fd, size, start))
+    payloads = []
+    for block in blocks:
+        if block.segment is not segment:
+            raise ValueError("blocks of one read must share a segment")
+        try:
+            parsed, _ = parse_block(data, block.offset - start)
+        except (_Torn, ValueError):
+            parsed = None
+        if parsed is None or parsed[0] != block.kind:
+            raise ValueError(f"spool block at {segment.path}:{block.offset} is damaged")
+        payloads.append(parsed[3])
+    return payloads
+
+
+@dataclass(slots=True, eq=False)
+class Segment:
+    number: int
+    path: Path
+    blocks: deque[Block] = field(default_factory=deque)  # pending, in order
+    size: int = 0
+    read_fd: int | None = None  # opened by read_blocks (the flush thread), closed when removed
+
+    def close_reader(self) -> None:
+        if self.read_fd is not None:
+            os.close(self.read_fd)
+            self.read_fd = None
+
+
+class _Torn(Exception):
+    """Too few bytes for the block the header announces (or for a header)."""
+
+
+def parse_block(data: bytes | memoryview, offset: int) -> tuple[tuple[str, int, dict, bytes] | None, int]:
+    """Parse the block at `offset`: ((kind, count, meta, payload) or None if its body is
+    corrupt, offset after it). Raises _Torn when the data ends inside it and ValueError when
+    its header is damaged."""
+    end = offset + HEADER_SIZE
+    if end > len(data):
+        raise _Torn
+    magic, kind, count, meta_len, payload_len, crc, head_crc = _HEADER.unpack_from(data, offset)
+    if magic != MAGIC or binascii.crc32(data[offset:end - 4]) != head_crc:
+        raise ValueError("damaged block header")
+    meta_end = end + meta_len
+    stop = meta_end + payload_len
+    if stop > len(data):
+        raise _Torn
+    meta_bytes = bytes(data[end:meta_end])
+    payload = bytes(data[meta_end:stop])
+    if binascii.crc32(payload, binascii.crc32(meta_bytes)) != crc:
+        return None, stop
+    meta = json.loads(meta_bytes) if meta_bytes else {}
+    return (kind.decode(), count, meta, payload), stop
 
 
 # ---------------------------------------------------------------- the spool
 
 class Spool:
     """Segment files under one directory, owned by this process while open. Not thread-safe:
-    the writer serialises calls under its own lock (appends) or its flush thread (reads)."""
+    the writer serialises calls under its own lock (except :meth:`Block.read`)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -141,9 +221,9 @@ class Spool:
         self._lock_fd: int | None = None
         self._tail_fd: int | None = None
         self._tail: Segment | None = None
-        self._tail_bytes = 0
         self._dirty = False
-        self.corrupt = 0  # damaged lines skipped
+        self.pending = 0  # records in pending blocks
+        self.corrupt = 0  # damaged blocks skipped
 
     # -- ownership -----------------------------------------------------------
     @classmethod
@@ -168,95 +248,102 @@ class Spool:
         return True
 
     def recover(self, next_seq: int) -> int:
-        """Load the segments a previous owner left (dropping torn tails); number their records
+        """Load the blocks a previous owner left (dropping a torn tail); number their records
         from `next_seq`. Returns how many records they hold."""
-        total = 0
+        seq = next_seq
         for path in sorted(self.directory.glob("*" + _SUFFIX)):
-            count = self._repair(path)
-            if count == 0:
+            segment = Segment(int(path.stem), path)
+            data = path.read_bytes()
+            offset = 0
+            while offset < len(data):
+                try:
+                    parsed, stop = parse_block(data, offset)
+                except _Torn:
+                    logger.warning("spool %s: torn last block (%d bytes) dropped", path, len(data) - offset)
+                    break
+                except ValueError:
+                    self.corrupt += 1
+                    logger.error("spool %s: damaged block header at byte %d; the rest of the file (%d bytes) "
+                                 "is dropped", path, offset, len(data) - offset)
+                    break
+                if parsed is None:
+                    self.corrupt += 1
+                    logger.error("spool %s: damaged block at byte %d skipped", path, offset)
+                else:
+                    kind, count, meta, _ = parsed
+                    segment.blocks.append(Block(segment, offset, stop - offset, kind, count, meta, seq))
+                    seq += count
+                offset = stop
+            if offset < len(data):
+                with path.open("r+b") as handle:
+                    handle.truncate(offset)
+            segment.size = offset
+            if segment.blocks:
+                self.segments.append(segment)
+            else:
                 path.unlink()
-                continue
-            self.segments.append(Segment(int(path.stem), path, count, next_seq + total))
-            total += count
-        return total
-
-    def _repair(self, path: Path) -> int:
-        """Count intact records; cut a torn last line so later appends never follow garbage."""
-        count = 0
-        good_end = 0
-        offset = 0
-        with path.open("rb") as handle:
-            for line in handle:
-                offset += len(line)
-                if _unframe(line) is None:
-                    if line.endswith(b"\n"):
-                        self.corrupt += 1
-                        logger.error("spool %s: damaged record at byte %d skipped", path, offset - len(line))
-                        good_end = offset
-                    continue
-                count += 1
-                good_end = offset
-        if good_end < offset:
-            logger.warning("spool %s: torn last record (%d bytes) dropped", path, offset - good_end)
-            with path.open("r+b") as handle:
-                handle.truncate(good_end)
-        return count
+        self.pending = seq - next_seq
+        return self.pending
 
     def close(self) -> None:
         self.close_tail()
+        for segment in self.segments:
+            segment.close_reader()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     # -- writing -------------------------------------------------------------
-    @property
-    def pending(self) -> int:
-        return sum(s.records - s.done for s in self.segments)
-
     def __bool__(self) -> bool:
-        return bool(self.segments)
+        return self.pending > 0
 
-    def append(self, bodies: Iterable[str], first_seq: int) -> int:
-        """Append records at the tail (one write); returns how many."""
-        data = b"".join(frame(b) for b in bodies)
-        if not data:
-            return 0
-        count = data.count(b"\n")
-        if self._tail is None or self._tail_bytes > MAX_SEGMENT_BYTES:
-            self._open_tail(first_seq)
-        assert self._tail is not None and self._tail_fd is not None
+    def append(self, kind: str, count: int, meta: dict, payload: bytes, first_seq: int) -> Block:
+        """Append one block at the tail (one write)."""
+        data = encode_block(kind, count, meta, payload)
+        if self._tail is None or self._tail.size > MAX_SEGMENT_BYTES:
+            self._open_tail()
+        tail = self._tail
+        assert tail is not None and self._tail_fd is not None
         _write_all(self._tail_fd, data)
-        self._tail_bytes += len(data)
-        self._tail.records += count
+        block = Block(tail, tail.size, len(data), kind, count, meta, first_seq)
+        tail.size += len(data)
+        tail.blocks.append(block)
+        self.pending += count
         self._dirty = True
-        return count
+        return block
 
-    def prepend(self, bodies: Iterable[str], first_seq: int) -> int:
-        """Write older records as a new first segment, fsync-ed before returning."""
-        data = b"".join(frame(b) for b in bodies)
-        if not data:
+    def prepend(self, blocks: list[tuple[str, int, dict, bytes, int]]) -> int:
+        """Write older batches ((kind, count, meta, payload, first_seq)) as a new first
+        segment, fsync-ed before returning; returns how many records."""
+        if not blocks:
             return 0
         number = (self.segments[0].number if self.segments else _FIRST_NUMBER) - 1
-        path = self.directory / f"{number:012d}{_SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        segment = Segment(number, self.directory / f"{number:012d}{_SUFFIX}")
+        encoded = []
+        for kind, count, meta, payload, first_seq in blocks:
+            data = encode_block(kind, count, meta, payload)
+            segment.blocks.append(Block(segment, segment.size, len(data), kind, count, meta, first_seq))
+            segment.size += len(data)
+            encoded.append(data)
+        fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _write_all(fd, data)
+            _write_all(fd, b"".join(encoded))
             os.fsync(fd)
         finally:
             os.close(fd)
         self._sync_directory()
-        count = data.count(b"\n")
-        self.segments.insert(0, Segment(number, path, count, first_seq))
-        return count
+        self.segments.insert(0, segment)
+        records = sum(b.count for b in segment.blocks)
+        self.pending += records
+        return records
 
-    def _open_tail(self, first_seq: int) -> None:
+    def _open_tail(self) -> None:
         self.close_tail()
         number = (self.segments[-1].number if self.segments else _FIRST_NUMBER) + 1
         path = self.directory / f"{number:012d}{_SUFFIX}"
         self._tail_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._sync_directory()
-        self._tail = Segment(number, path, 0, first_seq)
-        self._tail_bytes = 0
+        self._tail = Segment(number, path)
         self.segments.append(self._tail)
 
     def close_tail(self) -> None:
@@ -268,12 +355,6 @@ class Spool:
         self._tail = None
         self._dirty = False
 
-    def sync(self) -> None:
-        """fsync the tail if it has unsynced appends."""
-        if self._dirty and self._tail_fd is not None:
-            os.fsync(self._tail_fd)
-            self._dirty = False
-
     def take_sync_fd(self) -> int | None:
         """A duplicate of the dirty tail's descriptor to fsync outside the caller's lock
         (the caller closes it); None when nothing is unsynced."""
@@ -281,10 +362,6 @@ class Spool:
             return None
         self._dirty = False
         return os.dup(self._tail_fd)
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -294,31 +371,31 @@ class Spool:
             os.close(fd)
 
     # -- replay --------------------------------------------------------------
-    def sealed(self) -> list[Segment]:
-        """Segments no longer appended to, in replay order."""
-        return [s for s in self.segments if s is not self._tail]
+    def blocks(self) -> list[Block]:
+        """Pending blocks in replay order."""
+        return [block for segment in self.segments for block in segment.blocks]
 
-    def read(self, segment: Segment, chunk: int) -> Iterator[list[tuple[str, tuple]]]:
-        """Decoded records of `segment` after its committed prefix, `chunk` at a time."""
-        batch: list[tuple[str, tuple]] = []
-        index = 0
-        with segment.path.open("rb") as handle:
-            for line in handle:
-                body = _unframe(line)
-                if body is None:
-                    continue  # counted and reported by recover()/the torn tail; never replayed
-                index += 1
-                if index <= segment.done:
-                    continue
-                batch.append(decode(body))
-                if len(batch) >= chunk:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
+    def first(self) -> Block | None:
+        for segment in self.segments:
+            if segment.blocks:
+                return segment.blocks[0]
+        return None
 
-    def remove(self, segment: Segment) -> None:
-        """Forget a fully replayed segment."""
+    def done(self, block: Block) -> None:
+        """Forget a replayed block; a segment left without pending blocks is removed (the
+        tail too: nothing in it needs to survive any more)."""
+        segment = block.segment
+        segment.blocks.remove(block)
+        self.pending -= block.count
+        if segment.blocks:
+            return
+        if segment is self._tail:
+            assert self._tail_fd is not None
+            os.close(self._tail_fd)
+            self._tail_fd = None
+            self._tail = None
+            self._dirty = False
+        segment.close_reader()
         segment.path.unlink(missing_ok=True)
         self.segments.remove(segment)
 

@@ -1,22 +1,28 @@
 """DatabaseWriter: buffered, thread-safe COPY ingestion that never loses or doubles a record.
 
-``write_trade``/``write_candle`` validate and append to a buffer (a WebSocket reader thread
-calls them, so they only take a lock). One named flush thread commits batches:
+``write_trade`` validates a trade and encodes it, once, into its PostgreSQL COPY text line;
+under the lock it only appends the line to the open batch (deduplicating by trade id within
+the batch and noting the touched minute). That one bytes form is what the flush thread COPYs,
+what the spool stores and what a replay COPYs again: no per-row work after acceptance.
 
-* trades: deduplicated in the batch, then, per symbol under ``store.lock_symbol(conn,
-  TRADES_LOCK, symbol)``, the ids already stored in the batch's id range are read and
-  skipped (Kraken ids are contiguous, so this is one index range scan), the rest is COPY-ed
-  (binary) straight into ``trades``; only if someone else stored one of them meanwhile
-  (a unique violation) does the batch take the staging merge. The 1-minute candles of the
+One named flush thread commits batches:
+
+* trades, per batch and symbol under ``store.lock_symbol(conn, TRADES_LOCK, symbol)``: one
+  index probe asks whether any id of the batch's [lowest, highest] range is stored (Kraken ids
+  are contiguous); if none is, the payload is COPY-ed straight into ``trades``; otherwise (or
+  on a unique violation from a writer that does not take the lock) it takes the staging merge
+  (COPY into a temporary table, insert what is not stored). The 1-minute candles of the
   touched minutes are rebuilt from stored trades in the same transaction (build_candles).
 * candles: the newest value per bucket wins, but an exchange candle never overwrites one
   built from trades; changed buckets go to ``candle_changes``.
 * sync status: applied only once every record accepted before it is committed.
 
-Failures: a connectivity (or any non-data) error spills the batch and the buffers to the
-local spool (``spool.py``) in acceptance order and switches to spool mode (new records go
-to the spool too) until a replay with back-off has drained it; records past the in-memory
-caps go there as well. A data error is bisected down to the offending record, which is
+Memory is bounded: past MAX_TRADE_BUFFER_SIZE trades (or MAX_CANDLE_BUFFER_SIZE candles)
+waiting for the database, batches go to the local spool (``spool.py``) as blocks, one write
+per batch, and the writer stays in spool mode (new batches are spooled too, keeping their
+order) until the flush thread has replayed the spool; then it buffers in memory again. A
+connectivity (or any non-data) error spills the batch in flight in front of the spool and
+retries with back-off. A data error is bisected down to the offending record, which is
 rejected and reported; the rest is kept.
 """
 
@@ -38,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import psycopg
 import psycopg_pool
 from psycopg import sql
+from psycopg.copy import LibpqWriter
 
 from . import spool as spoolfmt
 from . import store
@@ -45,7 +52,7 @@ from .config import Settings
 from .db import libpq_url
 from .errors import DatabaseUnavailableError, PermanentError
 from .pairs import DEFAULT_REGISTRY
-from .spool import Spool
+from .spool import Block, Spool, read_blocks
 from .types import CandleRecord, CandleSource, TradeRecord, TradeSource
 
 logger = logging.getLogger(__name__)
@@ -55,23 +62,30 @@ UTC = timezone.utc
 TRADES_LOCK = "trades"
 
 _TRADE_COLUMNS = ("symbol", "trade_id", "time", "price", "volume", "side", "ord_type", "source")
-_TRADE_TYPES = ("text", "int8", "timestamptz", "numeric", "numeric", "text", "text", "text")
 _TRADE_SOURCES = {s: s.value for s in TradeSource} | {s.value: s.value for s in TradeSource}
 _CANDLE_SOURCES = {s: s.value for s in CandleSource} | {s.value: s.value for s in CandleSource}
 _BIGINT = 2**63
 _MERGE_GAP_MINUTES = 15  # touched minutes closer than this are rebuilt as one window
-_REPLAY_CHUNK = 10_000
+_SPOOL_BLOCK = 5_000  # trades per spooled block in spool mode (at least trade_buffer_size)
+_REPLAY_ROWS = 100_000  # records of consecutive spooled blocks committed in one transaction
+#: bytes handed to libpq before waiting for the socket during a COPY: each wait gives the GIL
+#: away, and getting it back from a busy producer thread takes up to the switch interval
+_COPY_FLUSH_BYTES = 64 * 1024 * 1024
 _FSYNC_EVERY = 1.0  # seconds: spool tail fsync policy
+_NULL = "\\N"  # COPY text NULL
 
-_COPY_TRADES = sql.SQL("COPY trades ({}) FROM STDIN (FORMAT BINARY)").format(
-    sql.SQL(", ").join(map(sql.Identifier, _TRADE_COLUMNS))
-)
+_COLUMN_LIST = sql.SQL(", ").join(map(sql.Identifier, _TRADE_COLUMNS))
+_COPY_TRADES = sql.SQL("COPY trades ({}) FROM STDIN").format(_COLUMN_LIST)
+_COPY_STAGE = sql.SQL("COPY writer_trades_stage ({}) FROM STDIN").format(_COLUMN_LIST)
+_PROBE_TRADES = "SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %s AND trade_id BETWEEN %s AND %s)"
 
 _MERGE_TRADES = """
 INSERT INTO trades (symbol, trade_id, time, price, volume, side, ord_type, source)
-SELECT s.symbol, s.trade_id, s.time, s.price, s.volume, s.side, s.ord_type, s.source
+SELECT DISTINCT ON (s.symbol, s.trade_id)
+       s.symbol, s.trade_id, s.time, s.price, s.volume, s.side, s.ord_type, s.source
 FROM writer_trades_stage s
 WHERE NOT EXISTS (SELECT 1 FROM trades t WHERE t.symbol = s.symbol AND t.trade_id = s.trade_id)
+ORDER BY s.symbol, s.trade_id, s.ctid
 ON CONFLICT DO NOTHING
 RETURNING symbol, time
 """
@@ -157,7 +171,7 @@ class _SymbolCheck:
         self._known: set[str] = set()
 
     def __call__(self, value: object) -> str:
-        if value in self._known:
+        if value.__class__ is str and value in self._known:
             return value  # type: ignore[return-value]
         if not isinstance(value, str):
             raise _bad("symbol", f"must be a str, got {type(value).__name__}")
@@ -173,31 +187,76 @@ class _SymbolCheck:
         return value
 
 
-def _trade_row(record: object, symbol_check: _SymbolCheck) -> tuple:
-    if not isinstance(record, TradeRecord):
-        raise InvalidRecordError(f"record must be a TradeRecord, got {type(record).__name__}")
-    trade_id = record.trade_id
-    if type(trade_id) is not int or not -_BIGINT <= trade_id < _BIGINT:
-        raise _bad("trade_id", f"must be an int within bigint range, got {trade_id!r}")
-    side, ord_type = record.side, record.ord_type
-    if side not in (None, "b", "s"):
-        raise _bad("side", f"must be 'b', 's' or None, got {side!r}")
-    if ord_type not in (None, "m", "l"):
-        raise _bad("ord_type", f"must be 'm', 'l' or None, got {ord_type!r}")
-    source = record.source
-    source = source._value_ if source.__class__ is TradeSource else _TRADE_SOURCES.get(source)  # type: ignore[call-overload]
-    if source is None:
-        raise _bad("source", f"must be one of {sorted(_TRADE_SOURCES)}, got {record.source!r}")
-    return (
-        symbol_check(record.symbol),
-        trade_id,
-        _utc(record.time, "time"),
-        _number(record.price, "price", positive=True),
-        _number(record.volume, "volume", positive=False),
-        side,
-        ord_type,
-        source,
-    )
+_SIDES = {None: _NULL, "b": "b", "s": "s"}
+_SECONDS = [f"{second:02d}." for second in range(61)]
+_ORD_TYPES = {None: _NULL, "m": "m", "l": "l"}
+
+
+class _TradeEncoder:
+    """Validate a TradeRecord and encode it as its COPY text line, in one pass.
+
+    The cheap checks run inline; anything unusual goes through the field checkers, which
+    name the field. The text of a minute (``YYYY-MM-DD HH:MM:``) and its number are cached,
+    so a time costs one dict lookup and a short format."""
+
+    _CACHE_LIMIT = 100_000
+
+    def __init__(self, symbol_check: _SymbolCheck) -> None:
+        self._symbol = symbol_check
+        self._minutes: dict[tuple[int, int, int, int, int], tuple[str, int]] = {}
+
+    def __call__(self, record: object) -> tuple[str, int, int, str]:
+        """record → (symbol, trade_id, minute number, COPY line)."""
+        if record.__class__ is not TradeRecord and not isinstance(record, TradeRecord):
+            raise InvalidRecordError(f"record must be a TradeRecord, got {type(record).__name__}")
+        trade_id = record.trade_id
+        if trade_id.__class__ is not int or not -_BIGINT <= trade_id < _BIGINT:
+            raise _bad("trade_id", f"must be an int within bigint range, got {trade_id!r}")
+        side = _SIDES.get(record.side)  # type: ignore[call-overload]
+        if side is None:
+            raise _bad("side", f"must be 'b', 's' or None, got {record.side!r}")
+        ord_type = _ORD_TYPES.get(record.ord_type)  # type: ignore[call-overload]
+        if ord_type is None:
+            raise _bad("ord_type", f"must be 'm', 'l' or None, got {record.ord_type!r}")
+        source = record.source
+        source = source._value_ if source.__class__ is TradeSource else _TRADE_SOURCES.get(source)  # type: ignore[call-overload]
+        if source is None:
+            raise _bad("source", f"must be one of {sorted(_TRADE_SOURCES)}, got {record.source!r}")
+        symbol = self._symbol(record.symbol)
+        when = record.time
+        if when.__class__ is not datetime or when.tzinfo is not UTC:
+            when = _utc(when, "time")
+        price = record.price
+        if price.__class__ is not Decimal or not price.is_finite() or price <= _ZERO:
+            price = _number(price, "price", positive=True)
+        volume = record.volume
+        if volume.__class__ is not Decimal or not volume.is_finite() or volume < _ZERO:
+            volume = _number(volume, "volume", positive=False)
+        key = (when.year, when.month, when.day, when.hour, when.minute)
+        cached = self._minutes.get(key)
+        if cached is None:
+            cached = self._minute(when, key)
+        # (format specs and Decimal.__format__ are slow: a seconds table, str() and !s instead)
+        return symbol, trade_id, cached[1], (
+            f"{symbol}\t{trade_id}\t{cached[0]}{_SECONDS[when.second]}{str(1_000_000 + when.microsecond)[1:]}+00"
+            f"\t{price!s}\t{volume!s}\t{side}\t{ord_type}\t{source}\n"
+        )
+
+    def _minute(self, when: datetime, key: tuple[int, int, int, int, int]) -> tuple[str, int]:
+        if len(self._minutes) >= self._CACHE_LIMIT:
+            self._minutes.clear()
+        start = when.replace(second=0, microsecond=0)
+        entry = (f"{when.year:04d}-{when.month:02d}-{when.day:02d} {when.hour:02d}:{when.minute:02d}:",
+                 int(start.timestamp()) // 60)
+        self._minutes[key] = entry
+        return entry
+
+
+def _decode_trade_line(line: bytes) -> tuple:
+    """A COPY line back to a row (for rejection reports and bisection)."""
+    f = line.decode().rstrip("\n").split("\t")
+    return (f[0], int(f[1]), datetime.fromisoformat(f[2]), Decimal(f[3]), Decimal(f[4]),
+            None if f[5] == _NULL else f[5], None if f[6] == _NULL else f[6], f[7])
 
 
 def _candle_row(record: object, symbol_check: _SymbolCheck) -> tuple:
@@ -231,6 +290,97 @@ def _candle_row(record: object, symbol_check: _SymbolCheck) -> tuple:
     )
 
 
+# ---------------------------------------------------------------- trade batches
+
+class _OpenBatch:
+    """Trades accepted and not yet handed on: their COPY lines, and per symbol the ids (for
+    in-batch dedupe) and touched minutes."""
+
+    __slots__ = ("lines", "symbols", "accepted", "first_seq", "started")
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.symbols: dict[str, tuple[set[int], set[int]]] = {}  # symbol → (ids, minutes)
+        self.accepted: list[float] = []
+        self.first_seq = 0
+        self.started = 0.0
+
+    def meta(self) -> dict[str, list]:
+        """{symbol: [lowest id, highest id, sorted minutes]} (the spool block meta)."""
+        return {symbol: [min(ids), max(ids), sorted(minutes)] for symbol, (ids, minutes) in self.symbols.items()}
+
+
+class _TradeChunk:
+    """Trades to commit in one transaction: COPY text payload and per-symbol metadata.
+    ``overlap``: id ranges of the chunk's parts overlap, so it may hold duplicates."""
+
+    __slots__ = ("payload", "count", "meta", "overlap", "first_seq", "accepted")
+
+    def __init__(self, payload: bytes, count: int, meta: dict[str, list], *, overlap: bool = False,
+                 first_seq: int = 0, accepted: list[float] | None = None) -> None:
+        self.payload = payload
+        self.count = count
+        self.meta = meta
+        self.overlap = overlap
+        self.first_seq = first_seq
+        self.accepted = accepted
+
+    @classmethod
+    def from_batch(cls, batch: _OpenBatch) -> "_TradeChunk":
+        return cls("".join(batch.lines).encode(), len(batch.lines), batch.meta(), first_seq=batch.first_seq,
+                   accepted=batch.accepted)
+
+    @classmethod
+    def from_lines(cls, lines: list[bytes]) -> "_TradeChunk":
+        """Rebuild the metadata from the lines themselves (bisection: a rare path)."""
+        ids: dict[str, list[int]] = {}
+        minutes: dict[str, set[int]] = {}
+        for line in lines:
+            symbol, trade_id, when, _ = line.split(b"\t", 3)
+            key = symbol.decode()
+            ids.setdefault(key, []).append(int(trade_id))
+            minutes.setdefault(key, set()).add(int(datetime.fromisoformat(when.decode()).timestamp()) // 60)
+        meta = {s: [min(v), max(v), sorted(minutes[s])] for s, v in ids.items()}
+        return cls(b"".join(lines), len(lines), meta, overlap=True)
+
+    @classmethod
+    def from_blocks(cls, blocks: list[Block], payloads: list[bytes]) -> "_TradeChunk":
+        meta: dict[str, list] = {}
+        overlap = False
+        for block in blocks:
+            for symbol, (low, high, minutes) in block.meta.items():
+                seen = meta.get(symbol)
+                if seen is None:
+                    meta[symbol] = [low, high, set(minutes), [(low, high)]]
+                    continue
+                overlap = overlap or any(low <= b and a <= high for a, b in seen[3])
+                seen[0], seen[1] = min(seen[0], low), max(seen[1], high)
+                seen[2].update(minutes)
+                seen[3].append((low, high))
+        return cls(b"".join(payloads), sum(b.count for b in blocks),
+                   {s: [m[0], m[1], sorted(m[2])] for s, m in meta.items()}, overlap=overlap)
+
+
+class _Inflight:
+    """A batch taken from the buffers by the flush thread; the trade chunk is built outside
+    the lock, once."""
+
+    __slots__ = ("trades", "_chunk", "candles", "syncs")
+
+    def __init__(self, trades: _OpenBatch | None, candles: list[tuple], syncs: list[tuple]) -> None:
+        self.trades = trades
+        self._chunk: _TradeChunk | None = None
+        self.candles = candles
+        self.syncs = syncs
+
+    def chunk(self) -> _TradeChunk | None:
+        if self.trades is None:
+            return None
+        if self._chunk is None:
+            self._chunk = _TradeChunk.from_batch(self.trades)
+        return self._chunk
+
+
 # ---------------------------------------------------------------- error classification
 
 def _classify(exc: BaseException) -> Exception:
@@ -240,14 +390,15 @@ def _classify(exc: BaseException) -> Exception:
     return _Unavailable(f"{type(exc).__name__}: {str(exc).strip()}")
 
 
-def _minute_runs(times: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
-    """Touched minutes → a few [start, end) windows (minutes closer than the merge gap joined)."""
-    minutes = sorted({int(t.timestamp()) // 60 for t in times})
+def _minute_runs(minutes: Iterable[int]) -> list[tuple[datetime, datetime]]:
+    """Touched minutes (numbers since the epoch) → a few [start, end) windows (minutes closer
+    than the merge gap joined)."""
+    ordered = sorted(set(minutes))
     runs: list[tuple[datetime, datetime]] = []
-    if not minutes:
+    if not ordered:
         return runs
-    start = prev = minutes[0]
-    for minute in minutes[1:]:
+    start = prev = ordered[0]
+    for minute in ordered[1:]:
         if minute - prev > _MERGE_GAP_MINUTES:
             runs.append((start, prev + 1))
             start = minute
@@ -268,9 +419,9 @@ class DatabaseWriter:
     """Buffered, thread-safe writer of trades, 1-minute candles and sync status.
 
     ``write_*`` never block on the database. Records are durable (committed) once
-    :meth:`flush` returns True, or after :meth:`stop`; while the database is away they are
-    kept in the local spool (``<data_dir>/spool``) and replayed, in order, when it answers
-    again or on the next start after a crash.
+    :meth:`flush` returns True, or after :meth:`stop`; while the database is away or behind
+    they are kept in the local spool (``<data_dir>/spool``) and replayed, in order, when it
+    answers again or on the next start after a crash.
     """
 
     MAX_TRADE_BUFFER_SIZE = 10_000
@@ -314,22 +465,28 @@ class DatabaseWriter:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._check_symbol = _SymbolCheck()
+        self._encode_trade = _TradeEncoder(self._check_symbol)
         self._state = "new"  # new → running → stopping → stopped
         self._abort = False
         self._seq = 0
-        self._trades: list[tuple] = []  # (seq, accepted_at, row)
-        self._candles: list[tuple] = []
+        self._open = _OpenBatch()
+        self._candles: list[tuple] = []  # (seq, accepted_at, row)
         self._syncs: list[tuple] = []
         self._inflight_min: int | None = None
         self._flush_target = 0
         self._spool: Spool | None = None
         self._spool_mode = False
+        # trades in the open batch at which it is handed on: spooled past this many
+        self._block_limit = self.MAX_TRADE_BUFFER_SIZE
+        self._spool_block = min(self.MAX_TRADE_BUFFER_SIZE, max(trade_buffer_size, _SPOOL_BLOCK))
         self._backoff_until = 0.0
-        self._last_fsync = 0.0
         self._thread: threading.Thread | None = None
+        self._fsync_thread: threading.Thread | None = None
+        self._fsync_stop = threading.Event()
         self._pool: psycopg_pool.ConnectionPool | None = None
         self.url: str | None = None
         self._latencies: deque[float] = deque(maxlen=100_000)
+        self._counts: dict[str, int] = {}  # the flush thread's, not yet in _stats
         self.rejected: deque[tuple[str, tuple, str]] = deque(maxlen=1000)
         self._stats = dict.fromkeys(
             (
@@ -359,14 +516,19 @@ class DatabaseWriter:
         if recovered:
             logger.warning("writer: replaying %d spooled records from %s", recovered, spool.directory,
                            extra={"event": "writer_spool_recover"})
+        self._open_pool()  # connects in the background; the first batch need not wait for it
         with self._lock:
             self._spool = spool
             self._seq = recovered
             self._stats["recovered"] = recovered
-            self._spool_mode = recovered > 0
+            if recovered:
+                self._set_spool_mode_locked(True)
             self._state = "running"
             self._thread = threading.Thread(target=self._run, name="kraken_hist-writer-flush", daemon=True)
             self._thread.start()
+            self._fsync_thread = threading.Thread(target=self._fsync_run, name="kraken_hist-writer-spool-sync",
+                                                  daemon=True)
+            self._fsync_thread.start()
         return self
 
     def _resolve_url(self, settings: Settings) -> str:
@@ -383,7 +545,7 @@ class DatabaseWriter:
         return url
 
     def stop(self, timeout: float | None = 60.0) -> bool:
-        """Flush everything accepted, stop the thread, close the pool. Idempotent.
+        """Flush everything accepted, stop the threads, close the pool. Idempotent.
 
         Returns True when everything reached the database; if it could not within `timeout`
         seconds, what is left is spooled locally (replayed on the next start) and it
@@ -407,8 +569,11 @@ class DatabaseWriter:
             if thread.is_alive():
                 logger.error("writer: flush thread did not stop; spooled records are safe",
                              extra={"event": "writer_stop_stuck"})
+        self._fsync_stop.set()
+        if self._fsync_thread is not None:
+            self._fsync_thread.join()
         with self._cond:
-            clean = not (self._trades or self._candles or self._syncs or self._spool)
+            clean = not (self._open.lines or self._candles or self._syncs or self._spool)
             if self._spool is not None:
                 self._spool.close()
             self._state = "stopped"
@@ -423,13 +588,63 @@ class DatabaseWriter:
         self.stop()
 
     # ------------------------------------------------------------ accepting
+    def _refuse_locked(self) -> None:
+        raise RuntimeError(f"writer is {self._state}: call start() first" if self._state == "new"
+                           else f"writer is {self._state}")
+
     def write_trade(self, record: TradeRecord) -> None:
         """Accept one trade (validated here; InvalidRecordError names the bad field)."""
-        self._accept("trades", spoolfmt.encode_trade, _trade_row(record, self._check_symbol))
+        symbol, trade_id, minute, line = self._encode_trade(record)
+        now = time.monotonic()
+        with self._lock:
+            if self._state != "running":
+                self._refuse_locked()
+            self._seq += 1
+            stats = self._stats
+            stats["trades_accepted"] += 1
+            batch = self._open
+            seen = batch.symbols.get(symbol)
+            if seen is None:
+                seen = batch.symbols[symbol] = (set(), set())
+            ids, minutes = seen
+            if trade_id in ids:
+                stats["trades_duplicate"] += 1  # the same trade is already waiting in this batch
+                return
+            ids.add(trade_id)
+            minutes.add(minute)
+            lines = batch.lines
+            lines.append(line)
+            batch.accepted.append(now)
+            count = len(lines)
+            if count == 1:
+                batch.first_seq = self._seq
+                batch.started = now
+                self._cond.notify()  # an idle flush thread learns its deadline
+                return
+            if count >= self._block_limit:
+                self._hand_to_spool_locked("trade buffer full")
+                return
+            if count != self.trade_buffer_size or self._spool_mode:
+                return
+            self._cond.notify()
+        # Let the woken flush thread take the lock now: a tight producer loop would otherwise
+        # re-acquire it first every time and starve the flush (no pipelining).
+        time.sleep(0)
 
     def write_candle(self, record: CandleRecord) -> None:
         """Accept one 1-minute candle; a later one for the same bucket replaces it."""
-        self._accept("candles", spoolfmt.encode_candle, _candle_row(record, self._check_symbol))
+        row = _candle_row(record, self._check_symbol)
+        now = time.monotonic()
+        with self._lock:
+            if self._state != "running":
+                self._refuse_locked()
+            self._seq += 1
+            self._stats["candles_accepted"] += 1
+            self._candles.append((self._seq, now, row))
+            if len(self._candles) == 1:
+                self._cond.notify()
+            elif len(self._candles) >= self.MAX_CANDLE_BUFFER_SIZE:
+                self._hand_to_spool_locked("candle buffer full")
 
     def update_sync_status(self, symbol: str, data_type: str, timestamp: datetime | None, **details: Any) -> None:
         """Record how far `data_type` ingestion of `symbol` has come, once every record
@@ -450,63 +665,107 @@ class DatabaseWriter:
             raise InvalidRecordError(f"details must be JSON-serialisable: {exc}") from None
         row = (symbol, data_type, when, None if cursor is None else str(cursor), last_trade_id, details_json)
         spoolfmt.encode_sync(row)  # refuses fields the spool could not hold
-        self._accept("syncs", spoolfmt.encode_sync, row)
-
-    def _accept(self, kind: str, encode: Callable[[tuple], str], row: tuple) -> None:
-        if self._accept_locked(kind, encode, row):
-            # Let the woken flush thread take the lock now: a tight producer loop would
-            # otherwise re-acquire it first every time and starve the flush (no pipelining).
-            time.sleep(0)
-
-    def _accept_locked(self, kind: str, encode: Callable[[tuple], str], row: tuple) -> bool:
-        """Buffer or spool one validated row; True when the flush thread was woken."""
-        now = time.monotonic()
         with self._cond:
             if self._state != "running":
-                raise RuntimeError(f"writer is {self._state}: call start() first" if self._state == "new"
-                                   else f"writer is {self._state}")
+                self._refuse_locked()
             self._seq += 1
-            self._stats[kind + "_accepted"] += 1
-            if self._spool_mode:
-                self._spool_locked([encode(row)], self._seq)
-                return False
-            buffer: list[tuple] = getattr(self, "_" + kind)
-            buffer.append((self._seq, now, row))
-            wake = kind == "syncs"
-            if kind == "trades":
-                if len(buffer) >= self.MAX_TRADE_BUFFER_SIZE:
-                    self._enter_spool_mode_locked("trade buffer full")
-                wake = len(buffer) == self.trade_buffer_size or self._spool_mode
-            elif kind == "candles" and len(buffer) >= self.MAX_CANDLE_BUFFER_SIZE:
-                self._enter_spool_mode_locked("candle buffer full")
-                wake = True
-            if wake:
-                self._cond.notify_all()
-            return wake
+            self._stats["syncs_accepted"] += 1
+            if self._spool_mode:  # after every record before it, in spool order
+                self._seal_open_locked()
+                self._spool_syncs_locked([(self._seq, time.monotonic(), row)])
+            else:
+                self._syncs.append((self._seq, time.monotonic(), row))
+            self._cond.notify()
 
-    def _spool_locked(self, bodies: list[str], first_seq: int) -> None:
-        assert self._spool is not None
-        self._stats["spooled"] += self._spool.append(bodies, first_seq)
+    # ------------------------------------------------------------ the spool (all under the lock)
+    def _set_spool_mode_locked(self, on: bool) -> None:
+        self._spool_mode = on
+        self._block_limit = self._spool_block if on else self.MAX_TRADE_BUFFER_SIZE
 
-    def _enter_spool_mode_locked(self, reason: str) -> None:
+    def _hand_to_spool_locked(self, reason: str) -> None:
+        """The open buffers reached their limit: spool them (entering spool mode)."""
         if not self._spool_mode:
-            logger.warning("writer: %s; spooling new records to %s", reason,
-                           self._spool.directory if self._spool is not None else "?", extra={"event": "writer_spooling"})
-            self._spool_mode = True
+            logger.warning("writer: %s; spooling new records to %s until the database catches up", reason,
+                           self._spool.directory if self._spool is not None else "?",
+                           extra={"event": "writer_spooling"})
+            self._set_spool_mode_locked(True)
+        self._seal_open_locked()
+        self._cond.notify()
+
+    def _seal_open_locked(self) -> None:
+        """Append the open trade batch and candle buffer to the spool tail, one block each."""
+        spool = self._spool
+        assert spool is not None
+        batch = self._open
+        if batch.lines:
+            self._open = _OpenBatch()
+            payload = "".join(batch.lines).encode()
+            spool.append(spoolfmt.TRADE, len(batch.lines), batch.meta(), payload, batch.first_seq)
+            self._stats["spooled"] += len(batch.lines)
+        candles = self._candles
+        if candles:
+            self._candles = []
+            payload = spoolfmt.encode_lines([spoolfmt.encode_candle(e[2]) for e in candles])
+            spool.append(spoolfmt.CANDLE, len(candles), {}, payload, candles[0][0])
+            self._stats["spooled"] += len(candles)
+
+    def _spool_syncs_locked(self, syncs: list[tuple]) -> None:
+        if syncs:
+            assert self._spool is not None
+            payload = spoolfmt.encode_lines([spoolfmt.encode_sync(e[2]) for e in syncs])
+            self._spool.append(spoolfmt.SYNC, len(syncs), {}, payload, syncs[0][0])
+            self._stats["spooled"] += len(syncs)
+
+    def _spill_locked(self, chunk: _TradeChunk | None, candles: list[tuple], syncs: list[tuple]) -> None:
+        """The database failed: put the batch in flight in front of the spool (it is older
+        than anything spooled), the open buffers at its tail, and every waiting sync status
+        after them; spool new records until the database answers again."""
+        assert self._spool is not None
+        blocks: list[tuple[str, int, dict, bytes, int]] = []
+        if chunk is not None and chunk.count:
+            blocks.append((spoolfmt.TRADE, chunk.count, chunk.meta, chunk.payload, chunk.first_seq))
+        if candles:
+            blocks.append((spoolfmt.CANDLE, len(candles), {},
+                           spoolfmt.encode_lines([spoolfmt.encode_candle(e[2]) for e in candles]), candles[0][0]))
+        self._stats["spooled"] += self._spool.prepend(blocks)
+        self._inflight_min = None
+        if not self._spool_mode:
+            logger.warning("writer: database unavailable; spooling new records to %s", self._spool.directory,
+                           extra={"event": "writer_spooling"})
+            self._set_spool_mode_locked(True)
+        self._seal_open_locked()
+        waiting = sorted(syncs + self._syncs, key=lambda e: e[0])
+        self._syncs = []
+        self._spool_syncs_locked(waiting)
+        self._cond.notify_all()
+
+    def _fsync_run(self) -> None:
+        """The spool-sync thread: fsync the spool tail about once a second while it holds
+        unsynced blocks (outside the writer's lock)."""
+        while not self._fsync_stop.wait(_FSYNC_EVERY):
+            with self._lock:
+                fd = self._spool.take_sync_fd() if self._spool is not None else None
+            if fd is not None:
+                try:
+                    _fsync_close(fd)
+                except OSError:
+                    logger.exception("writer: spool fsync failed", extra={"event": "writer_spool_fsync"})
 
     # ------------------------------------------------------------ durability
     def _watermark_locked(self) -> int:
         """Highest seq such that every record up to it is committed (or rejected)."""
         low = self._seq + 1
-        for buffer in (self._trades, self._candles, self._syncs):
+        if self._open.lines:
+            low = self._open.first_seq
+        for buffer in (self._candles, self._syncs):
             if buffer:
                 low = min(low, buffer[0][0])
         if self._inflight_min is not None:
             low = min(low, self._inflight_min)
         if self._spool is not None:
-            for segment in self._spool.segments:
-                if segment.records > segment.done:
-                    low = min(low, segment.first_seq)
+            first = self._spool.first()
+            if first is not None:
+                low = min(low, first.first_seq)
         return low - 1
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -530,7 +789,7 @@ class DatabaseWriter:
         = written + duplicate/unchanged + rejected + pending."""
         with self._lock:
             stats: dict[str, Any] = dict(self._stats)
-            stats["trade_buffer"] = len(self._trades)
+            stats["trade_buffer"] = len(self._open.lines)
             stats["candle_buffer"] = len(self._candles)
             stats["sync_buffer"] = len(self._syncs)
             stats["spool_pending"] = self._spool.pending if self._spool is not None else 0
@@ -548,24 +807,29 @@ class DatabaseWriter:
     # ------------------------------------------------------------ the flush thread
     def _run(self) -> None:
         attempt = 0
+        finish: Callable[[], None] | None = None
         while True:
+            # One lock hold per batch, for the last batch's bookkeeping and taking the next:
+            # a producer thread holds the lock often, and each contended acquire gives the
+            # GIL away (and getting it back from a busy producer takes a switch interval).
             with self._cond:
+                self._apply_counts_locked()
+                if finish is not None:
+                    finish()
+                    finish = None
+                    self._cond.notify_all()
                 work = self._next_work_locked()
             if work is None:
                 return
             kind, payload = work
             try:
-                if kind == "fsync":
-                    _fsync_close(payload)
-                elif kind == "memory":
-                    self._commit_memory(*payload)
+                if kind == "memory":
+                    finish = self._commit_memory(payload)
                 elif kind == "syncs":
                     self._commit_rows("syncs", payload)
-                    with self._cond:
-                        self._inflight_min = None
-                        self._cond.notify_all()
+                    finish = self._clear_inflight_locked
                 else:
-                    self._replay(payload)
+                    finish = self._replay(payload)
                 attempt = 0
             except _Unavailable as exc:
                 attempt += 1
@@ -573,6 +837,7 @@ class DatabaseWriter:
                 logger.warning("writer: database unavailable (%s); retrying in %.1fs", exc, delay,
                                extra={"event": "writer_retry"})
                 with self._cond:
+                    self._apply_counts_locked()
                     self._stats["errors"] += 1
                     self._stats["retries"] += 1
                     self._spill_inflight_locked(kind, payload)
@@ -580,9 +845,20 @@ class DatabaseWriter:
             except Exception:  # noqa: BLE001 - the thread must survive; records stay where they are
                 logger.exception("writer: unexpected error in the flush thread", extra={"event": "writer_bug"})
                 with self._cond:
+                    self._apply_counts_locked()
                     self._stats["errors"] += 1
                     self._spill_inflight_locked(kind, payload)
                     self._backoff_until = time.monotonic() + self.max_retry_delay
+
+    def _apply_counts_locked(self) -> None:
+        """Move the flush thread's counters (kept without the lock) into the stats."""
+        if self._counts:
+            for name, value in self._counts.items():
+                self._stats[name] += value
+            self._counts.clear()
+
+    def _clear_inflight_locked(self) -> None:
+        self._inflight_min = None
 
     def _next_work_locked(self) -> tuple[str, Any] | None:
         while True:
@@ -590,60 +866,53 @@ class DatabaseWriter:
             spool = self._spool
             assert spool is not None
             if self._abort:
-                self._spill_locked([], [], [])
+                self._spill_locked(None, [], [])
                 spool.close_tail()
                 return None
-            if spool.dirty and now - self._last_fsync >= _FSYNC_EVERY:
-                self._last_fsync = now
-                fd = spool.take_sync_fd()
-                if fd is not None:
-                    return "fsync", fd
-            if now < self._backoff_until:
-                self._cond.wait(self._backoff_until - now)
+            open_trades, candles = self._open, self._candles
+            if self._spool_mode and (
+                (open_trades.lines and now - open_trades.started >= self.trade_flush_interval)
+                or (candles and now - candles[0][1] >= self.candle_flush_interval)
+            ):
+                self._seal_open_locked()  # spool mode: aged records go to the spool, in order
                 continue
-            urgent = self._state == "stopping" or self._flush_target > self._watermark_locked() or self._spool_mode
-            take_trades = bool(self._trades) and (
-                urgent or len(self._trades) >= self.trade_buffer_size
-                or now - self._trades[0][1] >= self.trade_flush_interval
-            )
-            take_candles = bool(self._candles) and (
-                urgent or now - self._candles[0][1] >= self.candle_flush_interval
-            )
-            if take_trades or take_candles:
-                trades: list[tuple] = []
-                candles: list[tuple] = []
-                if take_trades:
-                    trades, self._trades = self._trades, []
-                if take_candles:
-                    candles, self._candles = self._candles, []
-                self._inflight_min = min(batch[0][0] for batch in (trades, candles) if batch)
-                eligible = self._eligible_syncs_locked()
-                return "memory", (trades, candles, eligible)
+            deadlines = []
+            if open_trades.lines:
+                deadlines.append(open_trades.started + self.trade_flush_interval)
+            if candles:
+                deadlines.append(candles[0][1] + self.candle_flush_interval)
+            if now < self._backoff_until:
+                self._cond.wait(min([self._backoff_until, *deadlines]) - now)
+                continue
             eligible = self._eligible_syncs_locked()
-            if eligible:
+            if eligible:  # before later spooled sync statuses
                 self._inflight_min = eligible[0][0]
                 return "syncs", eligible
-            if self._spool_mode and not self._trades and not self._candles:
-                sealed = spool.sealed()
-                if sealed:
-                    return "spool", sealed
-                if spool.segments:  # only the tail: seal it so it can be replayed
-                    spool.close_tail()
-                    continue
-                self._spool_mode = False
+            if spool.first() is not None:
+                return "spool", self._replay_group_locked()
+            if self._spool_mode:
+                self._set_spool_mode_locked(False)
                 logger.info("writer: spool drained; back to buffering in memory", extra={"event": "writer_spool_drained"})
                 self._cond.notify_all()
-                continue
-            if self._state == "stopping" and not (self._trades or self._candles or self._syncs or spool.segments):
+            urgent = self._state == "stopping" or self._flush_target > self._watermark_locked()
+            take_trades = bool(open_trades.lines) and (
+                urgent or len(open_trades.lines) >= self.trade_buffer_size
+                or now - open_trades.started >= self.trade_flush_interval
+            )
+            take_candles = bool(candles) and (urgent or now - candles[0][1] >= self.candle_flush_interval)
+            if take_trades or take_candles:
+                batch: _OpenBatch | None = None
+                taken: list[tuple] = []
+                if take_trades:
+                    batch, self._open = open_trades, _OpenBatch()
+                if take_candles:
+                    taken, self._candles = candles, []
+                self._inflight_min = min(
+                    ([batch.first_seq] if batch is not None else []) + ([taken[0][0]] if taken else []))
+                return "memory", _Inflight(batch, taken, self._eligible_syncs_locked())
+            if self._state == "stopping" and not (open_trades.lines or candles or self._syncs or spool):
                 spool.close_tail()
                 return None
-            deadlines = []
-            if self._trades:
-                deadlines.append(self._trades[0][1] + self.trade_flush_interval)
-            if self._candles:
-                deadlines.append(self._candles[0][1] + self.candle_flush_interval)
-            if spool.dirty:
-                deadlines.append(self._last_fsync + _FSYNC_EVERY)
             self._cond.wait(max(0.0, min(deadlines) - now) if deadlines else None)
 
     def _eligible_syncs_locked(self) -> list[tuple]:
@@ -651,13 +920,14 @@ class DatabaseWriter:
         if not self._syncs:
             return []
         low = self._seq + 1
-        for buffer in (self._trades, self._candles):
-            if buffer:
-                low = min(low, buffer[0][0])
+        if self._open.lines:
+            low = self._open.first_seq
+        if self._candles:
+            low = min(low, self._candles[0][0])
         if self._spool is not None:
-            for segment in self._spool.segments:
-                if segment.records > segment.done:
-                    low = min(low, segment.first_seq)
+            first = self._spool.first()
+            if first is not None:
+                low = min(low, first.first_seq)
         count = 0
         while count < len(self._syncs) and self._syncs[count][0] < low:
             count += 1
@@ -665,64 +935,101 @@ class DatabaseWriter:
         del self._syncs[:count]
         return eligible
 
+    def _replay_group_locked(self) -> list[Block]:
+        """The first pending spooled block and the following ones of the same kind, up to
+        _REPLAY_ROWS records: one transaction."""
+        assert self._spool is not None
+        group: list[Block] = []
+        rows = 0
+        for block in self._spool.blocks():
+            if group and (block.kind != group[0].kind or block.segment is not group[0].segment
+                          or rows + block.count > _REPLAY_ROWS):
+                break
+            group.append(block)
+            rows += block.count
+        return group
+
     def _spill_inflight_locked(self, kind: str, payload: Any) -> None:
         if kind == "memory":
-            self._spill_locked(*payload)
+            self._spill_locked(payload.chunk(), payload.candles, payload.syncs)
         elif kind == "syncs":
-            self._spill_locked([], [], payload)
+            self._spill_locked(None, [], payload)
 
-    def _spill_locked(self, trades: list[tuple], candles: list[tuple], syncs: list[tuple]) -> None:
-        """Move the uncommitted in-flight entries and everything buffered to the front of the
-        spool, in acceptance order, and spool new records until the database answers again."""
-        entries: list[tuple[int, str]] = []
-        for encode, items in (
-            (spoolfmt.encode_trade, trades + self._trades),
-            (spoolfmt.encode_candle, candles + self._candles),
-            (spoolfmt.encode_sync, syncs + self._syncs),
-        ):
-            entries.extend((e[0], encode(e[2])) for e in items)
-        self._trades, self._candles, self._syncs = [], [], []
-        self._inflight_min = None
-        if entries:
-            entries.sort(key=lambda pair: pair[0])
-            assert self._spool is not None
-            self._stats["spooled"] += self._spool.prepend([body for _, body in entries], entries[0][0])
-        self._enter_spool_mode_locked("database unavailable")
-        self._cond.notify_all()
+    def _commit_memory(self, work: "_Inflight") -> Callable[[], None]:
+        """Commit a batch taken from the buffers: trades, candles, then the sync updates that
+        waited for them. What commits is cleared from `work`, so a failure spills the rest.
+        Returns its bookkeeping, to run under the lock."""
+        chunk = work.chunk()
+        committed = 0.0
+        if chunk is not None:
+            self._commit_trades(chunk)
+            work.trades = None
+            committed = time.monotonic()
+        self._commit_rows("candles", work.candles)
+        self._commit_rows("syncs", work.syncs)
 
-    def _commit_memory(self, trades: list[tuple], candles: list[tuple], syncs: list[tuple]) -> None:
-        """Commit a batch taken from the buffers; the lists are consumed as they commit, so a
-        failure leaves exactly the uncommitted entries in them (to spill)."""
-        accepted = [e[1] for e in trades] + [e[1] for e in candles]
-        self._commit_rows("trades", trades)
-        self._commit_rows("candles", candles)
-        self._commit_rows("syncs", syncs)
-        done = time.monotonic()
-        with self._cond:
-            self._latencies.extend(done - t for t in accepted)
+        def finish() -> None:
+            if chunk is not None and chunk.accepted:
+                self._latencies.extend(committed - t for t in chunk.accepted)
             self._inflight_min = None
-            self._cond.notify_all()
 
-    def _replay(self, segments: list[spoolfmt.Segment]) -> None:
+        return finish
+
+    def _replay(self, blocks: list[Block]) -> Callable[[], None]:
+        """Commit a group of spooled blocks; returns their bookkeeping, to run under the lock."""
         assert self._spool is not None
-        for segment in segments:
-            for chunk in self._spool.read(segment, _REPLAY_CHUNK):
-                rows: dict[str, list[tuple]] = {spoolfmt.TRADE: [], spoolfmt.CANDLE: [], spoolfmt.SYNC: []}
-                for kind, row in chunk:
-                    rows[kind].append((0, 0.0, row))
-                self._commit_rows("trades", rows[spoolfmt.TRADE])
-                self._commit_rows("candles", rows[spoolfmt.CANDLE])
-                self._commit_rows("syncs", rows[spoolfmt.SYNC])
-                with self._cond:
-                    segment.done += len(chunk)
-                    self._stats["replayed"] += len(chunk)
-            with self._cond:
-                self._spool.remove(segment)
-                self._cond.notify_all()
+        kind = blocks[0].kind
+        try:
+            payloads = read_blocks(blocks)
+            good = blocks
+        except ValueError:  # damaged since it was written: find the block, drop it, keep the rest
+            payloads, good = [], []
+            for block in blocks:
+                try:
+                    payloads.extend(read_blocks([block]))
+                    good.append(block)
+                except ValueError as exc:
+                    logger.error("writer: spooled block unreadable and dropped: %s", exc,
+                                 extra={"event": "writer_spool_bad"})
+                    with self._cond:
+                        self._stats["spool_corrupt"] += 1
+                        self._spool.done(block)
+                        self._cond.notify_all()
+        if good:
+            if kind == spoolfmt.TRADE:
+                self._commit_trades(_TradeChunk.from_blocks(good, payloads))
+            else:
+                rows = [(0, 0.0, row) for payload in payloads for _, row in spoolfmt.decode_lines(payload)]
+                self._commit_rows("candles" if kind == spoolfmt.CANDLE else "syncs", rows)
+        spool = self._spool
+
+        def finish() -> None:
+            for block in good:
+                spool.done(block)
+                self._stats["replayed"] += block.count
+
+        return finish
 
     # ------------------------------------------------------------ committing (bisect on bad data)
+    def _commit_trades(self, chunk: _TradeChunk) -> None:
+        """Commit a trade chunk; one the database refuses for its data is bisected until the
+        bad record is found and rejected."""
+        try:
+            counts = self._transaction("trades", chunk)
+        except _BadData as exc:
+            if chunk.count == 1:
+                self._reject("trades", _decode_trade_line(chunk.payload), str(exc))
+                return
+            lines = chunk.payload.splitlines(keepends=True)
+            half = len(lines) // 2
+            self._commit_trades(_TradeChunk.from_lines(lines[:half]))
+            self._commit_trades(_TradeChunk.from_lines(lines[half:]))
+            return
+        self._count(counts)
+
     def _commit_rows(self, kind: str, entries: list[tuple]) -> None:
-        """Commit `entries` ((seq, accepted_at, row) tuples), consuming the list from the front."""
+        """Commit candle or sync `entries` ((seq, accepted_at, row) tuples), consuming the
+        list from the front."""
         if entries:
             self._commit_prefix(kind, entries, len(entries))
 
@@ -741,23 +1048,31 @@ class DatabaseWriter:
             self._commit_prefix(kind, entries, count - half)
             return
         del entries[:count]
-        with self._lock:
-            self._stats["flushes"] += 1
-            for name, value in counts.items():
-                self._stats[name] += value
+        self._count(counts)
+
+    def _count(self, counts: dict[str, int]) -> None:
+        """Add a committed transaction's counters (flush thread only; applied under the lock
+        with the batch's bookkeeping)."""
+        mine = self._counts
+        mine["flushes"] = mine.get("flushes", 0) + 1
+        for name, value in counts.items():
+            mine[name] = mine.get(name, 0) + value
 
     def _reject(self, kind: str, row: tuple, reason: str) -> None:
         logger.error("writer: %s record refused by the database and dropped: %s (%r)", kind, reason, row,
                      extra={"event": "writer_reject"})
-        with self._lock:
-            self._stats[kind + "_rejected"] += 1
-            self.rejected.append((kind, row, reason))
+        self._counts[kind + "_rejected"] = self._counts.get(kind + "_rejected", 0) + 1
+        self.rejected.append((kind, row, reason))
         if self._on_reject is not None:
             self._on_reject(kind, row, reason)
 
     def _open_pool(self) -> psycopg_pool.ConnectionPool:
-        """The pool, opened on first use and after an outage (a fresh pool connects at once,
-        where a pool that lost its server reconnects on its own, slowing, back-off)."""
+        """The pool, opened at start and again after an outage (a fresh pool connects at once,
+        where a pool that lost its server reconnects on its own, slowing, back-off).
+
+        Connections are not checked when taken (a round trip per batch): one that died while
+        idle fails its batch like any outage, and the batch is spilled and retried on a new
+        pool."""
         if self._pool is None:
             assert self.url is not None
             self._pool = psycopg_pool.ConnectionPool(
@@ -766,7 +1081,6 @@ class DatabaseWriter:
                 max_size=self.pool_max_size,
                 open=False,
                 kwargs={"autocommit": True, "connect_timeout": max(1, math.ceil(self.connect_timeout))},
-                check=psycopg_pool.ConnectionPool.check_connection,
                 name="kraken_hist-writer",
                 timeout=self.connect_timeout,
             )
@@ -778,20 +1092,26 @@ class DatabaseWriter:
         if pool is not None:
             pool.close(timeout=1.0)
 
-    def _transaction(self, kind: str, rows: Sequence[tuple]) -> dict[str, int]:
+    def _transaction(self, kind: str, rows: Any) -> dict[str, int]:
         try:
             return self._transaction_once(kind, rows)
         except _Unavailable:
             self._drop_pool()
             raise
 
-    def _transaction_once(self, kind: str, rows: Sequence[tuple]) -> dict[str, int]:
+    def _transaction_once(self, kind: str, rows: Any) -> dict[str, int]:
         pool = self._open_pool()
         try:
             with pool.connection() as conn:
+                if kind == "trades":
+                    try:
+                        with conn.transaction():
+                            return self._store_trades(conn, rows, merge=rows.overlap)
+                    except psycopg.errors.UniqueViolation:
+                        # stored meanwhile by a writer that does not take TRADES_LOCK
+                        with conn.transaction():
+                            return self._store_trades(conn, rows, merge=True)
                 with conn.transaction():
-                    if kind == "trades":
-                        return self._store_trades(conn, rows)
                     if kind == "candles":
                         return self._store_candles(conn, rows)
                     for row in rows:
@@ -802,71 +1122,42 @@ class DatabaseWriter:
         except psycopg.Error as exc:
             raise _classify(exc) from exc
 
-    def _store_trades(self, conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, int]:
-        unique: dict[tuple[str, int], tuple] = {}
-        for row in rows:
-            unique.setdefault((row[0], row[1]), row)
-        by_symbol: dict[str, list[int]] = {}
-        for symbol, trade_id in unique:
-            by_symbol.setdefault(symbol, []).append(trade_id)
-        for symbol in sorted(by_symbol):
-            store.lock_symbol(conn, TRADES_LOCK, symbol)
-            ids = by_symbol[symbol]
-            low, high = min(ids), max(ids)
-            if high - low < 4 * len(ids) + 1000:  # contiguous ids: one index range scan
-                stored = conn.execute(
-                    "SELECT trade_id FROM trades WHERE symbol = %s AND trade_id BETWEEN %s AND %s",
-                    (symbol, low, high),
-                ).fetchall()
-            else:
-                stored = conn.execute(
-                    "SELECT trade_id FROM trades WHERE symbol = %s AND trade_id = ANY(%s)", (symbol, ids)
-                ).fetchall()
-            for (trade_id,) in stored:
-                unique.pop((symbol, trade_id), None)
-        fresh = list(unique.values())
-        inserted: list[tuple[str, datetime]]
-        fallback = 0
-        if fresh:
-            try:
-                with conn.transaction(), conn.cursor().copy(_COPY_TRADES) as copy:
-                    copy.set_types(_TRADE_TYPES)
-                    for row in fresh:
-                        copy.write_row(row)
-                inserted = [(row[0], row[2]) for row in fresh]
-            except psycopg.errors.UniqueViolation:
-                fallback = 1  # stored meanwhile by a writer that does not take TRADES_LOCK
-                inserted = self._merge_trades(conn, fresh)
+    def _store_trades(self, conn: psycopg.Connection, chunk: _TradeChunk, *, merge: bool) -> dict[str, int]:
+        meta = chunk.meta
+        with conn.pipeline():  # the locks and probes in one round trip
+            for symbol in sorted(meta):
+                store.lock_symbol(conn, TRADES_LOCK, symbol)
+            probes = [] if merge else [
+                conn.execute(_PROBE_TRADES, (symbol, low, high)) for symbol, (low, high, _) in meta.items()]
+        merge = merge or any(cursor.fetchone()[0] for cursor in probes)
+        minutes: dict[str, Iterable[int]]
+        if not merge:
+            cursor = conn.cursor()
+            with cursor.copy(_COPY_TRADES, writer=LibpqWriter(cursor, flush_threshold=_COPY_FLUSH_BYTES)) as copy:
+                copy.write(chunk.payload)
+            written = chunk.count
+            minutes = {symbol: entry[2] for symbol, entry in meta.items()}
         else:
-            inserted = []
-        rebuilt = 0
-        if self.build_candles and inserted:
-            times: dict[str, list[datetime]] = {}
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS writer_trades_stage (LIKE trades) ON COMMIT DELETE ROWS")
+            with conn.cursor().copy(_COPY_STAGE) as copy:
+                copy.write(chunk.payload)
+            inserted = conn.execute(_MERGE_TRADES).fetchall()
+            written = len(inserted)
+            by_symbol: dict[str, set[int]] = {}
             for symbol, when in inserted:
-                times.setdefault(symbol, []).append(when)
-            for symbol, symbol_times in times.items():
-                for start, end in _minute_runs(symbol_times):
+                by_symbol.setdefault(symbol, set()).add(int(when.timestamp()) // 60)
+            minutes = by_symbol
+        rebuilt = 0
+        if self.build_candles:
+            for symbol, symbol_minutes in minutes.items():
+                for start, end in _minute_runs(symbol_minutes):
                     rebuilt += store.rebuild_candles(conn, symbol, start, end)
         return {
-            "trades_written": len(inserted),
-            "trades_duplicate": len(rows) - len(inserted),
-            "merge_fallbacks": fallback,
+            "trades_written": written,
+            "trades_duplicate": chunk.count - written,
+            "merge_fallbacks": int(merge),
             "candles_rebuilt": rebuilt,
         }
-
-    @staticmethod
-    def _merge_trades(conn: psycopg.Connection, rows: list[tuple]) -> list[tuple[str, datetime]]:
-        """The staging path: COPY into a temporary table, insert what is not stored yet."""
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS writer_trades_stage (LIKE trades) ON COMMIT DELETE ROWS")
-        with conn.cursor().copy(
-            sql.SQL("COPY writer_trades_stage ({}) FROM STDIN (FORMAT BINARY)").format(
-                sql.SQL(", ").join(map(sql.Identifier, _TRADE_COLUMNS))
-            )
-        ) as copy:
-            copy.set_types(_TRADE_TYPES)
-            for row in rows:
-                copy.write_row(row)
-        return [(r[0], r[1]) for r in conn.execute(_MERGE_TRADES).fetchall()]
 
     def _store_candles(self, conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, int]:
         latest: dict[tuple[str, datetime], tuple] = {}
@@ -875,11 +1166,11 @@ class DatabaseWriter:
             latest[(row[0], row[1])] = row  # the newest value wins, in arrival order
         columns = list(zip(*latest.values()))
         changed = conn.execute(_UPSERT_CANDLES, [list(column) for column in columns]).fetchall()
-        by_symbol: dict[str, list[datetime]] = {}
+        by_symbol: dict[str, list[int]] = {}
         for symbol, when in changed:
-            by_symbol.setdefault(symbol, []).append(when)
-        for symbol, times in by_symbol.items():
-            for start, end in _minute_runs(times):
+            by_symbol.setdefault(symbol, []).append(int(when.timestamp()) // 60)
+        for symbol, minutes in by_symbol.items():
+            for start, end in _minute_runs(minutes):
                 store.record_candle_change(conn, symbol, start, end)
         return {"candles_written": len(changed), "candles_unchanged": len(rows) - len(changed)}
 

@@ -234,6 +234,27 @@ def test_interval_flushes_without_explicit_flush(settings, conn):
     assert conn.execute("SELECT count(*) FROM trades").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("kind", ["candle", "trades"])
+def test_an_idle_writer_commits_a_lone_record_within_its_interval(settings, conn, kind):
+    """An idle flush thread (nothing buffered) must learn of a first record's deadline."""
+    with DatabaseWriter(settings.database_url, trade_buffer_size=1000, trade_flush_interval=0.3,
+                        candle_flush_interval=0.3, settings=settings) as w:
+        threading.Event().wait(0.5)  # the flush thread is now waiting with nothing to do
+        if kind == "candle":
+            w.write_candle(candle(7, "101"))
+            query, expected = "SELECT count(*) FROM candles WHERE symbol = 'ETH/USD'", 1
+        else:
+            for i in (1, 2, 3):
+                w.write_trade(trade(i))
+            query, expected = "SELECT count(*) FROM trades", 3
+        deadline = datetime.now(timezone.utc) + timedelta(seconds=0.3 + 10)
+        while conn.execute(query).fetchone()[0] < expected and datetime.now(timezone.utc) < deadline:
+            conn.rollback()
+            threading.Event().wait(0.05)
+        assert conn.execute(query).fetchone()[0] == expected  # no flush() call was needed
+        assert w.get_stats()["written"] == expected
+
+
 def test_stop_is_idempotent_flushes_everything_and_refuses_later_writes(settings, conn):
     w = DatabaseWriter(settings.database_url, trade_buffer_size=10_000, trade_flush_interval=3600,
                        candle_flush_interval=3600, settings=settings)

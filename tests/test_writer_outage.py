@@ -21,7 +21,7 @@ import pytest
 from kraken_hist import migrate
 from kraken_hist.config import Settings
 from kraken_hist.embedded import start_embedded, stop_embedded
-from kraken_hist.spool import Spool, frame
+from kraken_hist.spool import Spool, encode_block
 from kraken_hist.types import CandleRecord, CandleSource, TradeRecord, TradeSource
 from kraken_hist.writer import DatabaseWriter
 
@@ -154,11 +154,13 @@ def test_a_killed_writer_s_spool_is_replayed_by_the_next_writer(fresh, tmp_path)
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
-    # A torn last line, as a kill in the middle of a write leaves it, is dropped on recovery.
+    # A torn last block, as a kill in the middle of a write leaves it, is dropped on recovery.
     segments = sorted((tmp_path / "spool" / "slot-0").glob("*.spool"))
     assert segments
+    torn = encode_block("T", 1, {"BTC/USD": [999999, 999999, [28578780]]},
+                        b"BTC/USD\t999999\t2024-05-01 09:00:00.000000+00\t1\t1\t\\N\t\\N\tws\n")
     with segments[-1].open("ab") as handle:
-        handle.write(frame("T\tBTC/USD\t999999")[:-7])
+        handle.write(torn[:-7])
 
     start_embedded(data_dir, database="kh_writer")
     with DatabaseWriter(url, settings=Settings(database_url=url, data_dir=tmp_path)) as writer:

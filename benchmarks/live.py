@@ -1,14 +1,21 @@
 """Live benchmark: trades pushed by the fake WebSocket server through a real socket, until committed.
 
-    /tmp/venv/bin/python benchmarks/live.py [--trades 300000] [--latency-seconds 10] [--rate 5000]
+    /tmp/venv/bin/python benchmarks/live.py [--trades 300000] [--burst-per-minute 10000]
+                                            [--latency-seconds 65] [--rate 5000]
 
 The fake runs in its own process (so it does not share our GIL) and pushes trades as fast as
 it can; this process runs KrakenWSClient → WebSocketDBIntegration → DatabaseWriter into a
 fresh database. Prints:
 - sustained trades/s from the first frame to the last row committed, against the goal
-  (50,000 trades/s), and the peak RSS growth (bounded memory);
+  (50,000 trades/s), and the peak RSS growth (bounded memory). The burst's trades carry
+  timestamps `--burst-per-minute` apart per minute, ending two minutes ago (a backlog being
+  caught up); `--burst-per-minute 0` stamps them all with one instant, the worst case for
+  the writer, which rebuilds each touched minute's candle from all its stored trades;
 - end-to-end latency (exchange trade time → row visible in PostgreSQL, polled every 10 ms)
-  p50/p99 at a steady rate, against the limit flush interval + 250 ms.
+  p50/p99 at a steady rate, against the limit flush interval + 250 ms, and the writer's own
+  share (accepted → committed). The default run lasts over a minute: at a steady rate a
+  minute's candle rebuild grows with the trades already stored in it, so a shorter run
+  would only see the cheap start of a minute.
 """
 
 from __future__ import annotations
@@ -40,8 +47,19 @@ GOAL_RATE = 50_000
 ADMIN_URL = os.environ.get("KRAKEN_HIST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def spread(trades: list, per_minute: int) -> list:
+    """The same trades, ten to a timestamp, `per_minute` a minute, ending two minutes ago."""
+    import dataclasses
+
+    if per_minute <= 0:
+        return trades
+    step = timedelta(minutes=10 / per_minute)
+    start = utcnow() - timedelta(minutes=2) - step * (len(trades) // 10 + 1)
+    return [dataclasses.replace(t, time=start + step * (i // 10)) for i, t in enumerate(trades)]
+
+
 def serve(conn: "mp.connection.Connection") -> None:
-    """The fake exchange process: answers ("burst", n) and ("steady", rate, seconds) commands."""
+    """The fake exchange process: answers ("burst", n, per_minute) and ("steady", rate, seconds)."""
     import random
 
     from kraken_hist.testing.fake_ws import FakeKrakenWS, next_trades
@@ -58,7 +76,7 @@ def serve(conn: "mp.connection.Connection") -> None:
             server.wait_for_subscribers("trade", [SYMBOL], timeout=30)
             if command[0] == "burst":
                 # made before the clock starts: we measure the pipeline, not the fake's generator
-                trades = next_trades(market, SYMBOL, command[1], rng=rng)
+                trades = spread(next_trades(market, SYMBOL, command[1], rng=rng), command[2])
                 conn.send("ready")
                 started = time.perf_counter()
                 for lo in range(0, len(trades), 1000):
@@ -108,7 +126,7 @@ class Pipeline:
         self.writer.stop()
 
 
-def throughput(url: str, control, ws_url: str, data_dir: Path, count: int) -> None:
+def throughput(url: str, control, ws_url: str, data_dir: Path, count: int, per_minute: int) -> None:
     process = psutil.Process()
     with Pipeline(url, ws_url, data_dir, flush_interval=1.0, buffer_size=5_000) as pipe:
         base_rss = process.memory_info().rss
@@ -121,7 +139,7 @@ def throughput(url: str, control, ws_url: str, data_dir: Path, count: int) -> No
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        control.send(("burst", count))
+        control.send(("burst", count, per_minute))
         assert control.recv() == "ready"
         started = time.perf_counter()
         push_seconds = control.recv()
@@ -133,7 +151,8 @@ def throughput(url: str, control, ws_url: str, data_dir: Path, count: int) -> No
         stats = pipe.writer.get_stats()
         client_state = pipe.client.state()
     rate = count / seconds
-    print(f"throughput: {count:,} trades socket → committed in {seconds:.2f} s = {rate:,.0f} trades/s "
+    density = f"{per_minute:,} a minute" if per_minute > 0 else "all at one instant"
+    print(f"throughput: {count:,} trades ({density}) socket → committed in {seconds:.2f} s = {rate:,.0f} trades/s "
           f"(fake pushed them in {push_seconds:.2f} s = {count / push_seconds:,.0f}/s)")
     print(f"  ratio to goal {GOAL_RATE:,}/s: {rate / GOAL_RATE:.2f}  "
           f"(flushes {stats['flushes']}, spooled {stats['spooled']}, reconnects {client_state.reconnects})")
@@ -164,6 +183,7 @@ def latency(url: str, control, ws_url: str, data_dir: Path, rate: int, seconds: 
             time.sleep(0.01)
         done.set()
         poller.join()
+        writer_stats = pipe.writer.get_stats()
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute("SELECT trade_id, extract(epoch FROM time)::float8 FROM trades "
                             "WHERE symbol = %s AND trade_id >= %s ORDER BY trade_id", (SYMBOL, first_id)).fetchall()
@@ -183,13 +203,17 @@ def latency(url: str, control, ws_url: str, data_dir: Path, rate: int, seconds: 
           f"buffer 1000, flush interval {flush_interval} s):")
     print(f"  p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms; "
           f"limit (flush interval + 250 ms) {limit * 1000:.0f} ms; p99/limit {p99 / limit:.2f}")
+    print(f"  of which in the writer (accepted → committed): p50 {writer_stats.get('latency_p50_ms')} ms, "
+          f"p99 {writer_stats.get('latency_p99_ms')} ms ({writer_stats['flushes']} flushes)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trades", type=int, default=300_000, help="trades in the throughput burst")
     parser.add_argument("--rate", type=int, default=5_000, help="steady rate for the latency run")
-    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--burst-per-minute", type=int, default=10_000,
+                        help="trades per minute of the burst's timestamps (0: all at one instant)")
+    parser.add_argument("--latency-seconds", type=float, default=65.0)
     parser.add_argument("--flush-interval", type=float, default=1.0)
     args = parser.parse_args()
 
@@ -206,7 +230,7 @@ def main() -> None:
         ws_url = control.recv()
         print(f"live benchmark on {os.cpu_count()} CPUs (shared machine: figures vary with load)")
         with tempfile.TemporaryDirectory() as tmp:
-            throughput(url, control, ws_url, Path(tmp), args.trades)
+            throughput(url, control, ws_url, Path(tmp), args.trades, args.burst_per_minute)
             latency(url, control, ws_url, Path(tmp), args.rate, args.latency_seconds, args.flush_interval)
     finally:
         control.send(("stop",))

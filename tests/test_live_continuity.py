@@ -14,7 +14,7 @@ from kraken_hist.parsing import TradesPage
 from kraken_hist.live import WebSocketDBIntegration
 from kraken_hist.timeutils import to_unix_ns
 from kraken_hist.types import CandleRecord, HistoricalCandle, HistoricalTrade, TradeRecord, TradeSource
-from kraken_hist.ws_parsing import OhlcMessage, TradeMessage
+from kraken_hist.ws_parsing import OhlcMessage, TradeMessage, parse_frame
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -172,3 +172,45 @@ def test_resume_point_does_not_advance_when_the_writer_cannot_commit() -> None:
         live.persist_progress(flush_timeout=0.1)
     assert live.stats().persisted == {"BTC/USD": None}
     live.stop()  # logs, never raises: the records are still the writer's to keep
+
+
+def test_records_equal_the_constructors_and_bad_trades_are_refused_but_accounted_for() -> None:
+    writer = MemoryWriter()
+    live = WebSocketDBIntegration(writer, db_url="unused")
+    parsed = parse_frame(
+        '{"channel":"trade","type":"update","data":['
+        '{"symbol":"BTC/USD","side":"buy","price":83744.3,"qty":0.0004478,"ord_type":"limit","trade_id":1,'
+        '"timestamp":"2025-03-01T12:00:00.844359Z"},'
+        '{"symbol":"BTC/USD","side":"sell","price":83744.4,"qty":1,"ord_type":"market","trade_id":2,'
+        '"timestamp":"2025-03-01T12:00:00.844359Z"}]}'
+    )
+    live.on_trade(parsed)
+    assert writer.trades == [TradeRecord.from_trade(t, TradeSource.WEBSOCKET) for t in parsed.trades]
+    zero_price = HistoricalTrade(**{**_fields(trade(4)), "price": Decimal(0)})
+    negative = HistoricalTrade(**{**_fields(trade(5)), "volume": Decimal("-1")})
+    as_text = HistoricalTrade(**{**_fields(trade(6)), "price": "100.5"})  # converted by TradeRecord's rules
+    live.on_trade(TradeMessage(snapshot=False, trades=(trade(3), zero_price, negative, as_text)))
+    assert writer.ids() == [1, 2, 3, 6] and writer.trades[-1].price == Decimal("100.5")
+    stats = live.stats()
+    assert stats.rejected == 2 and stats.frontier == {"BTC/USD": 6} and live.open_holes() == {}
+
+
+def test_a_writer_failing_midway_leaves_the_rest_to_be_fetched() -> None:
+    class FailingWriter(MemoryWriter):
+        def write_trade(self, record: TradeRecord) -> None:
+            if record.trade_id == 5:
+                raise RuntimeError("writer is stopping")
+            super().write_trade(record)
+
+    writer = FailingWriter()
+    live = WebSocketDBIntegration(writer, db_url="unused")
+    live.on_trade(message(1, 2))
+    with pytest.raises(RuntimeError):
+        live.on_trade(message(3, 4, 5, 6))
+    assert writer.ids() == [1, 2, 3, 4] and live.stats().frontier == {"BTC/USD": 4}
+    live.on_trade(message(7))
+    assert live.open_holes() == {"BTC/USD": [(5, 6)]}
+
+
+def _fields(t: HistoricalTrade) -> dict:
+    return {name: getattr(t, name) for name in ("symbol", "trade_id", "time", "price", "volume", "side", "ord_type")}

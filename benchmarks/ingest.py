@@ -1,10 +1,13 @@
 """Ingest benchmark: trades through DatabaseWriter.write_trade until durable, against a raw
 psycopg COPY of the same rows into a bare table of the same shape and keys, in the same run.
 
-    /tmp/venv/bin/python benchmarks/ingest.py [--trades 1000000] [--latency-seconds 10]
+    /tmp/venv/bin/python benchmarks/ingest.py [--trades 1000000] [--latency-seconds 10] [--dense 300000]
 
-Prints trades/s for both and the ratio (goal >= 0.7), with build_candles off and on, and the
-write-to-commit latency p99 at 5,000 trades/s against the flush interval + 250 ms.
+Prints trades/s for both and the ratio (goal >= 0.7), with build_candles off and on, the
+write-to-commit latency p99 at 5,000 trades/s against the flush interval + 250 ms, and the cost
+of one flush of a 10,000-trade batch into a minute that already holds `--dense` trades: the
+writer's (candles merged incrementally) against store.rebuild_candles of that minute, the
+per-flush cost without the incremental path, measured in the same run.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from kraken_hist import migrate
+from kraken_hist import migrate, store
 from kraken_hist.config import Settings
 from kraken_hist.types import TradeRecord, TradeSource
 from kraken_hist.writer import DatabaseWriter
@@ -106,11 +109,49 @@ def latency_run(url: str, rate: int, seconds: float, build_candles: bool, data_d
         writer.stop()
 
 
+def dense_run(url: str, dense: int, data_dir: Path, batch: int = 10_000) -> dict:
+    """A minute holding `dense` trades, written by the writer in `batch`-trade flushes; the
+    last flushes' commit time against rebuilding that minute (what each flush used to cost)."""
+    minute = T0 + timedelta(days=30)
+    step = 50_000_000 // (dense + 5 * batch)  # µs between trades: all inside the minute
+
+    def trades(first: int, count: int) -> list[TradeRecord]:
+        return [TradeRecord(symbol="BTC/USD", trade_id=i, time=minute + timedelta(microseconds=i * step),
+                            price=Decimal("60000.0") + Decimal(i % 997) / 10, volume=Decimal("0.00123456"),
+                            side="b", ord_type="l", source=TradeSource.WEBSOCKET) for i in range(first, first + count)]
+
+    writer = DatabaseWriter(url, trade_buffer_size=batch, trade_flush_interval=60.0,
+                            settings=Settings(database_url=url, data_dir=data_dir))
+    writer.start()
+    try:
+        for record in trades(0, dense):
+            writer.write_trade(record)
+        assert writer.flush(timeout=3600)
+        costs = []
+        for n in range(5):
+            records = trades(dense + n * batch, batch)
+            for record in records:
+                writer.write_trade(record)
+            start = time.perf_counter()
+            assert writer.flush(timeout=600)
+            costs.append(time.perf_counter() - start)
+        stats = writer.get_stats()
+    finally:
+        writer.stop()
+    with psycopg.connect(url) as conn:
+        start = time.perf_counter()
+        store.rebuild_candles(conn, "BTC/USD", minute, minute + timedelta(minutes=1))
+        rebuild = time.perf_counter() - start
+        conn.rollback()
+    return {"flush_s": sorted(costs)[len(costs) // 2], "rebuild_s": rebuild, "stats": stats}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trades", type=int, default=1_000_000)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=5_000)
+    parser.add_argument("--dense", type=int, default=300_000, help="trades already in the dense minute (0: skip)")
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
 
@@ -148,6 +189,15 @@ def main() -> None:
                     f"{stats['latency_p99_ms'] / limit:.2f}"
                 )
                 reset(url)
+            if args.dense:
+                dense = dense_run(url, args.dense, data_dir)
+                s = dense["stats"]
+                print(
+                    f"dense minute ({args.dense:,} trades stored): a 10,000-trade flush takes "
+                    f"{dense['flush_s'] * 1000:.0f} ms (median of 5, candles_incremental={s['candles_incremental']} "
+                    f"fallback={s['candles_fallback']}); rebuilding that minute alone takes "
+                    f"{dense['rebuild_s'] * 1000:.0f} ms -> flush/rebuild {dense['flush_s'] / dense['rebuild_s']:.2f}"
+                )
     finally:
         with psycopg.connect(args.admin_url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

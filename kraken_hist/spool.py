@@ -135,7 +135,8 @@ def encode_block(kind: str, count: int, meta: dict, payload: bytes) -> bytes:
 @dataclass(slots=True, eq=False)
 class Block:
     """One pending block: where it is and what it holds. ``first_seq`` orders it among the
-    writer's pending records; ``meta`` is the decoded JSON meta."""
+    writer's pending records; ``meta`` is the decoded JSON meta. ``sums`` is the writer's
+    in-memory summary of the payload (never written: a recovered block has none)."""
 
     segment: "Segment"
     offset: int
@@ -144,6 +145,7 @@ class Block:
     count: int
     meta: dict
     first_seq: int
+    sums: object = None
 
 
 def read_blocks(blocks: list[Block]) -> list[bytes]:

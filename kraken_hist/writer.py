@@ -11,8 +11,15 @@ One named flush thread commits batches:
   index probe asks whether any id of the batch's [lowest, highest] range is stored (Kraken ids
   are contiguous); if none is, the payload is COPY-ed straight into ``trades``; otherwise (or
   on a unique violation from a writer that does not take the lock) it takes the staging merge
-  (COPY into a temporary table, insert what is not stored). The 1-minute candles of the
-  touched minutes are rebuilt from stored trades in the same transaction (build_candles).
+  (COPY into a temporary table, insert what is not stored).
+* 1-minute candles of the touched minutes (build_candles), in the same transaction. On the
+  fast path they are maintained incrementally: ``write_trade`` keeps an exact per-minute
+  summary of the batch (count, Σvolume, Σprice·volume, high, low, first and last trade by
+  (time, id)) and the flush thread keeps, for the last few minutes, the summary of what is
+  stored; the new candle is their merge (vwap computed by the same SQL expression as
+  ``store.rebuild_candles``, from the exact sums). The cached summary is used only when the
+  database proves it current (see ``_CandleSums``); otherwise, and on the merge path, the
+  minutes are rebuilt from all stored trades (``store.rebuild_candles``).
 * candles: the newest value per bucket wins, but an exchange candle never overwrites one
   built from trades; changed buckets go to ``candle_changes``.
 * sync status: applied only once every record accepted before it is committed.
@@ -37,7 +44,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -72,6 +79,11 @@ _REPLAY_ROWS = 100_000  # records of consecutive spooled blocks committed in one
 #: away, and getting it back from a busy producer thread takes up to the switch interval
 _COPY_FLUSH_BYTES = 64 * 1024 * 1024
 _FSYNC_EVERY = 1.0  # seconds: spool tail fsync policy
+_CACHE_MINUTES = 5  # stored-candle summaries are kept for minutes this close to the newest seen
+_SPOOLED_SUMS_LIMIT = 200_000  # minute summaries kept in memory for spooled blocks (beyond: rebuild)
+#: add and multiply never round here (unbounded precision in practice): candle sums are exact
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+_ONE = Decimal(1)
 _NULL = "\\N"  # COPY text NULL
 
 _COLUMN_LIST = sql.SQL(", ").join(map(sql.Identifier, _TRADE_COLUMNS))
@@ -107,6 +119,52 @@ WHERE (c.source <> 'trades' OR EXCLUDED.source = 'trades')
        EXCLUDED.volume, EXCLUDED.trades, EXCLUDED.source)
 RETURNING symbol, time
 """
+
+# Minutes travel as one array literal of minute numbers, numbers as array literals of their text:
+# no per-element work in the driver, and PostgreSQL reads each number with its own scale.
+_STORED_CANDLES = """
+SELECT time, source, trades, volume FROM candles
+WHERE symbol = %s AND time = ANY(ARRAY(SELECT to_timestamp(m * 60) FROM unnest(%s::bigint[]) AS m))
+"""
+
+# Which of these minutes hold stored trades (the whole span is asked first: new minutes cost one probe).
+_MINUTES_WITH_TRADES = """
+SELECT m FROM unnest(ARRAY(SELECT to_timestamp(n * 60) FROM unnest(%(minutes)s::bigint[]) AS n)) AS m
+WHERE (SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s))
+  AND EXISTS (SELECT 1 FROM trades t
+              WHERE t.symbol = %(symbol)s AND t.time >= m AND t.time < m + interval '1 minute')
+"""
+
+# The exact Sums of the stored trades of these minutes (minutes without trades are left out).
+_MINUTE_SUMS = """
+SELECT m, a.trades, a.volume, a.notional, a.high, a.low, f.time, f.trade_id, f.price, l.time, l.trade_id, l.price
+FROM unnest(ARRAY(SELECT to_timestamp(n * 60) FROM unnest(%(minutes)s::bigint[]) AS n)) AS m
+CROSS JOIN LATERAL (
+    SELECT count(*)::integer AS trades, sum(volume) AS volume, sum(price * volume) AS notional,
+           max(price) AS high, min(price) AS low
+    FROM trades WHERE symbol = %(symbol)s AND time >= m AND time < m + interval '1 minute') a
+CROSS JOIN LATERAL (
+    SELECT time, trade_id, price FROM trades
+    WHERE symbol = %(symbol)s AND time >= m AND time < m + interval '1 minute'
+    ORDER BY time, trade_id LIMIT 1) f
+CROSS JOIN LATERAL (
+    SELECT time, trade_id, price FROM trades
+    WHERE symbol = %(symbol)s AND time >= m AND time < m + interval '1 minute'
+    ORDER BY time DESC, trade_id DESC LIMIT 1) l
+"""
+
+# Candles from merged Sums. Numbers travel as text so PostgreSQL reads them with the scales the
+# rebuild's sum(price * volume) and sum(volume) have: the vwap division (which rounds at a scale
+# chosen from its operands before trunc) is then the very one store.rebuild_candles computes.
+_UPSERT_FROM_SUMS = f"""
+INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
+SELECT %(symbol)s, to_timestamp(s.minute * 60), s.open, s.high, s.low, s.close,
+       CASE WHEN s.volume > 0 THEN trunc(s.notional / s.volume, %(decimals)s) ELSE 0 END,
+       s.volume, s.trades, 'trades', now()
+FROM unnest(%(minute)s::bigint[], %(open)s::numeric[], %(high)s::numeric[], %(low)s::numeric[],
+            %(close)s::numeric[], %(notional)s::numeric[], %(volume)s::numeric[], %(trades)s::integer[])
+     AS s(minute, open, high, low, close, notional, volume, trades)
+{store.UPSERT_TRADES_CANDLE}"""
 
 # last_time never moves backwards; cursor/last_trade_id are kept unless given; details merge.
 _UPSERT_SYNC = """
@@ -292,15 +350,41 @@ def _candle_row(record: object, symbol_check: _SymbolCheck) -> tuple:
 
 # ---------------------------------------------------------------- trade batches
 
+# A minute's summary of a set of trades, exact (a list: updated in place while a batch is open):
+# [count, Σvolume, Σprice·volume, high, low, first time, first id, first price, last time, last id, last price]
+Sums = list
+#: {symbol: {minute number: Sums}}
+BatchSums = dict[str, dict[int, Sums]]
+
+
+def _merge_sums(a: Sums, b: Sums) -> Sums:
+    """The summary of the union of two disjoint sets of trades (a new list)."""
+    add = _EXACT.add
+    first = a[5:8] if (a[5], a[6]) <= (b[5], b[6]) else b[5:8]
+    last = a[8:11] if (a[8], a[9]) >= (b[8], b[9]) else b[8:11]
+    return [a[0] + b[0], add(a[1], b[1]), add(a[2], b[2]), max(a[3], b[3]), min(a[4], b[4]), *first, *last]
+
+
+def _plain(value: Decimal) -> Decimal:
+    """`value` with a non-positive exponent, as PostgreSQL stores it (``6E+4`` → ``60000``), so
+    Python's exponents of sums and products match PostgreSQL's numeric scales."""
+    return value.quantize(_ONE, context=_EXACT) if value.as_tuple().exponent > 0 else value  # type: ignore[operator]
+
+
+def _sums_size(sums: BatchSums | None) -> int:
+    return sum(len(minutes) for minutes in sums.values()) if sums else 0
+
+
 class _OpenBatch:
     """Trades accepted and not yet handed on: their COPY lines, and per symbol the ids (for
-    in-batch dedupe) and touched minutes."""
+    in-batch dedupe) and touched minutes (with each minute's Sums when building candles,
+    else None)."""
 
     __slots__ = ("lines", "symbols", "accepted", "first_seq", "started")
 
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.symbols: dict[str, tuple[set[int], set[int]]] = {}  # symbol → (ids, minutes)
+        self.symbols: dict[str, tuple[set[int], dict[int, Sums | None]]] = {}  # symbol → (ids, minutes)
         self.accepted: list[float] = []
         self.first_seq = 0
         self.started = 0.0
@@ -309,26 +393,36 @@ class _OpenBatch:
         """{symbol: [lowest id, highest id, sorted minutes]} (the spool block meta)."""
         return {symbol: [min(ids), max(ids), sorted(minutes)] for symbol, (ids, minutes) in self.symbols.items()}
 
+    def sums(self) -> BatchSums | None:
+        """The batch's per-minute summaries (None when they were not kept)."""
+        out: BatchSums = {}
+        for symbol, (_, minutes) in self.symbols.items():
+            if None in minutes.values():
+                return None
+            out[symbol] = minutes  # type: ignore[assignment]
+        return out or None
+
 
 class _TradeChunk:
     """Trades to commit in one transaction: COPY text payload and per-symbol metadata.
     ``overlap``: id ranges of the chunk's parts overlap, so it may hold duplicates."""
 
-    __slots__ = ("payload", "count", "meta", "overlap", "first_seq", "accepted")
+    __slots__ = ("payload", "count", "meta", "overlap", "first_seq", "accepted", "sums")
 
     def __init__(self, payload: bytes, count: int, meta: dict[str, list], *, overlap: bool = False,
-                 first_seq: int = 0, accepted: list[float] | None = None) -> None:
+                 first_seq: int = 0, accepted: list[float] | None = None, sums: BatchSums | None = None) -> None:
         self.payload = payload
         self.count = count
         self.meta = meta
         self.overlap = overlap
         self.first_seq = first_seq
         self.accepted = accepted
+        self.sums = sums  # exact per-minute summaries of exactly these trades, when known
 
     @classmethod
     def from_batch(cls, batch: _OpenBatch) -> "_TradeChunk":
         return cls("".join(batch.lines).encode(), len(batch.lines), batch.meta(), first_seq=batch.first_seq,
-                   accepted=batch.accepted)
+                   accepted=batch.accepted, sums=batch.sums())
 
     @classmethod
     def from_lines(cls, lines: list[bytes]) -> "_TradeChunk":
@@ -357,8 +451,17 @@ class _TradeChunk:
                 seen[0], seen[1] = min(seen[0], low), max(seen[1], high)
                 seen[2].update(minutes)
                 seen[3].append((low, high))
+        sums: BatchSums | None = None
+        if not overlap and all(block.sums is not None for block in blocks):
+            sums = {}
+            for block in blocks:  # disjoint (no overlapping id ranges): summaries merge exactly
+                for symbol, minutes in block.sums.items():  # type: ignore[attr-defined]
+                    into = sums.setdefault(symbol, {})
+                    for minute, part in minutes.items():
+                        held = into.get(minute)
+                        into[minute] = part if held is None else _merge_sums(held, part)
         return cls(b"".join(payloads), sum(b.count for b in blocks),
-                   {s: [m[0], m[1], sorted(m[2])] for s, m in meta.items()}, overlap=overlap)
+                   {s: [m[0], m[1], sorted(m[2])] for s, m in meta.items()}, overlap=overlap, sums=sums)
 
 
 class _Inflight:
@@ -390,21 +493,145 @@ def _classify(exc: BaseException) -> Exception:
     return _Unavailable(f"{type(exc).__name__}: {str(exc).strip()}")
 
 
-def _minute_runs(minutes: Iterable[int]) -> list[tuple[datetime, datetime]]:
-    """Touched minutes (numbers since the epoch) → a few [start, end) windows (minutes closer
-    than the merge gap joined)."""
+def _minute_runs(minutes: Iterable[int], gap: int = _MERGE_GAP_MINUTES) -> list[tuple[datetime, datetime]]:
+    """Touched minutes (numbers since the epoch) → a few [start, end) windows (minutes at most
+    `gap` apart joined; gap 1: only consecutive minutes)."""
     ordered = sorted(set(minutes))
     runs: list[tuple[datetime, datetime]] = []
     if not ordered:
         return runs
     start = prev = ordered[0]
     for minute in ordered[1:]:
-        if minute - prev > _MERGE_GAP_MINUTES:
+        if minute - prev > gap:
             runs.append((start, prev + 1))
             start = minute
         prev = minute
     runs.append((start, prev + 1))
     return [(datetime.fromtimestamp(a * 60, UTC), datetime.fromtimestamp(b * 60, UTC)) for a, b in runs]
+
+
+def _at(minute: int) -> datetime:
+    return datetime.fromtimestamp(minute * 60, UTC)
+
+
+def _literal(values: Iterable[object]) -> str:
+    """An array literal of the values' text (numbers and minute numbers need no quoting)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _minute_of(when: datetime) -> int:
+    return int(when.timestamp()) // 60
+
+
+class _CandleSums:
+    """The flush thread's exact Sums of the stored trades of recent minutes (per symbol, the
+    last _CACHE_MINUTES behind the newest minute seen), and the proof that one is current.
+
+    A held summary is trusted for a minute only when the database shows, under the per-symbol
+    trades lock (which every trade writer takes) and before the batch's COPY, that the stored
+    candle is still the one built from it: source 'trades' with the same trades count and
+    volume (trade writers rebuild the candles of the minutes they add to, and trades are never
+    deleted, so another writer's trades change the count). A minute without a summary is
+    merged only when no trade of it is stored at all. The batch's trades are all new (no id of
+    its range was stored and the COPY into the key succeeded), so what is stored afterwards is
+    exactly summary ∪ batch. Anything else is rebuilt from all stored trades and, if recent,
+    summarised again from the database. Changes are staged and applied after COMMIT only, so a
+    rollback never leaves a summary ahead of the database."""
+
+    def __init__(self) -> None:
+        self.minutes: dict[str, dict[int, Sums]] = {}
+        self.newest: dict[str, int] = {}
+        self._staged: dict[str, dict[int, Sums | None]] = {}
+        self._staged_newest: dict[str, int] = {}
+
+    def begin(self, minutes: dict[str, Iterable[int]]) -> None:
+        """Start a transaction touching `minutes` ({symbol: minute numbers})."""
+        self._staged = {}
+        self._staged_newest = {
+            symbol: max(max(touched, default=-1), self.newest.get(symbol, -1)) for symbol, touched in minutes.items()}
+
+    def horizon(self, symbol: str) -> int:
+        """Oldest minute worth holding a summary for."""
+        return self._staged_newest.get(symbol, self.newest.get(symbol, -1)) - _CACHE_MINUTES
+
+    def stage(self, symbol: str, minute: int, sums: Sums | None) -> None:
+        """Hold `sums` for `minute` after COMMIT (None: forget it)."""
+        self._staged.setdefault(symbol, {})[minute] = sums if minute >= self.horizon(symbol) else None
+
+    def commit(self) -> None:
+        """The transaction committed: apply what it staged, forget minutes left behind."""
+        for symbol, newest in self._staged_newest.items():
+            held = self.minutes.setdefault(symbol, {})
+            for minute, sums in self._staged.get(symbol, {}).items():
+                if sums is None:
+                    held.pop(minute, None)
+                else:
+                    held[minute] = sums
+            self.newest[symbol] = newest
+            for minute in [m for m in held if m < newest - _CACHE_MINUTES]:
+                del held[minute]
+        self._staged, self._staged_newest = {}, {}
+
+    def queue_checks(self, conn: psycopg.Connection, symbol: str, batch: dict[int, Sums]) -> tuple:
+        """Send (in the caller's pipeline) the queries that prove or refute the held summaries."""
+        held = self.minutes.get(symbol, {})
+        warm = {minute: held[minute] for minute in batch if minute in held}
+        cold = sorted(minute for minute in batch if minute not in held)
+        stored = conn.execute(_STORED_CANDLES, (symbol, _literal(warm))) if warm else None
+        occupied = conn.execute(_MINUTES_WITH_TRADES, {
+            "symbol": symbol, "minutes": _literal(cold), "lo": _at(cold[0]), "hi": _at(cold[-1] + 1),
+        }) if cold else None
+        return warm, stored, occupied
+
+    @staticmethod
+    def classify(batch: dict[int, Sums], checks: tuple) -> tuple[dict[int, Sums], list[int]]:
+        """The batch's minutes → ({minute: merged Sums} to write incrementally, [minutes to rebuild])."""
+        warm, stored, occupied = checks
+        rows = {_minute_of(row[0]): row[1:] for row in stored.fetchall()} if stored is not None else {}
+        has_trades = {_minute_of(row[0]) for row in occupied.fetchall()} if occupied is not None else set()
+        merged: dict[int, Sums] = {}
+        doubtful: list[int] = []
+        for minute, part in batch.items():
+            held = warm.get(minute)
+            if held is not None:
+                row = rows.get(minute)
+                if row is not None and row[0] == "trades" and row[1] == held[0] and row[2] == held[1]:
+                    merged[minute] = _merge_sums(held, part)
+                else:
+                    doubtful.append(minute)
+            elif minute in has_trades:
+                doubtful.append(minute)
+            else:
+                merged[minute] = part
+        return merged, doubtful
+
+    def seed(self, conn: psycopg.Connection, symbol: str, minutes: Iterable[int]) -> int:
+        """After a rebuild: summarise the recent ones of `minutes` from the stored trades
+        (within the transaction, under the lock) and forget the others. Returns how many."""
+        horizon = self.horizon(symbol)
+        recent = sorted(minute for minute in minutes if minute >= horizon)
+        for minute in minutes:
+            self.stage(symbol, minute, None)
+        if not recent:
+            return 0
+        rows = conn.execute(_MINUTE_SUMS, {"symbol": symbol, "minutes": _literal(recent)}).fetchall()
+        for row in rows:
+            self.stage(symbol, _minute_of(row[0]), list(row[1:]))
+        return len(rows)
+
+
+def _upsert_from_sums(conn: psycopg.Connection, symbol: str, merged: dict[int, Sums]) -> None:
+    minutes = sorted(merged)
+    rows = [merged[m] for m in minutes]
+    conn.execute(_UPSERT_FROM_SUMS, {
+        "symbol": symbol, "decimals": DEFAULT_REGISTRY.get(symbol).price_decimals, "minute": _literal(minutes),
+        "open": _literal(r[7] for r in rows), "high": _literal(r[3] for r in rows),
+        "low": _literal(r[4] for r in rows), "close": _literal(r[10] for r in rows),
+        "notional": _literal(r[2] for r in rows), "volume": _literal(r[1] for r in rows),
+        "trades": _literal(r[0] for r in rows),
+    })
+    for start, end in _minute_runs(minutes):
+        store.record_candle_change(conn, symbol, start, end)
 
 
 def backoff_delay(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> float:
@@ -484,6 +711,8 @@ class DatabaseWriter:
         self._fsync_thread: threading.Thread | None = None
         self._fsync_stop = threading.Event()
         self._pool: psycopg_pool.ConnectionPool | None = None
+        self._spooled_sums = 0  # minute summaries attached to spooled blocks
+        self._candle_sums = _CandleSums()  # the flush thread's
         self.url: str | None = None
         self._latencies: deque[float] = deque(maxlen=100_000)
         self._counts: dict[str, int] = {}  # the flush thread's, not yet in _stats
@@ -496,6 +725,7 @@ class DatabaseWriter:
                 "syncs_written", "syncs_rejected",
                 "flushes", "errors", "retries", "spooled", "replayed", "spool_corrupt",
                 "merge_fallbacks", "candles_rebuilt",
+                "candles_incremental", "candles_fallback", "candles_seeded",
             ),
             0,
         )
@@ -595,6 +825,12 @@ class DatabaseWriter:
     def write_trade(self, record: TradeRecord) -> None:
         """Accept one trade (validated here; InvalidRecordError names the bad field)."""
         symbol, trade_id, minute, line = self._encode_trade(record)
+        notional = None
+        if self.build_candles:  # the minute's exact summary is kept as the batch grows
+            when, price, volume = record.time, record.price, record.volume
+            if "E+" in line:  # a positive exponent: PostgreSQL stores the value with scale 0
+                price, volume = _plain(price), _plain(volume)
+            notional = _EXACT.multiply(price, volume)
         now = time.monotonic()
         with self._lock:
             if self._state != "running":
@@ -605,13 +841,33 @@ class DatabaseWriter:
             batch = self._open
             seen = batch.symbols.get(symbol)
             if seen is None:
-                seen = batch.symbols[symbol] = (set(), set())
+                seen = batch.symbols[symbol] = (set(), {})
             ids, minutes = seen
             if trade_id in ids:
                 stats["trades_duplicate"] += 1  # the same trade is already waiting in this batch
                 return
             ids.add(trade_id)
-            minutes.add(minute)
+            if notional is None:
+                minutes[minute] = None
+            else:
+                sums = minutes.get(minute)
+                if sums is None:
+                    minutes[minute] = [1, volume, notional, price, price, when, trade_id, price, when, trade_id, price]
+                else:
+                    sums[0] += 1
+                    sums[1] = _EXACT.add(sums[1], volume)
+                    sums[2] = _EXACT.add(sums[2], notional)
+                    if price > sums[3]:
+                        sums[3] = price
+                    elif price < sums[4]:
+                        sums[4] = price
+                    last = sums[8]
+                    if when > last or (when == last and trade_id > sums[9]):
+                        sums[8], sums[9], sums[10] = when, trade_id, price
+                    else:
+                        first = sums[5]
+                        if when < first or (when == first and trade_id < sums[6]):
+                            sums[5], sums[6], sums[7] = when, trade_id, price
             lines = batch.lines
             lines.append(line)
             batch.accepted.append(now)
@@ -700,7 +956,12 @@ class DatabaseWriter:
         if batch.lines:
             self._open = _OpenBatch()
             payload = "".join(batch.lines).encode()
-            spool.append(spoolfmt.TRADE, len(batch.lines), batch.meta(), payload, batch.first_seq)
+            block = spool.append(spoolfmt.TRADE, len(batch.lines), batch.meta(), payload, batch.first_seq)
+            sums = batch.sums()
+            size = _sums_size(sums)
+            if size and self._spooled_sums + size <= _SPOOLED_SUMS_LIMIT:  # memory stays bounded
+                block.sums = sums
+                self._spooled_sums += size
             self._stats["spooled"] += len(batch.lines)
         candles = self._candles
         if candles:
@@ -993,6 +1254,7 @@ class DatabaseWriter:
                                  extra={"event": "writer_spool_bad"})
                     with self._cond:
                         self._stats["spool_corrupt"] += 1
+                        self._spooled_sums -= _sums_size(block.sums)  # type: ignore[arg-type]
                         self._spool.done(block)
                         self._cond.notify_all()
         if good:
@@ -1005,6 +1267,7 @@ class DatabaseWriter:
 
         def finish() -> None:
             for block in good:
+                self._spooled_sums -= _sums_size(block.sums)  # type: ignore[arg-type]
                 spool.done(block)
                 self._stats["replayed"] += block.count
 
@@ -1106,11 +1369,13 @@ class DatabaseWriter:
                 if kind == "trades":
                     try:
                         with conn.transaction():
-                            return self._store_trades(conn, rows, merge=rows.overlap)
+                            counts = self._store_trades(conn, rows, merge=rows.overlap)
                     except psycopg.errors.UniqueViolation:
                         # stored meanwhile by a writer that does not take TRADES_LOCK
                         with conn.transaction():
-                            return self._store_trades(conn, rows, merge=True)
+                            counts = self._store_trades(conn, rows, merge=True)
+                    self._candle_sums.commit()  # only now: the summaries describe what is stored
+                    return counts
                 with conn.transaction():
                     if kind == "candles":
                         return self._store_candles(conn, rows)
@@ -1124,11 +1389,16 @@ class DatabaseWriter:
 
     def _store_trades(self, conn: psycopg.Connection, chunk: _TradeChunk, *, merge: bool) -> dict[str, int]:
         meta = chunk.meta
-        with conn.pipeline():  # the locks and probes in one round trip
+        cache = self._candle_sums
+        cache.begin({symbol: entry[2] for symbol, entry in meta.items()})
+        batch_sums = chunk.sums if self.build_candles and not merge else None
+        with conn.pipeline():  # the locks, probes and candle checks in one round trip
             for symbol in sorted(meta):
                 store.lock_symbol(conn, TRADES_LOCK, symbol)
             probes = [] if merge else [
                 conn.execute(_PROBE_TRADES, (symbol, low, high)) for symbol, (low, high, _) in meta.items()]
+            checks = {symbol: cache.queue_checks(conn, symbol, minutes)
+                      for symbol, minutes in (batch_sums or {}).items()}
         merge = merge or any(cursor.fetchone()[0] for cursor in probes)
         minutes: dict[str, Iterable[int]]
         if not merge:
@@ -1147,17 +1417,40 @@ class DatabaseWriter:
             for symbol, when in inserted:
                 by_symbol.setdefault(symbol, set()).add(int(when.timestamp()) // 60)
             minutes = by_symbol
-        rebuilt = 0
+        counts = {
+            "trades_written": written, "trades_duplicate": chunk.count - written, "merge_fallbacks": int(merge),
+            "candles_rebuilt": 0, "candles_incremental": 0, "candles_fallback": 0, "candles_seeded": 0,
+        }
         if self.build_candles:
             for symbol, symbol_minutes in minutes.items():
-                for start, end in _minute_runs(symbol_minutes):
-                    rebuilt += store.rebuild_candles(conn, symbol, start, end)
-        return {
-            "trades_written": written,
-            "trades_duplicate": chunk.count - written,
-            "merge_fallbacks": int(merge),
-            "candles_rebuilt": rebuilt,
-        }
+                self._maintain_candles(conn, symbol, symbol_minutes, None if merge else checks.get(symbol),
+                                       batch_sums, counts, fast=not merge)
+        return counts
+
+    def _maintain_candles(self, conn: psycopg.Connection, symbol: str, minutes: Iterable[int],
+                          checks: tuple | None, batch_sums: BatchSums | None, counts: dict[str, int], *,
+                          fast: bool) -> None:
+        """Bring the candles of `symbol`'s touched `minutes` up to date: merged from exact
+        Sums where the held summary is proven current, rebuilt from stored trades otherwise."""
+        cache = self._candle_sums
+        if checks is not None and batch_sums is not None:
+            merged, doubtful = cache.classify(batch_sums[symbol], checks)
+            if merged:
+                _upsert_from_sums(conn, symbol, merged)
+                for minute, sums in merged.items():
+                    cache.stage(symbol, minute, sums)
+            runs = _minute_runs(doubtful, gap=1)  # never re-aggregate a merged (maybe dense) minute
+            counts["candles_incremental"] += len(merged)
+            counts["candles_fallback"] += len(doubtful)
+        else:
+            doubtful = list(minutes)
+            runs = _minute_runs(doubtful)
+            if fast:
+                counts["candles_fallback"] += len(doubtful)
+        for start, end in runs:
+            counts["candles_rebuilt"] += store.rebuild_candles(conn, symbol, start, end)
+        if doubtful:
+            counts["candles_seeded"] += cache.seed(conn, symbol, doubtful)
 
     def _store_candles(self, conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, int]:
         latest: dict[tuple[str, datetime], tuple] = {}

@@ -124,6 +124,21 @@ def interval_from_filename(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _cells(line: bytes, line_no: int, ncols: int, report: "BadRowReport") -> list[bytes] | None:
+    """The line's fields, or None for a blank line or a wrong field count (reported, with a
+    cut-short last line told apart from a malformed one)."""
+    if not line.strip():
+        return None
+    cells = _split_line(line)
+    if len(cells) == ncols:
+        return cells
+    if _is_last(line):
+        report.add(line_no, "truncated", "last line is cut short (no line end and too few fields)", line)
+    else:
+        report.add(line_no, "fields", f"expected {ncols} fields, got {len(cells)}", line)
+    return None
+
+
 def _split_line(line: bytes) -> list[bytes]:
     return [cell.strip().strip(b'"') for cell in line.rstrip(b"\r\n").split(b",")]
 
@@ -550,14 +565,8 @@ def parse_header_trades(
         line_no += 1
         chunk.lines += 1
         chunk.bytes += len(line)
-        if not line.strip():
-            continue
-        cells = _split_line(line)
-        if len(cells) != ncols:
-            if _is_last(line):
-                report.add(line_no, "truncated", "last line is cut short (no line end and too few fields)", line)
-            else:
-                report.add(line_no, "fields", f"expected {ncols} fields, got {len(cells)}", line)
+        cells = _cells(line, line_no, ncols, report)
+        if cells is None:
             continue
         row = _parse_trade_cells(cells, index, has_ids)
         if isinstance(row, tuple) and isinstance(row[0], str):
@@ -678,14 +687,8 @@ def parse_ohlcvt(
         line_no += 1
         chunk.lines += 1
         chunk.bytes += len(line)
-        if not line.strip():
-            continue
-        cells = _split_line(line)
-        if len(cells) != ncols:
-            if _is_last(line):
-                report.add(line_no, "truncated", "last line is cut short (no line end and too few fields)", line)
-            else:
-                report.add(line_no, "fields", f"expected {ncols} fields, got {len(cells)}", line)
+        cells = _cells(line, line_no, ncols, report)
+        if cells is None:
             continue
         problem = _check_ohlc_cells(cells, index, step)
         if isinstance(problem, tuple):

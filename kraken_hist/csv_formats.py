@@ -353,13 +353,8 @@ def _number(text: bytes) -> Decimal | None:
     return value if value.is_finite() else None
 
 
-def _diagnose_trade(cells: list[bytes], expected: int) -> tuple[str, str]:
-    """Why a plain Time and Sales line failed the fast pattern (reason code, message)."""
-    if len(cells) != expected:
-        return "fields", f"expected {expected} fields, got {len(cells)}"
-    ts, price, volume = cells
-    if not re.fullmatch(rb"\d{1,10}", ts):
-        return "time", f"timestamp {ts.decode('utf-8', 'replace')!r} is not whole unix seconds"
+def _price_volume(price: bytes, volume: bytes) -> tuple[Decimal, Decimal] | tuple[str, str]:
+    """Parsed (price, volume), or (reason code, message) naming the first bad one."""
     value = _number(price)
     if value is None:
         return "price", f"price {price.decode('utf-8', 'replace')!r} is not a number"
@@ -370,6 +365,19 @@ def _diagnose_trade(cells: list[bytes], expected: int) -> tuple[str, str]:
         return "volume", f"volume {volume.decode('utf-8', 'replace')!r} is not a number"
     if amount < 0:
         return "volume", f"volume must not be negative, got {amount}"
+    return value, amount
+
+
+def _diagnose_trade(cells: list[bytes], expected: int) -> tuple[str, str]:
+    """Why a plain Time and Sales line failed the fast pattern (reason code, message)."""
+    if len(cells) != expected:
+        return "fields", f"expected {expected} fields, got {len(cells)}"
+    ts, price, volume = cells
+    if not re.fullmatch(rb"\d{1,10}", ts):
+        return "time", f"timestamp {ts.decode('utf-8', 'replace')!r} is not whole unix seconds"
+    checked = _price_volume(price, volume)
+    if isinstance(checked[0], str):
+        return checked  # type: ignore[return-value]
     return "fields", "line does not match timestamp,price,volume"
 
 
@@ -630,16 +638,9 @@ def _parse_trade_cells(cells: list[bytes], index: dict[str, int], has_ids: bool)
     if second > MAX_SECOND:
         return "time", f"timestamp {second} is out of range"
     price_b, volume_b = cells[index["price"]], cells[index["volume"]]
-    price = _number(price_b)
-    if price is None:
-        return "price", f"price {price_b.decode('utf-8', 'replace')!r} is not a number"
-    if price <= 0:
-        return "price", f"price must be positive, got {price}"
-    volume = _number(volume_b)
-    if volume is None:
-        return "volume", f"volume {volume_b.decode('utf-8', 'replace')!r} is not a number"
-    if volume < 0:
-        return "volume", f"volume must not be negative, got {volume}"
+    checked = _price_volume(price_b, volume_b)
+    if isinstance(checked[0], str):
+        return checked  # type: ignore[return-value]
     side = ord_type = None
     if "side" in index:
         raw = cells[index["side"]].lower()

@@ -107,29 +107,36 @@ def run_import(url: str, path: Path, chunk: int) -> dict:
 
 def parse_only(path: Path, chunk: int, copy_text: Path | None = None) -> float:
     """Rows/s of the parser alone; optionally keeps its COPY text (for the schema-shaped limit)."""
-    from kraken_hist.csv_formats import BadRowReport, parse_plain_trades
+    from kraken_hist.csv_formats import BadRowReport
+    from kraken_hist.csv_vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
 
     started = time.perf_counter()
     rows = 0
     with open(path, "rb", buffering=1 << 20) as stream, \
             (open(copy_text, "wb") if copy_text else open(os.devnull, "wb")) as out:
-        for c in parse_plain_trades(stream, symbol="BTC/USD", report=BadRowReport(str(path)), chunk_size=chunk):
+        out.write(BINARY_HEADER)
+        for c in stream_plain_trades(stream, symbol="BTC/USD", report=BadRowReport(str(path)), chunk_size=chunk):
             rows += c.rows
+            assert c.binary, "the generated file is clean: every block takes the array path"
             if copy_text:
                 out.write(b"".join(c.payload))
+        out.write(BINARY_TRAILER)
     if copy_text:
         copy_text.chmod(0o644)
     return rows / (time.perf_counter() - started)
 
 
 def server_copy_trades_shape(url: str, copy_text: Path) -> float:
-    """Seconds for server-side COPY of the parser's output into a table shaped like ``trades``
-    (timestamptz, its primary key and its (symbol, time) index): the limit for our schema."""
+    """Seconds for server-side COPY of the parser's output (binary rows) into a table shaped
+    like ``trades`` (timestamptz, its primary key and its (symbol, time) index): the limit for
+    our schema."""
+    from kraken_hist.csv_formats import PLAIN_COLUMNS
+
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE shaped (LIKE trades INCLUDING ALL)")
         started = time.perf_counter()
-        conn.execute(sql.SQL("COPY shaped (symbol, trade_id, time, price, volume, side, ord_type, source) FROM {}")
-                     .format(sql.Literal(str(copy_text))))
+        conn.execute(sql.SQL("COPY shaped ({}) FROM {} (FORMAT binary)").format(
+            sql.SQL(", ").join(map(sql.Identifier, PLAIN_COLUMNS)), sql.Literal(str(copy_text))))
         elapsed = time.perf_counter() - started
         conn.execute("DROP TABLE shaped")
     return elapsed

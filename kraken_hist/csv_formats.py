@@ -44,6 +44,11 @@ MAX_SECOND = 10**10 - 1
 TRADES = "trades"
 OHLCVT = "ohlcvt"
 
+#: ``trades`` columns of the COPY rows of plain Time and Sales chunks (side and order type NULL).
+PLAIN_COLUMNS = ("trade_id", "time", "price", "volume", "symbol", "source")
+#: ``trades`` columns of the COPY rows of headered Time and Sales chunks.
+FULL_COLUMNS = ("symbol", "trade_id", "time", "price", "volume", "side", "ord_type", "source")
+
 #: OHLCVT intervals Kraken publishes (minutes); others are refused as a likely misread name.
 OHLCVT_INTERVALS = frozenset({1, 5, 15, 30, 60, 240, 720, 1440, 10080, 21600})
 
@@ -258,10 +263,12 @@ class BadRowReport:
 
 @dataclass(slots=True, kw_only=True)
 class TradeChunk:
-    """Up to chunk_size parsed trades as COPY text for ``trades (symbol, trade_id, time, price,
-    volume, side, ord_type, source)``, and what the importer needs to store them."""
+    """Up to chunk_size parsed trades as COPY text for ``trades (<columns>)``, and what the
+    importer needs to store them."""
 
     payload: list[bytes]
+    columns: tuple[str, ...] = FULL_COLUMNS
+    binary: bool = False  # payload holds binary COPY tuples (no header or trailer), not text lines
     rows: int = 0
     first_time: datetime | None = None  # first and last good row's time (stored or covered;
     last_time: datetime | None = None  # whole seconds for id-less files)
@@ -303,6 +310,11 @@ class SecondBlocker:
 
     def __bool__(self) -> bool:
         return bool(self._ranges)
+
+    @property
+    def ranges_us(self) -> list[tuple[int, int]]:
+        """The covered ranges as sorted (start, end) unix microseconds."""
+        return list(self._ranges)
 
     def blocked(self, second: int) -> bool:
         lo_us, hi_us = second * 1_000_000, (second + 1) * 1_000_000
@@ -393,8 +405,9 @@ def parse_plain_trades(
     chunk_size: int,
     blocker: SecondBlocker | None = None,
     first_line_no: int = 1,
+    after_second: int = -1,
 ) -> Iterator[TradeChunk]:
-    """Plain Time and Sales lines → chunks of COPY rows with synthetic ids (the fast path).
+    """Plain Time and Sales lines → chunks of COPY rows (``PLAIN_COLUMNS``) with synthetic ids.
 
     Per line: one regex match, the id from the second and the ordinal in that second, one
     bytes format, and the running 1-minute candle (exact Decimal sums). Chunks end on a
@@ -402,7 +415,8 @@ def parse_plain_trades(
     the importer stores them as they are when no other trade shares those minutes.
 
     Bad lines are reported (strict: raised) and take no ordinal; a line whose second is
-    earlier than the one before it is "backwards" and skipped.
+    earlier than the one before it (or than `after_second`, where an earlier block of the
+    same file ended) is "backwards" and skipped.
     """
     sym = symbol.encode()
     to_text = _TimeText()
@@ -411,14 +425,14 @@ def parse_plain_trades(
     mul, add, number = exact.multiply, exact.add, Decimal
     blocker = blocker if blocker else None
     line_no = first_line_no - 1
-    prev_second = -1
+    prev_second = after_second
     prev_ts = b""
     minute = -1
     ordinal = 0
     base = 0
     time_b = b""
     blocked = False
-    chunk = TradeChunk(payload=[], candles=[])
+    chunk = TradeChunk(payload=[], columns=PLAIN_COLUMNS, candles=[])
     out = chunk.payload
     append = out.append
     first_id = last_id = None
@@ -469,7 +483,7 @@ def parse_plain_trades(
                     _close_plain(chunk, first_id, last_id, first_sec, last_sec, covered, nbytes - len(line),
                                  consumed - 1, line_no - 1)
                     yield chunk
-                    chunk = TradeChunk(payload=[], candles=[])
+                    chunk = TradeChunk(payload=[], columns=PLAIN_COLUMNS, candles=[])
                     out = chunk.payload
                     append = out.append
                     first_id = last_id = None
@@ -498,7 +512,7 @@ def parse_plain_trades(
             covered += 1
             continue
         trade_id = base + ordinal
-        append(b"%s\t%d\t%s\t%s\t%s\t\\N\t\\N\tcsv\n" % (sym, trade_id, time_b, price_b, volume_b))
+        append(b"%d\t%s\t%s\t%s\t%s\tcsv\n" % (trade_id, time_b, price_b, volume_b, sym))
         if first_id is None:
             first_id = trade_id
         last_id = trade_id

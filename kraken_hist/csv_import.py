@@ -29,6 +29,8 @@ duplicates, and no resume point past them.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import fnmatch
 import io
@@ -60,9 +62,9 @@ from .csv_formats import (
     TradeChunk,
     parse_header_trades,
     parse_ohlcvt,
-    parse_plain_trades,
     sniff_layout,
 )
+from .csv_vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
 from .db import connect
 from .errors import PermanentError, UnknownSymbolError
 from .intervals import INTERVAL_RELATIONS
@@ -73,6 +75,8 @@ log = logging.getLogger(__name__)
 
 ONE_SECOND = timedelta(seconds=1)
 ONE_MINUTE = timedelta(minutes=1)
+#: Chunks stored between two aggregate refreshes during a parallel import.
+_REFRESH_EVERY = 10
 
 #: Called after each chunk with (bytes read, lines read) since the previous call.
 ProgressCallback = Callable[[int, int], None]
@@ -138,6 +142,7 @@ class _Tally:
     first_time: datetime | None = None
     last_time: datetime | None = None
     max_id: int | None = None
+    refreshed_to: datetime | None = None  # aggregates already refreshed from first_time to here
 
 
 # --------------------------------------------------------------------------- sources
@@ -237,9 +242,43 @@ class _Prefetcher(Generic[T]):
         return False
 
 
+class _ConnectionPool:
+    """`size` worker threads, each with its own autocommit connection (set up by `setup`
+    statements): ``submit(fn, *args)`` runs ``fn(conn, *args)`` on one of them."""
+
+    def __init__(self, db_url: str, size: int, setup: Sequence[str]) -> None:
+        self._db_url = db_url
+        self._setup = setup
+        self._local = threading.local()
+        self._connections: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="csv-store")
+
+    def __enter__(self) -> "_ConnectionPool":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for conn in self._connections:
+            conn.close()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "concurrent.futures.Future[T]":
+        return self._executor.submit(self._run, fn, *args)
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = connect(self._db_url, autocommit=True)
+            for statement in self._setup:
+                conn.execute(statement)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return fn(conn, *args)
+
+
 # --------------------------------------------------------------------------- SQL
 
-_COPY_TRADES = "COPY trades (symbol, trade_id, time, price, volume, side, ord_type, source) FROM STDIN"
 _TRADE_STAGE = "csv_trade_stage"
 _OHLC_STAGE = "csv_ohlc_stage"
 _CANDLE_STAGE = "csv_candle_stage"
@@ -270,13 +309,16 @@ _TRADES_PRESENT = "SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %s AND tim
 # Candles the parser built for minutes that hold no other trade: the same numbers and the same
 # upsert as store.rebuild_candles (vwap = trunc(Σp·v / Σv) from the exact sums), without
 # reading the trades back.
-_CANDLES_FROM_STAGE = f"""
+_INSERT_CANDLES_FROM_STAGE = """
 INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
 SELECT %(symbol)s, time, open, high, low, close,
        CASE WHEN volume > 0 THEN trunc(notional / volume, %(decimals)s) ELSE 0 END,
        volume, trades, 'trades', now()
 FROM csv_candle_stage
-{store.UPSERT_TRADES_CANDLE}"""
+"""
+_UPSERT_CANDLES_FROM_STAGE = _INSERT_CANDLES_FROM_STAGE + store.UPSERT_TRADES_CANDLE
+
+_CANDLES_PRESENT = "SELECT EXISTS (SELECT 1 FROM candles WHERE symbol = %s AND time >= %s AND time < %s)"
 
 # Minutes without any stored trade cannot hold a valid 'trades' candle (rebuild_candles drops such too).
 _DELETE_STALE_CANDLES = """
@@ -325,9 +367,21 @@ WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
 """
 
 
+def _copy_into(table: str, columns: Sequence[str], binary: bool = False) -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN{}").format(
+        sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+        sql.SQL(" (FORMAT binary)" if binary else ""))
+
+
 def _copy(conn: psycopg.Connection, statement: str | sql.Composed, payload: Sequence[bytes]) -> None:
     with conn.cursor().copy(statement) as copy:
         copy.write(b"".join(payload))
+
+
+def _copy_trades(conn: psycopg.Connection, table: str, chunk: TradeChunk) -> None:
+    """COPY a chunk's rows into `table` (``trades`` or its staging twin), text or binary."""
+    payload = [BINARY_HEADER, *chunk.payload, BINARY_TRAILER] if chunk.binary else chunk.payload
+    _copy(conn, _copy_into(table, chunk.columns, chunk.binary), payload)
 
 
 def subtract_ranges(
@@ -352,7 +406,10 @@ class BulkCSVImporter:
     """Import Kraken's downloadable CSV history (plain files, directories, zip archives).
 
     ``chunk_size`` rows are parsed, stored and (outside strict mode) committed at a time;
-    memory stays bounded by a few chunks whatever the file size.
+    memory stays bounded by a few chunks whatever the file size. Plain Time and Sales files
+    are stored on ``writers`` connections at once (outside strict mode, which keeps a file in
+    one transaction): PostgreSQL's work per row, mostly index upkeep, then uses more than
+    one core.
     """
 
     def __init__(
@@ -366,9 +423,13 @@ class BulkCSVImporter:
         max_examples: int = 20,
         refresh: bool = True,
         progress: ProgressCallback | None = None,
+        writers: int = 2,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if writers < 1:
+            raise ValueError(f"writers must be at least 1, got {writers}")
+        self.writers = writers
         self._db_url_arg = db_url
         self._settings = settings
         self._db_url: str | None = None
@@ -485,6 +546,7 @@ class BulkCSVImporter:
                 raise ImportRefusedError(f"{source.label}: {exc}") from None
             report = BadRowReport(source.label, strict=self.strict, max_examples=self.max_examples)
             lines: Iterable[bytes] = stream if layout.header else itertools.chain([first], stream)
+            head = b"" if layout.header else first
             first_line_no = 2 if layout.header else 1
             tally = _Tally()
             if layout.header:
@@ -498,10 +560,13 @@ class BulkCSVImporter:
                 if layout.kind == OHLCVT:
                     self._import_ohlcvt(conn, source, layout, resolved, lines, first_line_no, report, tally)
                 else:
-                    self._import_trades(conn, source, layout, resolved, lines, first_line_no, report, tally)
-        refreshed = False
+                    self._import_trades(conn, source, layout, resolved, stream, head, first_line_no, report, tally)
+        refreshed = tally.refreshed_to is not None
         if tally.candles and self.refresh and tally.first_time is not None and tally.last_time is not None:
-            refreshed = self._refresh(resolved, tally.first_time, tally.last_time + timedelta(minutes=layout.interval or 1))
+            start = tally.refreshed_to or tally.first_time
+            end = tally.last_time + timedelta(minutes=layout.interval or 1)
+            if end > start:
+                refreshed = self._refresh(resolved, start, end)
         result = ImportResult(
             file=source.label, status="imported", symbol=resolved, kind=layout.kind, interval=layout.interval,
             layout=layout.describe(), lines=tally.lines, bytes=tally.bytes, imported=tally.imported,
@@ -531,39 +596,119 @@ class BulkCSVImporter:
     # ----- Time and Sales
 
     def _import_trades(self, conn: psycopg.Connection, source: _Source, layout: Layout, symbol: str,
-                       lines: Iterable[bytes], first_line_no: int, report: BadRowReport, tally: _Tally) -> None:
+                       stream: IO[bytes], head: bytes, first_line_no: int, report: BadRowReport,
+                       tally: _Tally) -> None:
         holes: list[tuple[datetime, datetime]] = []
         if not layout.has_ids:
             holes = sorted(store.read_coverage(conn, symbol, "rest") + store.read_coverage(conn, symbol, "ws"))
         blocker = SecondBlocker(holes)
         if layout.is_plain_time_and_sales:
-            chunks: Iterator[TradeChunk] = parse_plain_trades(
-                lines, symbol=symbol, report=report, chunk_size=self.chunk_size, blocker=blocker,
+            chunks: Iterator[TradeChunk] = stream_plain_trades(
+                stream, symbol=symbol, report=report, chunk_size=self.chunk_size, blocker=blocker, head=head,
                 first_line_no=first_line_no)
         else:
             chunks = parse_header_trades(
-                lines, layout=layout, symbol=symbol, report=report, chunk_size=self.chunk_size,
+                stream, layout=layout, symbol=symbol, report=report, chunk_size=self.chunk_size,
                 blocker=blocker, first_line_no=first_line_no)
-        covered_to: datetime | None = None  # coverage recorded up to here (exclusive)
         with self._transaction(conn), _Prefetcher(chunks, name=f"csv-parse-{source.name}") as parsed:
-            for chunk in parsed:
-                with conn.transaction():
-                    inserted, duplicates, candles = self._store_trade_chunk(conn, symbol, chunk, layout.has_ids)
-                    tally.imported += inserted
-                    tally.duplicates += duplicates
-                    tally.covered += chunk.covered
-                    tally.candles += candles
-                    if chunk.last_time is not None:
-                        # Up to the chunk's last second, exclusive: that second may continue in the next chunk.
-                        start = covered_to or chunk.first_time
-                        assert start is not None
-                        self._add_coverage(conn, symbol, start, chunk.last_time, holes)
-                        covered_to = max(start, chunk.last_time)
-                    if layout.has_ids and chunk.rows:
-                        tally.max_id = max(tally.max_id or chunk.max_id, chunk.max_id)
-                self._advance(tally, chunk)
+            if layout.is_plain_time_and_sales and not self.strict and self.writers > 1:
+                covered_to = self._store_in_parallel(parsed, symbol, holes, tally)
+            else:
+                covered_to = self._store_in_order(conn, parsed, symbol, layout, holes, tally)
             with conn.transaction():
                 self._finish_trades(conn, source, symbol, layout, tally, covered_to, holes, report)
+
+    def _store_in_order(self, conn: psycopg.Connection, parsed: Iterable[TradeChunk], symbol: str, layout: Layout,
+                        holes: Sequence[tuple[datetime, datetime]], tally: _Tally) -> datetime | None:
+        """Store chunks one after the other on `conn`; returns where the recorded coverage ends."""
+        covered_to: datetime | None = None  # coverage recorded up to here (exclusive)
+        for chunk in parsed:
+            with conn.transaction():
+                counts = self._store_trade_chunk(conn, symbol, chunk, layout.has_ids)
+                if chunk.last_time is not None:
+                    # Up to the chunk's last second, exclusive: with ids from the file (no minute
+                    # boundaries) that second may continue in the next chunk.
+                    start = covered_to or chunk.first_time
+                    assert start is not None
+                    self._add_coverage(conn, symbol, start, chunk.last_time, holes)
+                    covered_to = max(start, chunk.last_time)
+            self._count(tally, chunk, counts, layout.has_ids)
+        return covered_to
+
+    def _store_in_parallel(self, parsed: Iterable[TradeChunk], symbol: str,
+                           holes: Sequence[tuple[datetime, datetime]], tally: _Tally) -> datetime | None:
+        """Store plain chunks on ``writers`` connections at once, each chunk in its own
+        transaction with the coverage of exactly the seconds it holds.
+
+        Plain chunks end on minute boundaries and carry whole seconds, so chunk N claims
+        ``[end of chunk N-1, its last second + 1s)``: a quiet stretch between chunks goes to
+        the later one, and whichever chunks commit (a crash may leave any subset), coverage
+        never claims a second whose trades are not stored. Results are counted in file order,
+        and every ``_REFRESH_EVERY`` chunks the aggregates are refreshed up to the stored prefix
+        of the file on the same workers, so little is left to refresh at the end.
+        """
+        claimed_to: datetime | None = None
+        pending: collections.deque[tuple[TradeChunk, concurrent.futures.Future[tuple[int, int, int]]]] = \
+            collections.deque()
+        refreshes: list[concurrent.futures.Future[bool]] = []
+        settled = 0
+
+        def settle_oldest() -> None:
+            nonlocal settled
+            chunk, future = pending.popleft()
+            self._count(tally, chunk, future.result(), False)
+            settled += 1
+            if self.refresh and tally.candles and chunk.last_time is not None and settled % _REFRESH_EVERY == 0:
+                start = tally.refreshed_to or tally.first_time
+                end = floor_minute(chunk.last_time) + ONE_MINUTE  # every minute before it is stored
+                assert start is not None
+                refreshes.append(pool.submit(lambda _conn: self._refresh(symbol, start, end)))
+                tally.refreshed_to = end
+
+        # A chunk's commit need not wait for its WAL flush: the file's final bookkeeping commits
+        # synchronously on the main connection, which flushes all of it; a server crash before
+        # then loses whole chunks (trades, candles and coverage together), which a re-run stores.
+        setup = (*_CREATE_STAGES, "SET synchronous_commit = off")
+        with _ConnectionPool(self.db_url, self.writers, setup) as pool:
+            try:
+                for chunk in parsed:
+                    claim = None
+                    if chunk.last_time is not None:
+                        claim = (claimed_to or chunk.first_time, chunk.last_time + ONE_SECOND)
+                        claimed_to = claim[1]
+                    pending.append((chunk, pool.submit(self._store_plain_chunk, symbol, chunk, claim, holes)))
+                    while len(pending) > self.writers:
+                        settle_oldest()
+                while pending:
+                    settle_oldest()
+                for refresh in refreshes:
+                    refresh.result()
+            except BaseException:
+                waiting = [future for _chunk, future in pending] + refreshes
+                for future in waiting:  # let started transactions end before closing
+                    future.cancel()
+                concurrent.futures.wait(waiting)
+                raise
+        return claimed_to
+
+    def _store_plain_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
+                           claim: tuple[datetime, datetime] | None,
+                           holes: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int]:
+        with conn.transaction():
+            counts = self._store_trade_chunk(conn, symbol, chunk, False)
+            if claim is not None:
+                self._add_coverage(conn, symbol, claim[0], claim[1], holes)
+        return counts
+
+    def _count(self, tally: _Tally, chunk: TradeChunk, counts: tuple[int, int, int], has_ids: bool) -> None:
+        inserted, duplicates, candles = counts
+        tally.imported += inserted
+        tally.duplicates += duplicates
+        tally.covered += chunk.covered
+        tally.candles += candles
+        if has_ids and chunk.rows:
+            tally.max_id = max(tally.max_id or chunk.max_id, chunk.max_id)
+        self._advance(tally, chunk)
 
     def _store_trade_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
                            has_ids: bool) -> tuple[int, int, int]:
@@ -581,15 +726,14 @@ class BulkCSVImporter:
         if chunk.candles is not None and not has_ids and not conn.execute(_TRADES_PRESENT, (symbol, lo, hi)).fetchone()[0]:
             try:
                 with conn.transaction():
-                    _copy(conn, _COPY_TRADES, chunk.payload)
+                    _copy_trades(conn, "trades", chunk)
                     written = self._write_parsed_candles(conn, symbol, chunk.candles, lo, hi)
                 return chunk.rows, 0, written
             except psycopg.errors.UniqueViolation:
                 log.info("csv import: %s rows appeared concurrently in %s..%s, deduplicating", symbol,
                          lo.isoformat(), hi.isoformat(), extra={"event": "csv_import_conflict"})
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_TRADE_STAGE)))
-        _copy(conn, sql.SQL("COPY {} (symbol, trade_id, time, price, volume, side, ord_type, source) FROM STDIN")
-              .format(sql.Identifier(_TRADE_STAGE)), chunk.payload)
+        _copy_trades(conn, _TRADE_STAGE, chunk)
         inserted = conn.execute(_MERGE_TRADES).rowcount
         candles = store.rebuild_candles(conn, symbol, chunk.first_time, chunk.last_time + ONE_SECOND) if inserted else 0
         return inserted, chunk.rows - inserted, candles
@@ -602,9 +746,12 @@ class BulkCSVImporter:
         conn.execute(sql.SQL("TRUNCATE {}").format(stage))
         _copy(conn, sql.SQL("COPY {} (time, open, high, low, close, notional, volume, trades) FROM STDIN")
               .format(stage), candles)
-        decimals = DEFAULT_REGISTRY.get(symbol).price_decimals
-        conn.execute(_DELETE_STALE_CANDLES, {"symbol": symbol, "lo": lo, "hi": hi})
-        written = conn.execute(_CANDLES_FROM_STAGE, {"symbol": symbol, "decimals": decimals}).rowcount
+        params = {"symbol": symbol, "decimals": DEFAULT_REGISTRY.get(symbol).price_decimals, "lo": lo, "hi": hi}
+        if conn.execute(_CANDLES_PRESENT, (symbol, lo, hi)).fetchone()[0]:
+            conn.execute(_DELETE_STALE_CANDLES, params)
+            written = conn.execute(_UPSERT_CANDLES_FROM_STAGE, params).rowcount
+        else:  # nothing to replace (a first import): a plain insert, a third cheaper than the upsert
+            written = conn.execute(_INSERT_CANDLES_FROM_STAGE, params).rowcount
         store.record_candle_change(conn, symbol, lo, hi)
         return written
 

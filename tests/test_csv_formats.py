@@ -20,6 +20,7 @@ from kraken_hist.csv_formats import (
     interval_from_filename,
     parse_header_trades,
     parse_ohlcvt,
+    PLAIN_COLUMNS,
     parse_plain_trades,
     sniff_layout,
     synthetic_trade_id,
@@ -35,6 +36,12 @@ def lines(text: str) -> list[bytes]:
 
 def rows(chunks):
     return [line.decode().rstrip("\n").split("\t") for chunk in chunks for line in chunk.payload]
+
+
+def ids(chunks):
+    """The trade_id column of trade chunks, whatever their column order."""
+    return [line.decode().split("\t")[chunk.columns.index("trade_id")]
+            for chunk in chunks for line in chunk.payload]
 
 
 # ----- sniffing
@@ -107,11 +114,13 @@ def test_plain_lines_become_copy_rows_and_chunks_end_on_minute_boundaries():
         [b"2023-11-14 22:14:00+00\t99\t99\t99\t99\t297\t3\t1\n"],
     ]
     base = SYNTHETIC_ID_BASE + 1700000000 * MAX_TRADES_PER_SECOND
+    assert all(c.columns == PLAIN_COLUMNS == ("trade_id", "time", "price", "volume", "symbol", "source")
+               for c in chunks)
     assert rows(chunks) == [
-        ["BTC/USD", str(base), "2023-11-14 22:13:20+00", "100.5", "0.1", r"\N", r"\N", "csv"],
-        ["BTC/USD", str(base + 1), "2023-11-14 22:13:20+00", "100.6", "0.2", r"\N", r"\N", "csv"],
-        ["BTC/USD", str(base + 2), "2023-11-14 22:13:20+00", "100.7", "1e-05", r"\N", r"\N", "csv"],
-        ["BTC/USD", str(synthetic_trade_id(1700000061, 0)), "2023-11-14 22:14:21+00", "99", "3", r"\N", r"\N", "csv"],
+        [str(base), "2023-11-14 22:13:20+00", "100.5", "0.1", "BTC/USD", "csv"],
+        [str(base + 1), "2023-11-14 22:13:20+00", "100.6", "0.2", "BTC/USD", "csv"],
+        [str(base + 2), "2023-11-14 22:13:20+00", "100.7", "1e-05", "BTC/USD", "csv"],
+        [str(synthetic_trade_id(1700000061, 0)), "2023-11-14 22:14:21+00", "99", "3", "BTC/USD", "csv"],
     ]
     assert chunks[0].first_time == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
     assert chunks[1].last_time == datetime(2023, 11, 14, 22, 14, 21, tzinfo=UTC)
@@ -137,7 +146,7 @@ def test_bad_plain_lines_are_reported_with_line_numbers_and_take_no_ordinal():
     )
     report = BadRowReport("XBTUSD.csv", max_examples=3)
     chunks = list(parse_plain_trades(lines(text), symbol="BTC/USD", report=report, chunk_size=100))
-    assert [r[1] for r in rows(chunks)] == [
+    assert ids(chunks) == [
         str(synthetic_trade_id(1700000000, 0)), str(synthetic_trade_id(1700000001, 0)),
         str(synthetic_trade_id(1700000001, 1)),
     ]
@@ -177,7 +186,7 @@ def test_seconds_touched_by_id_bearing_coverage_are_left_out_but_keep_their_ordi
     text = "".join(f"{1700000000 + s},1,1\n" for s in (0, 1, 1, 2, 3, 3))
     report = BadRowReport("XBTUSD.csv")
     chunks = list(parse_plain_trades(lines(text), symbol="BTC/USD", report=report, chunk_size=10, blocker=blocker))
-    assert [r[1] for r in rows(chunks)] == [
+    assert ids(chunks) == [
         str(synthetic_trade_id(1700000000, 0)), str(synthetic_trade_id(1700000003, 0)),
         str(synthetic_trade_id(1700000003, 1)),
     ]
@@ -211,7 +220,7 @@ def test_header_layout_without_ids_gets_synthetic_ids():
     layout = sniff_layout(data[0], "XBTUSD.csv")
     chunks = list(parse_header_trades(data[1:], layout=layout, symbol="BTC/USD", report=BadRowReport("f"),
                                       chunk_size=10))
-    assert [r[1] for r in rows(chunks)] == [str(synthetic_trade_id(1700000000, 0)), str(synthetic_trade_id(1700000000, 1))]
+    assert ids(chunks) == [str(synthetic_trade_id(1700000000, 0)), str(synthetic_trade_id(1700000000, 1))]
 
 
 # ----- OHLCVT

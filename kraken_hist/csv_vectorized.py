@@ -1,0 +1,507 @@
+"""Plain Time and Sales files parsed a block at a time with numpy: the import's fast path.
+
+Kraken's ``XBTUSD.csv`` (``timestamp,price,volume``, no header) is gigabytes of uniform
+lines. A Python loop costs about 3 µs a line, more than PostgreSQL needs to store one, so
+clean blocks are validated, numbered and formatted as whole arrays instead:
+
+* one pass of array tests proves every line is ``digits,decimal,decimal\\n`` with a positive
+  price and times that never go back; any other block (a bad line, ``\\r\\n``, exponents, a
+  second with too many trades) goes line by line through ``csv_formats.parse_plain_trades``,
+  which reports each bad line with its number. Both paths give the same rows.
+* COPY text is built as a fixed-width byte matrix: PostgreSQL accepts spaces around
+  numbers, so each price and volume keeps its exact text, padded to the block's widest.
+* 1-minute candles come from exact integer arithmetic: prices and volumes scaled to whole
+  numbers, products summed in base-10**6 limbs that cannot overflow int64.
+
+Blocks end on a minute boundary (``stream_plain_trades``), so every minute's trades and
+candle are in exactly one chunk: chunks can be stored in any order, or in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import IO
+
+import numpy as np
+
+from .csv_formats import (
+    _PLAIN_BODY,
+    _PLAIN_LINE,
+    MAX_SECOND,
+    MAX_TRADES_PER_SECOND,
+    PLAIN_COLUMNS,
+    SYNTHETIC_ID_BASE,
+    BadRowReport,
+    SecondBlocker,
+    TradeChunk,
+    parse_plain_trades,
+)
+from .timeutils import EPOCH
+
+_NEWLINE, _COMMA, _DOT, _SPACE = 10, 44, 46, 32
+# Byte classes: 0 digit, 1 comma, 2 dot, 3 newline, 4 anything else.
+_CLASS = np.full(256, 4, dtype=np.uint8)
+_CLASS[48:58] = 0
+_CLASS[_COMMA], _CLASS[_DOT], _CLASS[_NEWLINE] = 1, 2, 3
+_LIMB = 10**6
+#: Digits a scaled price or volume may have (int64 holds 18).
+_MAX_DIGITS = 18
+#: Trades one minute may hold on the fast path (limb sums stay below 2**63).
+_MAX_MINUTE_TRADES = 3_000_000
+_NOTIONAL_WIDTH = 48  # digits of Σ p·v over a minute (below 10**36 · 3·10**6, scale up to 36)
+_VOLUME_WIDTH = 30  # digits of Σ v over a minute (below 10**18 · 3·10**6)
+
+
+# --------------------------------------------------------------------------- scanning
+
+@dataclass(slots=True)
+class _Number:
+    """A column of decimal fields: where each is, and its value scaled to a common exponent."""
+
+    start: np.ndarray  # first byte of each field
+    end: np.ndarray  # one past its last byte
+    scaled: np.ndarray  # int64 value x 10**scale
+    scale: int
+    frac: np.ndarray  # digits after the point as written (the stored numeric's scale)
+
+
+@dataclass(slots=True)
+class _Scan:
+    """A clean block: every line parsed, nothing formatted yet."""
+
+    data: bytes
+    buf: np.ndarray
+    line_end: np.ndarray  # index of each line's newline
+    seconds: np.ndarray
+    ordinal: np.ndarray  # position of each line within its second
+    price: _Number
+    volume: _Number
+
+
+def _digits_at(buf: np.ndarray, start: np.ndarray, end: np.ndarray, dot: np.ndarray) -> np.ndarray:
+    """Horner's rule over fields ``[start, end)``, skipping the dot at `dot` (or none: -1)."""
+    value = np.zeros(len(start), dtype=np.int64)
+    width = int((end - start).max()) if len(start) else 0
+    last = len(buf) - 1
+    for k in range(width):
+        pos = start + k
+        take = (pos < end) & (pos != dot)
+        digit = buf[np.minimum(pos, last)].astype(np.int64) - 48
+        value = np.where(take, value * 10 + digit, value)
+    return value
+
+
+def _number(buf: np.ndarray, start: np.ndarray, end: np.ndarray, dot_line: np.ndarray,
+            dot_pos: np.ndarray, n: int) -> _Number | None:
+    """Parse one decimal column; None when a value would not fit the fast path's integers."""
+    dot = np.full(n, -1, dtype=np.int64)
+    dot[dot_line] = dot_pos
+    has_dot = dot >= 0
+    length = end - start
+    if np.any(length - has_dot < 1):  # a lone "." is not a number
+        return None
+    frac = np.where(has_dot, end - dot - 1, 0)
+    scale = int(frac.max())
+    whole = length - has_dot - frac
+    if int((whole + -(-scale // 4) * 4).max()) > _MAX_DIGITS:  # room for base-10000 alignment
+        return None
+    mantissa = _digits_at(buf, start, end, dot)
+    return _Number(start, end, mantissa * (10 ** (scale - frac)), scale, frac)
+
+
+def scan_block(data: bytes, after_second: int) -> _Scan | None:
+    """Parse `data` (whole lines, ending with a newline) if every line is a clean plain line
+    whose time is not before `after_second` nor the line before it; otherwise None."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if not len(buf) or buf[-1] != _NEWLINE:
+        return None
+    classes = _CLASS[buf]
+    if np.any(classes == 4):
+        return None
+    line_end = np.flatnonzero(classes == 3)
+    commas = np.flatnonzero(classes == 1)
+    n = len(line_end)
+    if len(commas) != 2 * n:
+        return None
+    first, second = commas[0::2], commas[1::2]
+    line_start = np.empty(n, dtype=np.int64)
+    line_start[0] = 0
+    line_start[1:] = line_end[:-1] + 1
+    # Two commas strictly inside every line, with something between: as there are exactly
+    # 2n commas, each line then holds exactly its own two.
+    if np.any(first <= line_start) or np.any(second <= first + 1) or np.any(line_end <= second + 1):
+        return None
+    if np.any(first - line_start > 10):
+        return None
+    dots = np.flatnonzero(classes == 2)
+    dot_line = np.searchsorted(line_end, dots)
+    in_volume = dots > second[dot_line]
+    in_price = ~in_volume & (dots > first[dot_line])
+    if not np.all(in_volume | in_price):  # a dot in the timestamp
+        return None
+    price_dot_line, volume_dot_line = dot_line[in_price], dot_line[in_volume]
+    if (len(price_dot_line) and np.any(np.diff(price_dot_line) == 0)) or \
+            (len(volume_dot_line) and np.any(np.diff(volume_dot_line) == 0)):
+        return None  # two dots in one field
+    seconds = _digits_at(buf, line_start, first, np.full(n, -1, dtype=np.int64))
+    if seconds[0] < after_second or np.any(np.diff(seconds) < 0):
+        return None
+    new_second = np.empty(n, dtype=bool)
+    new_second[0] = True
+    new_second[1:] = seconds[1:] != seconds[:-1]
+    second_starts = np.flatnonzero(new_second)
+    ordinal = np.arange(n) - second_starts[np.cumsum(new_second) - 1]
+    if int(ordinal.max()) >= MAX_TRADES_PER_SECOND:  # synthetic ids would collide
+        return None
+    price = _number(buf, first + 1, second, price_dot_line, dots[in_price], n)
+    volume = _number(buf, second + 1, line_end, volume_dot_line, dots[in_volume], n)
+    if price is None or volume is None or np.any(price.scaled <= 0):
+        return None
+    return _Scan(data, buf, line_end, seconds, ordinal, price, volume)
+
+
+def last_minute_start(seconds: np.ndarray) -> int:
+    """Index of the first line of the block's last minute (0: the block is one minute)."""
+    minutes = seconds // 60
+    return int(np.searchsorted(minutes, minutes[-1], side="left"))
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _ascii_digits(values: np.ndarray, width: int) -> np.ndarray:
+    """Non-negative int64 values as zero-padded ASCII digits, one row of `width` per value."""
+    out = np.empty((len(values), width), dtype=np.uint8)
+    rest = values.copy()
+    for col in range(width - 1, -1, -1):
+        rest, digit = np.divmod(rest, 10)
+        out[:, col] = digit + 48
+    return out
+
+
+def _time_text(seconds: np.ndarray) -> np.ndarray:
+    """``YYYY-MM-DD HH:MM:SS+00`` rows for unix seconds (proleptic Gregorian, UTC)."""
+    days, rest = np.divmod(seconds, 86_400)
+    # Civil date from days since 1970-01-01 (H. Hinnant's algorithm, vectorised).
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1_460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = np.where(mp < 10, mp + 3, mp - 9)
+    year = yoe + era * 400 + (month <= 2)
+    out = np.empty((len(seconds), 22), dtype=np.uint8)
+    out[:, 0:4] = _ascii_digits(year, 4)
+    out[:, 5:7] = _ascii_digits(month, 2)
+    out[:, 8:10] = _ascii_digits(day, 2)
+    out[:, 11:13] = _ascii_digits(rest // 3600, 2)
+    out[:, 14:16] = _ascii_digits(rest // 60 % 60, 2)
+    out[:, 17:19] = _ascii_digits(rest % 60, 2)
+    out[:, [4, 7]] = ord("-")
+    out[:, 10] = _SPACE
+    out[:, [13, 16]] = ord(":")
+    out[:, 19:22] = np.frombuffer(b"+00", dtype=np.uint8)
+    return out
+
+
+def _field_text(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The bytes of fields ``[start, end)``, left-aligned and space-padded to the widest."""
+    width = int((end - start).max())
+    out = np.full((len(start), width), _SPACE, dtype=np.uint8)
+    last = len(buf) - 1
+    for k in range(width):
+        pos = start + k
+        out[:, k] = np.where(pos < end, buf[np.minimum(pos, last)], _SPACE)
+    return out
+
+
+def _join_columns(columns: Sequence[np.ndarray | bytes], rows: int) -> bytes:
+    """Rows of tab-separated fixed-width columns (byte matrices or constants), newline-ended."""
+    parts = []
+    for column in columns:
+        if isinstance(column, bytes):
+            parts.append(np.broadcast_to(np.frombuffer(column + b"\t", dtype=np.uint8), (rows, len(column) + 1)))
+        else:
+            parts.append(column)
+            parts.append(np.full((rows, 1), 9, dtype=np.uint8))
+    matrix = np.concatenate(parts, axis=1)
+    matrix[:, -1] = _NEWLINE
+    return matrix.tobytes()
+
+
+def _limbs(values: np.ndarray) -> list[np.ndarray]:
+    """Base-10**6 limbs of values below 10**18, least significant first."""
+    low, rest = values % _LIMB, values // _LIMB
+    return [low, rest % _LIMB, rest // _LIMB]
+
+
+def _carry(sums: list[np.ndarray], width: int) -> np.ndarray:
+    """Limb sums (each below 2**63) → zero-padded ASCII digits of the whole number."""
+    digits = []
+    carry = np.zeros_like(sums[0])
+    for limb in sums:
+        carry, digit = np.divmod(limb + carry, _LIMB)
+        digits.append(digit)
+    while len(digits) * 6 < width:
+        carry, digit = np.divmod(carry, _LIMB)
+        digits.append(digit)
+    text = np.concatenate([_ascii_digits(d, 6) for d in reversed(digits)], axis=1)
+    return text[:, -width:]
+
+
+def _decimal_text(digits: np.ndarray, scale: int) -> np.ndarray:
+    """Insert the decimal point `scale` digits from the right of ASCII digit rows."""
+    if scale == 0:
+        return digits
+    point = np.full((len(digits), 1), _DOT, dtype=np.uint8)
+    return np.concatenate([digits[:, :-scale], point, digits[:, -scale:]], axis=1)
+
+
+def _group_argextreme(values: np.ndarray, starts: np.ndarray, group: np.ndarray, largest: bool) -> np.ndarray:
+    """Index of the first largest (or smallest) value of each group of a sorted grouping."""
+    reduce = np.maximum.reduceat if largest else np.minimum.reduceat
+    extreme = reduce(values, starts)
+    index = np.where(values == extreme[group], np.arange(len(values)), len(values))
+    return np.minimum.reduceat(index, starts)
+
+
+# --------------------------------------------------------------------------- binary COPY rows
+
+#: Start of a binary COPY stream (signature, flags, header extension length) and its end.
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+BINARY_TRAILER = b"\xff\xff"
+_PG_EPOCH_SECONDS = 946_684_800  # 2000-01-01 UTC, where timestamptz counts microseconds from
+
+
+def _numeric_groups(number: _Number, index: np.ndarray) -> tuple[np.ndarray, int]:
+    """Base-10000 digits (most significant first, zero-padded to one width) of the chosen
+    values, and the weight of the first: PostgreSQL's binary numeric, which strips the
+    padding zeros on receipt."""
+    aligned = -(-number.scale // 4) * 4
+    values = number.scaled[index] * 10 ** (aligned - number.scale)
+    groups = []
+    rest = values
+    while True:
+        rest, group = np.divmod(rest, 10_000)
+        groups.append(group)
+        if len(groups) > aligned // 4 and not rest.any():
+            break
+    digits = np.stack(groups[::-1], axis=1).astype(">i2")
+    return digits, len(groups) - 1 - aligned // 4
+
+
+def binary_rows(ids: np.ndarray, seconds: np.ndarray, price: _Number, volume: _Number, index: np.ndarray,
+                symbol: str) -> bytes:
+    """Binary COPY tuples for ``PLAIN_COLUMNS`` (no header or trailer): fixed-size records
+    built as one structured array, so the server receives ints, not text to parse."""
+    p_digits, p_weight = _numeric_groups(price, index)
+    v_digits, v_weight = _numeric_groups(volume, index)
+    sym = symbol.encode()
+    record = np.dtype([
+        ("fields", ">i2"),
+        ("id_len", ">i4"), ("id", ">i8"),
+        ("time_len", ">i4"), ("time", ">i8"),
+        ("p_len", ">i4"), ("p_ndigits", ">i2"), ("p_weight", ">i2"), ("p_sign", ">u2"), ("p_dscale", ">i2"),
+        ("p_digits", ">i2", (p_digits.shape[1],)),
+        ("v_len", ">i4"), ("v_ndigits", ">i2"), ("v_weight", ">i2"), ("v_sign", ">u2"), ("v_dscale", ">i2"),
+        ("v_digits", ">i2", (v_digits.shape[1],)),
+        ("sym_len", ">i4"), ("sym", f"S{len(sym)}"),
+        ("src_len", ">i4"), ("src", "S3"),
+    ])
+    rows = np.zeros(len(index), dtype=record)
+    rows["fields"] = len(PLAIN_COLUMNS)
+    rows["id_len"], rows["id"] = 8, ids
+    rows["time_len"], rows["time"] = 8, (seconds - _PG_EPOCH_SECONDS) * 1_000_000
+    for prefix, digits, weight, number in (("p", p_digits, p_weight, price), ("v", v_digits, v_weight, volume)):
+        rows[f"{prefix}_len"] = 8 + 2 * digits.shape[1]
+        rows[f"{prefix}_ndigits"] = digits.shape[1]
+        rows[f"{prefix}_weight"] = weight
+        rows[f"{prefix}_dscale"] = number.frac[index]
+        rows[f"{prefix}_digits"] = digits
+    rows["sym_len"], rows["sym"] = len(sym), sym
+    rows["src_len"], rows["src"] = 3, b"csv"
+    return rows.tobytes()
+
+
+# --------------------------------------------------------------------------- chunks
+
+def _blocked_mask(seconds: np.ndarray, blocker: SecondBlocker | None) -> np.ndarray | None:
+    """True for seconds that REST/WebSocket coverage touches (SecondBlocker's rule)."""
+    if not blocker:
+        return None
+    ranges = np.asarray(blocker.ranges_us, dtype=np.int64).reshape(-1, 2)
+    lo_us, hi_us = ranges[:, 0], ranges[:, 1]
+    start_us = seconds * 1_000_000
+    index = np.searchsorted(hi_us, start_us, side="right")  # first range ending after the second starts
+    hit = index < len(hi_us)
+    hit[hit] = lo_us[index[hit]] < start_us[hit] + 1_000_000
+    return hit
+
+
+def build_chunk(scan: _Scan, stop: int, *, symbol: str, blocker: SecondBlocker | None,
+                first_line_no: int) -> TradeChunk:
+    """COPY rows (``PLAIN_COLUMNS``) and candles of the scan's lines ``[0, stop)``."""
+    buf = scan.buf
+    seconds = scan.seconds[:stop]
+    ids = SYNTHETIC_ID_BASE + seconds * MAX_TRADES_PER_SECOND + scan.ordinal[:stop]
+    keep = _blocked_mask(seconds, blocker)
+    nbytes = int(scan.line_end[stop - 1]) + 1
+    chunk = TradeChunk(payload=[], columns=PLAIN_COLUMNS, candles=[], lines=stop, bytes=nbytes,
+                       last_line=first_line_no + stop - 1,
+                       first_time=EPOCH + timedelta(seconds=int(seconds[0])),
+                       last_time=EPOCH + timedelta(seconds=int(seconds[-1])))
+    index = np.arange(stop) if keep is None else np.flatnonzero(~keep)
+    chunk.covered = stop - len(index)
+    chunk.rows = len(index)
+    if not chunk.rows:
+        return chunk
+    sec, ids = seconds[index], ids[index]
+    chunk.min_id, chunk.max_id = int(ids[0]), int(ids[-1])
+    price, volume = scan.price, scan.volume
+    p_start, p_end = price.start[index], price.end[index]
+    chunk.payload.append(binary_rows(ids, sec, price, volume, index, symbol))
+    chunk.binary = True
+    chunk.candles = [_candles(buf, sec, price.scaled[index], volume.scaled[index], p_start, p_end,
+                              price.scale, volume.scale)]
+    return chunk
+
+
+def _candles(buf: np.ndarray, seconds: np.ndarray, p: np.ndarray, v: np.ndarray,
+             p_start: np.ndarray, p_end: np.ndarray, price_scale: int, volume_scale: int) -> bytes:
+    """Candle COPY rows (time, open, high, low, close, notional, volume, trades) per minute:
+    open/high/low/close keep their trades' exact text; Σ p·v and Σ v are exact."""
+    minutes = seconds // 60
+    new_minute = np.empty(len(minutes), dtype=bool)
+    new_minute[0] = True
+    new_minute[1:] = minutes[1:] != minutes[:-1]
+    starts = np.flatnonzero(new_minute)
+    group = np.cumsum(new_minute) - 1
+    counts = np.diff(np.append(starts, len(minutes)))
+    if int(counts.max()) > _MAX_MINUTE_TRADES:
+        raise OverflowError("a minute holds more trades than the fast path sums exactly")
+    high = _group_argextreme(p, starts, group, largest=True)
+    low = _group_argextreme(p, starts, group, largest=False)
+    close = starts + counts - 1
+    pl, vl = _limbs(p), _limbs(v)
+    notional = []
+    for k in range(5):  # limb k of p·v: Σ p_a·v_b over a + b = k, each term below 3·10**12
+        term = np.zeros(len(p), dtype=np.int64)
+        for a in range(max(0, k - 2), min(k, 2) + 1):
+            term += pl[a] * vl[k - a]
+        notional.append(np.add.reduceat(term, starts))
+    volume = [np.add.reduceat(limb, starts) for limb in vl]
+
+    def price_text(rows: np.ndarray) -> np.ndarray:
+        return _field_text(buf, p_start[rows], p_end[rows])
+
+    return _join_columns(
+        [_time_text(minutes[starts] * 60), price_text(starts), price_text(high), price_text(low),
+         price_text(close), _decimal_text(_carry(notional, _NOTIONAL_WIDTH), price_scale + volume_scale),
+         _decimal_text(_carry(volume, _VOLUME_WIDTH), volume_scale), _ascii_digits(counts, 7)], len(starts))
+
+
+# --------------------------------------------------------------------------- the stream
+
+def _split_lines(block: bytes) -> list[bytes]:
+    """Lines as iterating a binary file gives them: split after each newline only."""
+    parts = block.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def _fallback_cut(lines: Sequence[bytes], after_second: int) -> int:
+    """Where a block that the fast path refused may end: before the first line that
+    ``parse_plain_trades`` would store in the block's last minute. 0 when the block holds a
+    single minute (read more); ``len(lines)`` when it would store nothing at all."""
+    previous, minute, cut, first = after_second, -1, 0, -1
+    for i, line in enumerate(lines):
+        match = _PLAIN_LINE.match(line)
+        if match is None:
+            if not line.strip():
+                continue
+            match = _PLAIN_BODY.fullmatch(line.rstrip(b"\r\n"))
+            if match is None:
+                continue
+        second = int(match.group(1))
+        if second < previous or second > MAX_SECOND:
+            continue  # reported as backwards or out of range, never stored
+        if first < 0:
+            first = i
+        if second // 60 != minute:
+            minute, cut = second // 60, i
+        previous = second
+    if first < 0:
+        return len(lines)
+    return 0 if cut == first else cut
+
+
+def stream_plain_trades(
+    stream: IO[bytes],
+    *,
+    symbol: str,
+    report: BadRowReport,
+    chunk_size: int,
+    blocker: SecondBlocker | None = None,
+    head: bytes = b"",
+    first_line_no: int = 1,
+) -> Iterator[TradeChunk]:
+    """A plain Time and Sales stream → chunks of about `chunk_size` lines, each ending on a
+    minute boundary, with the same rows, ids, candles and bad-line reports as
+    ``parse_plain_trades`` (which handles the blocks the array path refuses).
+
+    `head` is what the caller already read from the stream (the sniffed first line).
+    """
+    sym = symbol
+    pending = head
+    line_no = first_line_no  # number of pending's first line
+    after = -1  # last second stored or covered: no later line may go before it
+    want = chunk_size  # lines a block should hold; doubled while a block is a single minute
+    per_line = 32  # bytes per line, refined as we go
+    eof = False
+    while True:
+        while not eof and pending.count(b"\n") < want:
+            more = stream.read(max(1 << 16, (want - pending.count(b"\n")) * per_line))
+            if more:
+                pending += more
+            else:
+                eof = True
+        if not pending:
+            return
+        newlines = np.flatnonzero(np.frombuffer(pending, dtype=np.uint8) == _NEWLINE)
+        if len(newlines) > want or (len(newlines) == want and not eof):
+            end = int(newlines[want - 1]) + 1
+            block, rest = pending[:end], pending[end:]
+        else:
+            block, rest = pending, b""
+        final = eof and not rest
+        scan = scan_block(block, after + 1)
+        if scan is not None:
+            stop = len(scan.seconds) if final else last_minute_start(scan.seconds)
+            if stop == 0:
+                want *= 2
+                continue
+            chunk = build_chunk(scan, stop, symbol=sym, blocker=blocker, first_line_no=line_no)
+            used = chunk.bytes
+            after = int(scan.seconds[stop - 1])
+            yield chunk
+        else:
+            lines = _split_lines(block)
+            stop = len(lines) if final else _fallback_cut(lines, after)
+            if stop == 0:
+                want *= 2
+                continue
+            used = sum(map(len, lines[:stop]))
+            for chunk in parse_plain_trades(lines[:stop], symbol=sym, report=report, chunk_size=chunk_size,
+                                            blocker=blocker, first_line_no=line_no, after_second=after):
+                if chunk.last_time is not None:
+                    after = int((chunk.last_time - EPOCH).total_seconds())
+                yield chunk
+        per_line = max(8, used // max(1, stop))
+        line_no += stop
+        pending = block[used:] + rest
+        want = chunk_size

@@ -81,9 +81,18 @@ WITH win (lo, hi) AS (
     WHERE p.symbol = %(symbol)s
     GROUP BY 1
 ), stale AS (
-    DELETE FROM {target} t USING win
-    WHERE t.symbol = %(symbol)s AND t.time >= win.lo AND t.time < win.hi
-      AND NOT EXISTS (SELECT 1 FROM built b WHERE b.bucket = t.time)
+    -- Buckets of the windows that no longer have rows below them, found once as a set
+    -- difference and deleted by key: no join for a planner to get wrong when statistics lag
+    -- a large import (a nested loop over the CTE would be quadratic in the window).
+    DELETE FROM {target} t
+    WHERE t.symbol = %(symbol)s
+      AND t.time >= (SELECT min(lo) FROM win) AND t.time < (SELECT max(hi) FROM win)
+      AND t.time = ANY (ARRAY(
+          SELECT x.time FROM {target} x JOIN win ON x.time >= win.lo AND x.time < win.hi
+          WHERE x.symbol = %(symbol)s  -- and, as an index bound whatever the plan:
+            AND x.time >= (SELECT min(lo) FROM win) AND x.time < (SELECT max(hi) FROM win)
+          EXCEPT
+          SELECT bucket FROM built))
     RETURNING 1
 ), written AS (
     INSERT INTO {target} AS t (symbol, time, open, high, low, close, vwap, volume, trades, vwap_volume)

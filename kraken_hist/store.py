@@ -50,10 +50,15 @@ WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
 _REBUILD_CANDLES = f"""
 WITH built AS ({MINUTE_CANDLES_FROM_TRADES}
 ), stale AS (
+    -- Found once as a set difference and deleted by key: no join for a planner to get wrong
+    -- when statistics lag a large import (a nested loop over the CTE is quadratic).
     DELETE FROM candles c
-    WHERE c.symbol = %(symbol)s AND c.source = 'trades'
-      AND c.time >= %(start)s AND c.time < %(end)s
-      AND NOT EXISTS (SELECT 1 FROM built b WHERE b.minute = c.time)
+    WHERE c.symbol = %(symbol)s AND c.time >= %(start)s AND c.time < %(end)s
+      AND c.time = ANY (ARRAY(
+          SELECT time FROM candles
+          WHERE symbol = %(symbol)s AND source = 'trades' AND time >= %(start)s AND time < %(end)s
+          EXCEPT
+          SELECT minute FROM built))
     RETURNING 1
 )
 INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)

@@ -133,3 +133,11 @@ def test_timescaledb_branch_is_explicit_sql():
     assert "timescaledb.continuous" in source and "add_continuous_aggregate_policy" in source
     for width in ("5 minutes", "15 minutes", "30 minutes", "1 hour", "4 hours", "1 day", "1 week"):
         assert f'"{width}"' in source
+
+
+def test_trades_time_index_skips_deduplication(db_url):
+    """Revision 0002: bulk loads do not pay deduplication passes on the (symbol, time) index."""
+    with psycopg.connect(db_url) as conn:
+        options = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE relname = 'trades_symbol_time_idx'").fetchone()[0]
+    assert options == ["deduplicate_items=off"]

@@ -2,7 +2,9 @@
 
 Files are streamed in chunks (bounded memory whatever their size; zip members are read
 straight from the archive) and COPYed into PostgreSQL. A parser thread prepares the next
-chunk while the database stores the current one.
+chunks while the database stores the current ones; plain Time and Sales files are parsed a
+block at a time with numpy (``csv_vectorized``) into binary COPY rows and stored on two
+connections at once, since the server's work per row (two indexes) is the bound.
 
 Integrity (DESIGN.md, "Data integrity rules"):
 
@@ -23,8 +25,9 @@ Integrity (DESIGN.md, "Data integrity rules"):
 Transactions: strict mode imports a file in one transaction and fails at its first bad line,
 leaving the database unchanged. Otherwise each chunk commits with its candles and coverage,
 bad lines are skipped and reported, and the file's final bookkeeping (resume point, import
-record) commits last: a crash mid-file leaves complete chunks that a re-run skips as
-duplicates, and no resume point past them.
+record) commits last: a crash mid-file leaves complete chunks (with parallel writers, not
+necessarily consecutive ones) that a re-run skips as duplicates, coverage of exactly their
+seconds, and no resume point past them.
 """
 
 from __future__ import annotations

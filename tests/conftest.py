@@ -123,6 +123,15 @@ def db_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def other_db_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
+    """A second fresh, migrated database: the reference a test compares `db_url` with."""
+    name = f"kh_t_{uuid.uuid4().hex[:10]}"
+    url = create_database(pg_admin_url, name, template=template_database)
+    yield url
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection]:
     """A psycopg connection to this test's database (autocommit off)."""
     with psycopg.connect(db_url) as connection:

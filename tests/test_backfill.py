@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
@@ -28,7 +27,6 @@ from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
 from kraken_hist.timeutils import to_unix_ns
 from kraken_hist.types import HistoricalTrade
-from tests.conftest import create_database, drop_database
 
 UTC = timezone.utc
 START = datetime(2025, 2, 3, tzinfo=UTC)
@@ -65,13 +63,6 @@ def make_client(url: str) -> KrakenRestClient:
 def job(db_url: str, fake: FakeKrakenREST) -> Iterator[KrakenTradesBackfill]:
     with KrakenTradesBackfill(db_url, make_client(fake.url)) as backfill:
         yield backfill
-
-
-@pytest.fixture
-def other_db_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
-    name = f"kh_t_{uuid.uuid4().hex[:10]}"
-    yield create_database(pg_admin_url, name, template=template_database)
-    drop_database(pg_admin_url, name)
 
 
 def stored_trades(url: str, symbol: str = "BTC/USD") -> list[tuple]:

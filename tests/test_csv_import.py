@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -116,8 +120,10 @@ def ts_file(tmp_path: Path, rows) -> Path:
 
 # ----- Time and Sales: the database equals the file
 
-def test_time_and_sales_file_is_stored_as_it_is_with_candles_coverage_and_resume_point(db_url, ts_file, rows):
-    result = BulkCSVImporter(db_url, chunk_size=97).import_csv_file(ts_file)  # chunks cut through seconds
+@pytest.mark.parametrize("writers", [1, 2])
+def test_time_and_sales_file_is_stored_as_it_is_with_candles_coverage_and_resume_point(db_url, ts_file, rows,
+                                                                                       writers):
+    result = BulkCSVImporter(db_url, chunk_size=97, writers=writers).import_csv_file(ts_file)
     trades = as_trades(rows)
     assert stored_trades(db_url) == expected_trade_rows(trades)
     assert candle_rows(db_url) == expected_candle_rows(trades)
@@ -198,6 +204,36 @@ def test_a_crash_mid_file_leaves_whole_chunks_and_a_rerun_completes_it(db_url, t
     BulkCSVImporter(db_url, chunk_size=100).import_csv_file(ts_file)
     assert stored_trades(clean_url) == expected_trade_rows(as_trades(rows))
     assert candle_rows(db_url) == expected_candle_rows(as_trades(rows))
+
+
+def test_an_import_killed_at_any_moment_is_completed_by_running_it_again(db_url, other_db_url, tmp_path):
+    """SIGKILL while both writers are storing chunks: whatever committed is whole chunks with
+    their candles and coverage; the re-run stores the rest and equals one clean import."""
+    rows = generate(minutes=6000, seed=11)
+    path = write(tmp_path / "XBTUSD.csv", time_and_sales_text(rows))
+    BulkCSVImporter(other_db_url, chunk_size=500).import_csv_file(path)
+    code = ("import sys; from kraken_hist.csv_import import BulkCSVImporter; "
+            "BulkCSVImporter(sys.argv[1], chunk_size=500).import_csv_file(sys.argv[2])")
+    rng = random.Random(5)
+    partial = []
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-c", code, db_url, str(path)])
+        deadline = time.monotonic() + 60
+        while not read(db_url, "SELECT EXISTS (SELECT 1 FROM trades)")[0][0] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.2))  # anywhere: parsing, COPY, candles, coverage or commit
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        stored = stored_trades(db_url)
+        partial.append(len(stored))
+        assert set(stored) <= set(expected_trade_rows(as_trades(rows)))
+    assert 0 < partial[0] < len(rows)
+    result = BulkCSVImporter(db_url, chunk_size=500).import_csv_file(path)
+    assert result.imported + result.duplicates == len(rows)
+    clean = snapshot(other_db_url)
+    assert snapshot(db_url) == clean
+    assert clean["trades"] == [(SYMBOL,) + row[:4] + (None, None, "csv") for row in
+                               [(t.trade_id, t.time, t.price, t.volume) for t in as_trades(rows)]]
 
 
 # ----- zip archives

@@ -113,22 +113,23 @@ def empty_db_url(pg_admin_url: str) -> Iterator[str]:
     drop_database(pg_admin_url, name)
 
 
-@pytest.fixture
-def db_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
-    """A fresh, migrated database for this test only (libpq URL)."""
+def _migrated_copy(pg_admin_url: str, template_database: str) -> Iterator[str]:
     name = f"kh_t_{uuid.uuid4().hex[:10]}"
     url = create_database(pg_admin_url, name, template=template_database)
     yield url
     drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for this test only (libpq URL)."""
+    yield from _migrated_copy(pg_admin_url, template_database)
 
 
 @pytest.fixture
 def other_db_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
     """A second fresh, migrated database: the reference a test compares `db_url` with."""
-    name = f"kh_t_{uuid.uuid4().hex[:10]}"
-    url = create_database(pg_admin_url, name, template=template_database)
-    yield url
-    drop_database(pg_admin_url, name)
+    yield from _migrated_copy(pg_admin_url, template_database)
 
 
 @pytest.fixture

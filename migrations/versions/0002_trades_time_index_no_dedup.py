@@ -7,6 +7,9 @@ splitting pages "after the new item" for ascending inserts. Without it, bulk loa
 measured 5-6% faster (benchmarks/csv_import.py) at about the same index size. Only new
 insertions are affected; existing posting lists stay valid.
 
+The same statement serves both branches: on TimescaleDB it sets the option on the
+hypertable's index, from which chunk indexes are created (not verifiable here: no extension).
+
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-24

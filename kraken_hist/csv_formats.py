@@ -268,7 +268,7 @@ class TradeChunk:
 
     payload: list[bytes]
     columns: tuple[str, ...] = FULL_COLUMNS
-    binary: bool = False  # payload holds binary COPY tuples (no header or trailer), not text lines
+    binary: bool = False  # payload and candles hold binary COPY tuples (no header or trailer), not text
     rows: int = 0
     first_time: datetime | None = None  # first and last good row's time (stored or covered;
     last_time: datetime | None = None  # whole seconds for id-less files)

@@ -730,7 +730,7 @@ class BulkCSVImporter:
             try:
                 with conn.transaction():
                     _copy_trades(conn, "trades", chunk)
-                    written = self._write_parsed_candles(conn, symbol, chunk.candles, lo, hi)
+                    written = self._write_parsed_candles(conn, symbol, chunk, lo, hi)
                 return chunk.rows, 0, written
             except psycopg.errors.UniqueViolation:
                 log.info("csv import: %s rows appeared concurrently in %s..%s, deduplicating", symbol,
@@ -742,13 +742,14 @@ class BulkCSVImporter:
         return inserted, chunk.rows - inserted, candles
 
     @staticmethod
-    def _write_parsed_candles(conn: psycopg.Connection, symbol: str, candles: Sequence[bytes],
+    def _write_parsed_candles(conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
                               lo: datetime, hi: datetime) -> int:
         """Write the parser's candles of ``[lo, hi)`` (minutes holding only this chunk's trades)."""
-        stage = sql.Identifier(_CANDLE_STAGE)
-        conn.execute(sql.SQL("TRUNCATE {}").format(stage))
-        _copy(conn, sql.SQL("COPY {} (time, open, high, low, close, notional, volume, trades) FROM STDIN")
-              .format(stage), candles)
+        assert chunk.candles is not None
+        conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_CANDLE_STAGE)))
+        payload = [BINARY_HEADER, *chunk.candles, BINARY_TRAILER] if chunk.binary else chunk.candles
+        columns = ("time", "open", "high", "low", "close", "notional", "volume", "trades")
+        _copy(conn, _copy_into(_CANDLE_STAGE, columns, chunk.binary), payload)
         params = {"symbol": symbol, "decimals": DEFAULT_REGISTRY.get(symbol).price_decimals, "lo": lo, "hi": hi}
         if conn.execute(_CANDLES_PRESENT, (symbol, lo, hi)).fetchone()[0]:
             conn.execute(_DELETE_STALE_CANDLES, params)

@@ -8,10 +8,12 @@ clean blocks are validated, numbered and formatted as whole arrays instead:
   price and times that never go back; any other block (a bad line, ``\\r\\n``, exponents, a
   second with too many trades) goes line by line through ``csv_formats.parse_plain_trades``,
   which reports each bad line with its number. Both paths give the same rows.
-* COPY text is built as a fixed-width byte matrix: PostgreSQL accepts spaces around
-  numbers, so each price and volume keeps its exact text, padded to the block's widest.
+* rows go to PostgreSQL as binary COPY tuples built as one structured array: ints,
+  microseconds and base-10000 numerics, each number with its own display scale, so the
+  stored values are exactly the file's text (and the server parses nothing).
 * 1-minute candles come from exact integer arithmetic: prices and volumes scaled to whole
-  numbers, products summed in base-10**6 limbs that cannot overflow int64.
+  numbers, products summed in base-10**6 limbs that cannot overflow int64, with the display
+  scales SQL's aggregates would give.
 
 Blocks end on a minute boundary (``stream_plain_trades``), so every minute's trades and
 candle are in exactly one chunk: chunks can be stored in any order, or in parallel.
@@ -46,12 +48,11 @@ _CLASS = np.full(256, 4, dtype=np.uint8)
 _CLASS[48:58] = 0
 _CLASS[_COMMA], _CLASS[_DOT], _CLASS[_NEWLINE] = 1, 2, 3
 _LIMB = 10**6
+_POWERS = 10 ** np.arange(19, dtype=np.int64)
 #: Digits a scaled price or volume may have (int64 holds 18).
 _MAX_DIGITS = 18
 #: Trades one minute may hold on the fast path (limb sums stay below 2**63).
 _MAX_MINUTE_TRADES = 3_000_000
-_NOTIONAL_WIDTH = 48  # digits of Σ p·v over a minute (below 10**36 · 3·10**6, scale up to 36)
-_VOLUME_WIDTH = 30  # digits of Σ v over a minute (below 10**18 · 3·10**6)
 
 
 # --------------------------------------------------------------------------- scanning
@@ -63,7 +64,7 @@ class _Number:
     start: np.ndarray  # first byte of each field
     end: np.ndarray  # one past its last byte
     scaled: np.ndarray  # int64 value x 10**scale
-    scale: int
+    scale: int  # common to the column, a multiple of 4
     frac: np.ndarray  # digits after the point as written (the stored numeric's scale)
 
 
@@ -103,12 +104,12 @@ def _number(buf: np.ndarray, start: np.ndarray, end: np.ndarray, dot_line: np.nd
     if np.any(length - has_dot < 1):  # a lone "." is not a number
         return None
     frac = np.where(has_dot, end - dot - 1, 0)
-    scale = int(frac.max())
+    scale = -(-int(frac.max()) // 4) * 4  # a multiple of 4: whole base-10000 digits after the point
     whole = length - has_dot - frac
-    if int((whole + -(-scale // 4) * 4).max()) > _MAX_DIGITS:  # room for base-10000 alignment
+    if int((whole + scale).max()) > _MAX_DIGITS:
         return None
     mantissa = _digits_at(buf, start, end, dot)
-    return _Number(start, end, mantissa * (10 ** (scale - frac)), scale, frac)
+    return _Number(start, end, mantissa * _POWERS[scale - frac], scale, frac)
 
 
 def scan_block(data: bytes, after_second: int) -> _Scan | None:
@@ -155,6 +156,10 @@ def scan_block(data: bytes, after_second: int) -> _Scan | None:
     ordinal = np.arange(n) - second_starts[np.cumsum(new_second) - 1]
     if int(ordinal.max()) >= MAX_TRADES_PER_SECOND:  # synthetic ids would collide
         return None
+    minutes = seconds // 60
+    minute_starts = np.flatnonzero(np.diff(minutes, prepend=-1))
+    if int(np.diff(np.append(minute_starts, n)).max()) > _MAX_MINUTE_TRADES:  # limb sums could overflow
+        return None
     price = _number(buf, first + 1, second, price_dot_line, dots[in_price], n)
     volume = _number(buf, second + 1, line_end, volume_dot_line, dots[in_volume], n)
     if price is None or volume is None or np.any(price.scaled <= 0):
@@ -168,106 +173,6 @@ def last_minute_start(seconds: np.ndarray) -> int:
     return int(np.searchsorted(minutes, minutes[-1], side="left"))
 
 
-# --------------------------------------------------------------------------- formatting
-
-def _ascii_digits(values: np.ndarray, width: int) -> np.ndarray:
-    """Non-negative int64 values as zero-padded ASCII digits, one row of `width` per value."""
-    out = np.empty((len(values), width), dtype=np.uint8)
-    rest = values.copy()
-    for col in range(width - 1, -1, -1):
-        rest, digit = np.divmod(rest, 10)
-        out[:, col] = digit + 48
-    return out
-
-
-def _time_text(seconds: np.ndarray) -> np.ndarray:
-    """``YYYY-MM-DD HH:MM:SS+00`` rows for unix seconds (proleptic Gregorian, UTC)."""
-    days, rest = np.divmod(seconds, 86_400)
-    # Civil date from days since 1970-01-01 (H. Hinnant's algorithm, vectorised).
-    z = days + 719_468
-    era = z // 146_097
-    doe = z - era * 146_097
-    yoe = (doe - doe // 1_460 + doe // 36_524 - doe // 146_096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    day = doy - (153 * mp + 2) // 5 + 1
-    month = np.where(mp < 10, mp + 3, mp - 9)
-    year = yoe + era * 400 + (month <= 2)
-    out = np.empty((len(seconds), 22), dtype=np.uint8)
-    out[:, 0:4] = _ascii_digits(year, 4)
-    out[:, 5:7] = _ascii_digits(month, 2)
-    out[:, 8:10] = _ascii_digits(day, 2)
-    out[:, 11:13] = _ascii_digits(rest // 3600, 2)
-    out[:, 14:16] = _ascii_digits(rest // 60 % 60, 2)
-    out[:, 17:19] = _ascii_digits(rest % 60, 2)
-    out[:, [4, 7]] = ord("-")
-    out[:, 10] = _SPACE
-    out[:, [13, 16]] = ord(":")
-    out[:, 19:22] = np.frombuffer(b"+00", dtype=np.uint8)
-    return out
-
-
-def _field_text(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """The bytes of fields ``[start, end)``, left-aligned and space-padded to the widest."""
-    width = int((end - start).max())
-    out = np.full((len(start), width), _SPACE, dtype=np.uint8)
-    last = len(buf) - 1
-    for k in range(width):
-        pos = start + k
-        out[:, k] = np.where(pos < end, buf[np.minimum(pos, last)], _SPACE)
-    return out
-
-
-def _join_columns(columns: Sequence[np.ndarray | bytes], rows: int) -> bytes:
-    """Rows of tab-separated fixed-width columns (byte matrices or constants), newline-ended."""
-    parts = []
-    for column in columns:
-        if isinstance(column, bytes):
-            parts.append(np.broadcast_to(np.frombuffer(column + b"\t", dtype=np.uint8), (rows, len(column) + 1)))
-        else:
-            parts.append(column)
-            parts.append(np.full((rows, 1), 9, dtype=np.uint8))
-    matrix = np.concatenate(parts, axis=1)
-    matrix[:, -1] = _NEWLINE
-    return matrix.tobytes()
-
-
-def _limbs(values: np.ndarray) -> list[np.ndarray]:
-    """Base-10**6 limbs of values below 10**18, least significant first."""
-    low, rest = values % _LIMB, values // _LIMB
-    return [low, rest % _LIMB, rest // _LIMB]
-
-
-def _carry(sums: list[np.ndarray], width: int) -> np.ndarray:
-    """Limb sums (each below 2**63) → zero-padded ASCII digits of the whole number."""
-    digits = []
-    carry = np.zeros_like(sums[0])
-    for limb in sums:
-        carry, digit = np.divmod(limb + carry, _LIMB)
-        digits.append(digit)
-    while len(digits) * 6 < width:
-        carry, digit = np.divmod(carry, _LIMB)
-        digits.append(digit)
-    text = np.concatenate([_ascii_digits(d, 6) for d in reversed(digits)], axis=1)
-    return text[:, -width:]
-
-
-def _decimal_text(digits: np.ndarray, scale: int) -> np.ndarray:
-    """Insert the decimal point `scale` digits from the right of ASCII digit rows."""
-    if scale == 0:
-        return digits
-    point = np.full((len(digits), 1), _DOT, dtype=np.uint8)
-    return np.concatenate([digits[:, :-scale], point, digits[:, -scale:]], axis=1)
-
-
-def _group_argextreme(values: np.ndarray, starts: np.ndarray, group: np.ndarray, largest: bool) -> np.ndarray:
-    """Index of the first largest (or smallest) value of each group of a sorted grouping."""
-    reduce = np.maximum.reduceat if largest else np.minimum.reduceat
-    extreme = reduce(values, starts)
-    index = np.where(values == extreme[group], np.arange(len(values)), len(values))
-    return np.minimum.reduceat(index, starts)
-
-
 # --------------------------------------------------------------------------- binary COPY rows
 
 #: Start of a binary COPY stream (signature, flags, header extension length) and its end.
@@ -276,54 +181,96 @@ BINARY_TRAILER = b"\xff\xff"
 _PG_EPOCH_SECONDS = 946_684_800  # 2000-01-01 UTC, where timestamptz counts microseconds from
 
 
-def _numeric_groups(number: _Number, index: np.ndarray) -> tuple[np.ndarray, int]:
-    """Base-10000 digits (most significant first, zero-padded to one width) of the chosen
-    values, and the weight of the first: PostgreSQL's binary numeric, which strips the
-    padding zeros on receipt."""
-    aligned = -(-number.scale // 4) * 4
-    values = number.scaled[index] * 10 ** (aligned - number.scale)
-    groups = []
-    rest = values
+@dataclass(frozen=True, slots=True)
+class _Numeric:
+    """A numeric column in PostgreSQL's binary form: base-10000 digits, most significant
+    first and zero-padded to one width (the server strips the padding), the first digit's
+    weight, and each value's display scale (digits after the point, as the text had)."""
+
+    digits: np.ndarray  # (rows, width)
+    weight: int
+    dscale: np.ndarray
+
+
+def _numeric_from_scaled(values: np.ndarray, scale: int, dscale: np.ndarray) -> _Numeric:
+    """Non-negative int64 `values` x 10**-scale (scale a multiple of 4)."""
+    groups, rest = [], values
     while True:
         rest, group = np.divmod(rest, 10_000)
         groups.append(group)
-        if len(groups) > aligned // 4 and not rest.any():
+        if len(groups) > scale // 4 and not rest.any():
             break
-    digits = np.stack(groups[::-1], axis=1).astype(">i2")
-    return digits, len(groups) - 1 - aligned // 4
+    return _Numeric(np.stack(groups[::-1], axis=1), len(groups) - 1 - scale // 4, dscale)
 
 
-def binary_rows(ids: np.ndarray, seconds: np.ndarray, price: _Number, volume: _Number, index: np.ndarray,
-                symbol: str) -> bytes:
-    """Binary COPY tuples for ``PLAIN_COLUMNS`` (no header or trailer): fixed-size records
-    built as one structured array, so the server receives ints, not text to parse."""
-    p_digits, p_weight = _numeric_groups(price, index)
-    v_digits, v_weight = _numeric_groups(volume, index)
-    sym = symbol.encode()
-    record = np.dtype([
-        ("fields", ">i2"),
-        ("id_len", ">i4"), ("id", ">i8"),
-        ("time_len", ">i4"), ("time", ">i8"),
-        ("p_len", ">i4"), ("p_ndigits", ">i2"), ("p_weight", ">i2"), ("p_sign", ">u2"), ("p_dscale", ">i2"),
-        ("p_digits", ">i2", (p_digits.shape[1],)),
-        ("v_len", ">i4"), ("v_ndigits", ">i2"), ("v_weight", ">i2"), ("v_sign", ">u2"), ("v_dscale", ">i2"),
-        ("v_digits", ">i2", (v_digits.shape[1],)),
-        ("sym_len", ">i4"), ("sym", f"S{len(sym)}"),
-        ("src_len", ">i4"), ("src", "S3"),
-    ])
-    rows = np.zeros(len(index), dtype=record)
-    rows["fields"] = len(PLAIN_COLUMNS)
-    rows["id_len"], rows["id"] = 8, ids
-    rows["time_len"], rows["time"] = 8, (seconds - _PG_EPOCH_SECONDS) * 1_000_000
-    for prefix, digits, weight, number in (("p", p_digits, p_weight, price), ("v", v_digits, v_weight, volume)):
-        rows[f"{prefix}_len"] = 8 + 2 * digits.shape[1]
-        rows[f"{prefix}_ndigits"] = digits.shape[1]
-        rows[f"{prefix}_weight"] = weight
-        rows[f"{prefix}_dscale"] = number.frac[index]
-        rows[f"{prefix}_digits"] = digits
-    rows["sym_len"], rows["sym"] = len(sym), sym
-    rows["src_len"], rows["src"] = 3, b"csv"
-    return rows.tobytes()
+def _numeric_from_limbs(limbs: Sequence[np.ndarray], scale: int, dscale: np.ndarray) -> _Numeric:
+    """A number given as base-10**6 digits (least significant first, an even count) x 10**-scale."""
+    groups = []
+    for low, high in zip(limbs[0::2], limbs[1::2]):  # 12 decimal digits = 3 base-10000 digits
+        pair = low + high * _LIMB
+        groups += [pair % 10_000, pair // 10_000 % 10_000, pair // 10**8]
+    return _Numeric(np.stack(groups[::-1], axis=1), len(groups) - 1 - scale // 4, dscale)
+
+
+def binary_tuples(columns: Sequence[tuple[str, object]], rows: int) -> bytes:
+    """Binary COPY tuples (no header or trailer) from columns given as ("int8", values),
+    ("int4", values), ("numeric", _Numeric) or ("text", constant bytes): fixed-size records
+    built as one structured array, so the server receives values, not text to parse."""
+    fields: list[tuple] = [("count", ">i2")]
+    for i, (kind, column) in enumerate(columns):
+        fields.append((f"len{i}", ">i4"))
+        if kind == "int8":
+            fields.append((f"v{i}", ">i8"))
+        elif kind == "int4":
+            fields.append((f"v{i}", ">i4"))
+        elif kind == "numeric":
+            assert isinstance(column, _Numeric)
+            fields += [(f"n{i}", ">i2"), (f"w{i}", ">i2"), (f"s{i}", ">u2"), (f"d{i}", ">i2"),
+                       (f"v{i}", ">i2", (column.digits.shape[1],))]
+        else:
+            assert isinstance(column, bytes)
+            fields.append((f"v{i}", f"S{len(column)}"))
+    out = np.zeros(rows, dtype=np.dtype(fields))
+    out["count"] = len(columns)
+    for i, (kind, column) in enumerate(columns):
+        if kind == "numeric":
+            assert isinstance(column, _Numeric)
+            width = column.digits.shape[1]
+            out[f"len{i}"] = 8 + 2 * width
+            out[f"n{i}"], out[f"w{i}"], out[f"d{i}"], out[f"v{i}"] = width, column.weight, column.dscale, column.digits
+        else:
+            out[f"len{i}"] = {"int8": 8, "int4": 4}.get(kind) or len(column)  # type: ignore[arg-type]
+            out[f"v{i}"] = column
+    return out.tobytes()
+
+
+def _microseconds(seconds: np.ndarray) -> np.ndarray:
+    """Unix seconds as binary timestamptz (microseconds since 2000-01-01 UTC)."""
+    return (seconds - _PG_EPOCH_SECONDS) * 1_000_000
+
+
+def _limbs(values: np.ndarray) -> list[np.ndarray]:
+    """Base-10**6 limbs of values below 10**18, least significant first."""
+    low, rest = values % _LIMB, values // _LIMB
+    return [low, rest % _LIMB, rest // _LIMB]
+
+
+def _carry(sums: Sequence[np.ndarray], count: int) -> list[np.ndarray]:
+    """Limb sums (each below 2**63) → `count` base-10**6 digits, least significant first."""
+    digits = []
+    carry = np.zeros_like(sums[0])
+    for k in range(count):
+        carry, digit = np.divmod((sums[k] if k < len(sums) else 0) + carry, _LIMB)
+        digits.append(digit)
+    return digits
+
+
+def _group_argextreme(values: np.ndarray, starts: np.ndarray, group: np.ndarray, largest: bool) -> np.ndarray:
+    """Index of the first largest (or smallest) value of each group of a sorted grouping."""
+    reduce = np.maximum.reduceat if largest else np.minimum.reduceat
+    extreme = reduce(values, starts)
+    index = np.where(values == extreme[group], np.arange(len(values)), len(values))
+    return np.minimum.reduceat(index, starts)
 
 
 # --------------------------------------------------------------------------- chunks
@@ -344,7 +291,6 @@ def _blocked_mask(seconds: np.ndarray, blocker: SecondBlocker | None) -> np.ndar
 def build_chunk(scan: _Scan, stop: int, *, symbol: str, blocker: SecondBlocker | None,
                 first_line_no: int) -> TradeChunk:
     """COPY rows (``PLAIN_COLUMNS``) and candles of the scan's lines ``[0, stop)``."""
-    buf = scan.buf
     seconds = scan.seconds[:stop]
     ids = SYNTHETIC_ID_BASE + seconds * MAX_TRADES_PER_SECOND + scan.ordinal[:stop]
     keep = _blocked_mask(seconds, blocker)
@@ -361,27 +307,29 @@ def build_chunk(scan: _Scan, stop: int, *, symbol: str, blocker: SecondBlocker |
     sec, ids = seconds[index], ids[index]
     chunk.min_id, chunk.max_id = int(ids[0]), int(ids[-1])
     price, volume = scan.price, scan.volume
-    p_start, p_end = price.start[index], price.end[index]
-    chunk.payload.append(binary_rows(ids, sec, price, volume, index, symbol))
+    p, v = price.scaled[index], volume.scaled[index]
+    p_frac, v_frac = price.frac[index], volume.frac[index]
+    chunk.payload.append(binary_tuples([
+        ("int8", ids), ("int8", _microseconds(sec)),
+        ("numeric", _numeric_from_scaled(p, price.scale, p_frac)),
+        ("numeric", _numeric_from_scaled(v, volume.scale, v_frac)),
+        ("text", symbol.encode()), ("text", b"csv"),
+    ], chunk.rows))
+    chunk.candles = [_candles(sec, p, v, p_frac, v_frac, price.scale, volume.scale)]
     chunk.binary = True
-    chunk.candles = [_candles(buf, sec, price.scaled[index], volume.scaled[index], p_start, p_end,
-                              price.scale, volume.scale)]
     return chunk
 
 
-def _candles(buf: np.ndarray, seconds: np.ndarray, p: np.ndarray, v: np.ndarray,
-             p_start: np.ndarray, p_end: np.ndarray, price_scale: int, volume_scale: int) -> bytes:
-    """Candle COPY rows (time, open, high, low, close, notional, volume, trades) per minute:
-    open/high/low/close keep their trades' exact text; Σ p·v and Σ v are exact."""
+def _candles(seconds: np.ndarray, p: np.ndarray, v: np.ndarray, p_frac: np.ndarray, v_frac: np.ndarray,
+             price_scale: int, volume_scale: int) -> bytes:
+    """Binary candle tuples (time, open, high, low, close, notional, volume, trades), one
+    per minute, exactly as SQL over the same trades has them: each price keeps its trade's
+    scale; Σ p·v and Σ v are exact, with the display scale of SQL's sum (the largest in the
+    minute), on which PostgreSQL's division (the vwap) depends."""
     minutes = seconds // 60
-    new_minute = np.empty(len(minutes), dtype=bool)
-    new_minute[0] = True
-    new_minute[1:] = minutes[1:] != minutes[:-1]
-    starts = np.flatnonzero(new_minute)
-    group = np.cumsum(new_minute) - 1
+    starts = np.flatnonzero(np.diff(minutes, prepend=-1))
+    group = np.cumsum(np.diff(minutes, prepend=-1) != 0) - 1
     counts = np.diff(np.append(starts, len(minutes)))
-    if int(counts.max()) > _MAX_MINUTE_TRADES:
-        raise OverflowError("a minute holds more trades than the fast path sums exactly")
     high = _group_argextreme(p, starts, group, largest=True)
     low = _group_argextreme(p, starts, group, largest=False)
     close = starts + counts - 1
@@ -394,13 +342,18 @@ def _candles(buf: np.ndarray, seconds: np.ndarray, p: np.ndarray, v: np.ndarray,
         notional.append(np.add.reduceat(term, starts))
     volume = [np.add.reduceat(limb, starts) for limb in vl]
 
-    def price_text(rows: np.ndarray) -> np.ndarray:
-        return _field_text(buf, p_start[rows], p_end[rows])
+    def price_at(rows: np.ndarray) -> _Numeric:
+        return _numeric_from_scaled(p[rows], price_scale, p_frac[rows])
 
-    return _join_columns(
-        [_time_text(minutes[starts] * 60), price_text(starts), price_text(high), price_text(low),
-         price_text(close), _decimal_text(_carry(notional, _NOTIONAL_WIDTH), price_scale + volume_scale),
-         _decimal_text(_carry(volume, _VOLUME_WIDTH), volume_scale), _ascii_digits(counts, 7)], len(starts))
+    return binary_tuples([
+        ("int8", _microseconds(minutes[starts] * 60)),
+        ("numeric", price_at(starts)), ("numeric", price_at(high)), ("numeric", price_at(low)),
+        ("numeric", price_at(close)),
+        ("numeric", _numeric_from_limbs(_carry(notional, 8), price_scale + volume_scale,
+                                        np.maximum.reduceat(p_frac + v_frac, starts))),
+        ("numeric", _numeric_from_limbs(_carry(volume, 6), volume_scale, np.maximum.reduceat(v_frac, starts))),
+        ("int4", counts),
+    ], len(starts))
 
 
 # --------------------------------------------------------------------------- the stream

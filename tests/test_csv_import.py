@@ -19,6 +19,7 @@ from kraken_hist import store
 from kraken_hist.aggregates import candles_from_trades, resample
 from kraken_hist.csv_formats import StrictModeError, synthetic_trade_id
 from kraken_hist.csv_import import BulkCSVImporter, ImportRefusedError, compare_exchange_candles, subtract_ranges
+from kraken_hist.pairs import DEFAULT_REGISTRY
 from kraken_hist.timeutils import EPOCH, floor_minute, to_unix_ns
 from kraken_hist.types import HistoricalTrade
 
@@ -139,6 +140,33 @@ def test_time_and_sales_file_is_stored_as_it_is_with_candles_coverage_and_resume
     hourly = read(db_url, "SELECT time, open, high, low, close, volume, trades FROM candles_1h ORDER BY time")
     assert hourly == [(c.time, c.open, c.high, c.low, c.close, c.volume, c.trades)
                       for c in resample(candles_from_trades(trades), 60)]
+
+
+def test_candles_equal_sql_over_the_stored_trades_to_the_last_digit(db_url, tmp_path):
+    """Prices and volumes written with different numbers of decimals: every candle column,
+    vwap included, reads exactly as SQL computes it from the stored trades (scale and all;
+    PostgreSQL's division, hence the vwap, depends on the operands' scales)."""
+    rng = random.Random(8)
+    second, lines = START, []
+    for _ in range(4000):
+        second += rng.choice((0, 0, 1, 7, 61))
+        price = rng.choice((f"{rng.randint(1000, 9999)}.{rng.randint(0, 9)}",  # disjoint ranges: no
+                            f"{rng.randint(10000, 99999)}.{rng.randint(0, 99):02d}",  # equal prices
+                            f"{rng.randint(1, 999)}"))  # written two ways
+        volume = rng.choice((f"0.{rng.randrange(10**8):08d}", f"{rng.randint(1, 50)}", f"{rng.randint(1, 9)}.5",
+                             f"0.{rng.randrange(1, 10**12):012d}"))
+        lines.append(f"{second},{price},{volume}\n")
+    BulkCSVImporter(db_url, chunk_size=500).import_csv_file(write(tmp_path / "XBTUSD.csv", "".join(lines)))
+    columns = "open::text, high::text, low::text, close::text, vwap::text, volume::text, trades"
+    with psycopg.connect(db_url) as conn:
+        stored = conn.execute(f"SELECT time, {columns} FROM candles ORDER BY time").fetchall()
+        lo, hi = conn.execute("SELECT min(time), max(time) + interval '1 minute' FROM trades").fetchone()
+        from_trades = conn.execute(
+            f"SELECT minute, {columns} FROM ({store.MINUTE_CANDLES_FROM_TRADES}) b ORDER BY minute",
+            {"symbol": SYMBOL, "start": lo, "end": hi, "decimals": DEFAULT_REGISTRY.get(SYMBOL).price_decimals},
+        ).fetchall()
+    assert len(stored) > 500
+    assert stored == from_trades
 
 
 def test_imported_minutes_replace_exchange_candles_and_drop_stale_trade_candles(db_url, ts_file, rows):

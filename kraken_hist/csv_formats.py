@@ -355,6 +355,19 @@ _DECIMAL_TEXT = re.compile(rb"-?" + _NUM)
 _TIME_TEXT = re.compile(rb"(\d{1,10})(?:\.(\d{1,9}))?")
 
 
+def plain_line_second(line: bytes) -> int | None:
+    """The second of a plain Time and Sales line that ``parse_plain_trades`` would read as
+    well-formed (it may still refuse it as backwards or out of range), else None."""
+    match = _PLAIN_LINE.match(line)
+    if match is None:
+        if not line.strip():
+            return None
+        match = _PLAIN_BODY.fullmatch(line.rstrip(b"\r\n"))
+        if match is None:
+            return None
+    return int(match.group(1))
+
+
 def _number(text: bytes) -> Decimal | None:
     if not _DECIMAL_TEXT.fullmatch(text):
         return None

@@ -29,8 +29,6 @@ from typing import IO
 import numpy as np
 
 from .csv_formats import (
-    _PLAIN_BODY,
-    _PLAIN_LINE,
     MAX_SECOND,
     MAX_TRADES_PER_SECOND,
     PLAIN_COLUMNS,
@@ -39,10 +37,11 @@ from .csv_formats import (
     SecondBlocker,
     TradeChunk,
     parse_plain_trades,
+    plain_line_second,
 )
 from .timeutils import EPOCH
 
-_NEWLINE, _COMMA, _DOT, _SPACE = 10, 44, 46, 32
+_NEWLINE, _COMMA, _DOT = 10, 44, 46
 # Byte classes: 0 digit, 1 comma, 2 dot, 3 newline, 4 anything else.
 _CLASS = np.full(256, 4, dtype=np.uint8)
 _CLASS[48:58] = 0
@@ -373,15 +372,8 @@ def _fallback_cut(lines: Sequence[bytes], after_second: int) -> int:
     single minute (read more); ``len(lines)`` when it would store nothing at all."""
     previous, minute, cut, first = after_second, -1, 0, -1
     for i, line in enumerate(lines):
-        match = _PLAIN_LINE.match(line)
-        if match is None:
-            if not line.strip():
-                continue
-            match = _PLAIN_BODY.fullmatch(line.rstrip(b"\r\n"))
-            if match is None:
-                continue
-        second = int(match.group(1))
-        if second < previous or second > MAX_SECOND:
+        second = plain_line_second(line)
+        if second is None or second < previous or second > MAX_SECOND:
             continue  # reported as backwards or out of range, never stored
         if first < 0:
             first = i

@@ -194,7 +194,7 @@ def main() -> None:
               f"{first['candles']:,} candle writes; refreshed={first['refreshed']}")
         print(f"peak RSS of the importing process: {first['maxrss_kb'] / 1024:.0f} MB (goal <= 500 MB); "
               f"its CPU {first['cpu']:.1f} s = {first['cpu'] / first['seconds']:.0%} of the wall time "
-              f"(the Python parser's core; the server works on the other)")
+              f"(parser and writer threads; the server's two backends take the rest of the 2 cores)")
         from kraken_hist.refresh import refresh_aggregates
 
         beat = refresh_aggregates(url)  # what the beat's refresh does next: consume the import's change rows

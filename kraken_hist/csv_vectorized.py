@@ -58,10 +58,8 @@ _MAX_MINUTE_TRADES = 3_000_000
 
 @dataclass(slots=True)
 class _Number:
-    """A column of decimal fields: where each is, and its value scaled to a common exponent."""
+    """A column of decimal fields: each value scaled to a common exponent, and its own scale."""
 
-    start: np.ndarray  # first byte of each field
-    end: np.ndarray  # one past its last byte
     scaled: np.ndarray  # int64 value x 10**scale
     scale: int  # common to the column, a multiple of 4
     frac: np.ndarray  # digits after the point as written (the stored numeric's scale)
@@ -71,13 +69,19 @@ class _Number:
 class _Scan:
     """A clean block: every line parsed, nothing formatted yet."""
 
-    data: bytes
-    buf: np.ndarray
     line_end: np.ndarray  # index of each line's newline
     seconds: np.ndarray
     ordinal: np.ndarray  # position of each line within its second
     price: _Number
     volume: _Number
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of equal values in sorted `keys`: where each run starts, and each key's run."""
+    new_run = np.empty(len(keys), dtype=bool)
+    new_run[0] = True
+    new_run[1:] = keys[1:] != keys[:-1]
+    return np.flatnonzero(new_run), np.cumsum(new_run) - 1
 
 
 def _digits_at(buf: np.ndarray, start: np.ndarray, end: np.ndarray, dot: np.ndarray) -> np.ndarray:
@@ -108,7 +112,7 @@ def _number(buf: np.ndarray, start: np.ndarray, end: np.ndarray, dot_line: np.nd
     if int((whole + scale).max()) > _MAX_DIGITS:
         return None
     mantissa = _digits_at(buf, start, end, dot)
-    return _Number(start, end, mantissa * _POWERS[scale - frac], scale, frac)
+    return _Number(mantissa * _POWERS[scale - frac], scale, frac)
 
 
 def scan_block(data: bytes, after_second: int) -> _Scan | None:
@@ -148,22 +152,18 @@ def scan_block(data: bytes, after_second: int) -> _Scan | None:
     seconds = _digits_at(buf, line_start, first, np.full(n, -1, dtype=np.int64))
     if seconds[0] < after_second or np.any(np.diff(seconds) < 0):
         return None
-    new_second = np.empty(n, dtype=bool)
-    new_second[0] = True
-    new_second[1:] = seconds[1:] != seconds[:-1]
-    second_starts = np.flatnonzero(new_second)
-    ordinal = np.arange(n) - second_starts[np.cumsum(new_second) - 1]
+    second_starts, second_run = _runs(seconds)
+    ordinal = np.arange(n) - second_starts[second_run]
     if int(ordinal.max()) >= MAX_TRADES_PER_SECOND:  # synthetic ids would collide
         return None
-    minutes = seconds // 60
-    minute_starts = np.flatnonzero(np.diff(minutes, prepend=-1))
+    minute_starts, _ = _runs(seconds // 60)
     if int(np.diff(np.append(minute_starts, n)).max()) > _MAX_MINUTE_TRADES:  # limb sums could overflow
         return None
     price = _number(buf, first + 1, second, price_dot_line, dots[in_price], n)
     volume = _number(buf, second + 1, line_end, volume_dot_line, dots[in_volume], n)
     if price is None or volume is None or np.any(price.scaled <= 0):
         return None
-    return _Scan(data, buf, line_end, seconds, ordinal, price, volume)
+    return _Scan(line_end, seconds, ordinal, price, volume)
 
 
 def last_minute_start(seconds: np.ndarray) -> int:
@@ -326,8 +326,7 @@ def _candles(seconds: np.ndarray, p: np.ndarray, v: np.ndarray, p_frac: np.ndarr
     scale; Σ p·v and Σ v are exact, with the display scale of SQL's sum (the largest in the
     minute), on which PostgreSQL's division (the vwap) depends."""
     minutes = seconds // 60
-    starts = np.flatnonzero(np.diff(minutes, prepend=-1))
-    group = np.cumsum(np.diff(minutes, prepend=-1) != 0) - 1
+    starts, group = _runs(minutes)
     counts = np.diff(np.append(starts, len(minutes)))
     high = _group_argextreme(p, starts, group, largest=True)
     low = _group_argextreme(p, starts, group, largest=False)

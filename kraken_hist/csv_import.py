@@ -381,10 +381,16 @@ def _copy(conn: psycopg.Connection, statement: str | sql.Composed, payload: Sequ
         copy.write(b"".join(payload))
 
 
+def _copy_chunk(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Sequence[bytes],
+                binary: bool) -> None:
+    """COPY a chunk's text lines, or binary tuples (framed here with header and trailer)."""
+    payload = [BINARY_HEADER, *rows, BINARY_TRAILER] if binary else rows
+    _copy(conn, _copy_into(table, columns, binary), payload)
+
+
 def _copy_trades(conn: psycopg.Connection, table: str, chunk: TradeChunk) -> None:
-    """COPY a chunk's rows into `table` (``trades`` or its staging twin), text or binary."""
-    payload = [BINARY_HEADER, *chunk.payload, BINARY_TRAILER] if chunk.binary else chunk.payload
-    _copy(conn, _copy_into(table, chunk.columns, chunk.binary), payload)
+    """COPY a chunk's rows into `table` (``trades`` or its staging twin)."""
+    _copy_chunk(conn, table, chunk.columns, chunk.payload, chunk.binary)
 
 
 def subtract_ranges(
@@ -747,9 +753,8 @@ class BulkCSVImporter:
         """Write the parser's candles of ``[lo, hi)`` (minutes holding only this chunk's trades)."""
         assert chunk.candles is not None
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_CANDLE_STAGE)))
-        payload = [BINARY_HEADER, *chunk.candles, BINARY_TRAILER] if chunk.binary else chunk.candles
-        columns = ("time", "open", "high", "low", "close", "notional", "volume", "trades")
-        _copy(conn, _copy_into(_CANDLE_STAGE, columns, chunk.binary), payload)
+        _copy_chunk(conn, _CANDLE_STAGE, ("time", "open", "high", "low", "close", "notional", "volume", "trades"),
+                    chunk.candles, chunk.binary)
         params = {"symbol": symbol, "decimals": DEFAULT_REGISTRY.get(symbol).price_decimals, "lo": lo, "hi": hi}
         if conn.execute(_CANDLES_PRESENT, (symbol, lo, hi)).fetchone()[0]:
             conn.execute(_DELETE_STALE_CANDLES, params)

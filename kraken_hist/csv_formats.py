@@ -31,6 +31,8 @@ from datetime import datetime, timedelta
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any
 
+import numpy as np
+
 from .errors import PermanentError
 from .timeutils import EPOCH, check_aware
 
@@ -311,10 +313,15 @@ class SecondBlocker:
     def __bool__(self) -> bool:
         return bool(self._ranges)
 
-    @property
-    def ranges_us(self) -> list[tuple[int, int]]:
-        """The covered ranges as sorted (start, end) unix microseconds."""
-        return list(self._ranges)
+    def blocked_seconds(self, seconds: np.ndarray) -> np.ndarray:
+        """``blocked`` for a whole sorted int64 array of seconds at once (the fast path's)."""
+        ranges = np.asarray(self._ranges, dtype=np.int64).reshape(-1, 2)
+        lo_us, hi_us = ranges[:, 0], ranges[:, 1]
+        start_us = seconds * 1_000_000
+        index = np.searchsorted(hi_us, start_us, side="right")  # the first range ending after S starts
+        hit = index < len(hi_us)
+        hit[hit] = lo_us[index[hit]] < start_us[hit] + 1_000_000
+        return hit
 
     def blocked(self, second: int) -> bool:
         lo_us, hi_us = second * 1_000_000, (second + 1) * 1_000_000

@@ -274,25 +274,12 @@ def _group_argextreme(values: np.ndarray, starts: np.ndarray, group: np.ndarray,
 
 # --------------------------------------------------------------------------- chunks
 
-def _blocked_mask(seconds: np.ndarray, blocker: SecondBlocker | None) -> np.ndarray | None:
-    """True for seconds that REST/WebSocket coverage touches (SecondBlocker's rule)."""
-    if not blocker:
-        return None
-    ranges = np.asarray(blocker.ranges_us, dtype=np.int64).reshape(-1, 2)
-    lo_us, hi_us = ranges[:, 0], ranges[:, 1]
-    start_us = seconds * 1_000_000
-    index = np.searchsorted(hi_us, start_us, side="right")  # first range ending after the second starts
-    hit = index < len(hi_us)
-    hit[hit] = lo_us[index[hit]] < start_us[hit] + 1_000_000
-    return hit
-
-
 def build_chunk(scan: _Scan, stop: int, *, symbol: str, blocker: SecondBlocker | None,
                 first_line_no: int) -> TradeChunk:
     """COPY rows (``PLAIN_COLUMNS``) and candles of the scan's lines ``[0, stop)``."""
     seconds = scan.seconds[:stop]
     ids = SYNTHETIC_ID_BASE + seconds * MAX_TRADES_PER_SECOND + scan.ordinal[:stop]
-    keep = _blocked_mask(seconds, blocker)
+    keep = blocker.blocked_seconds(seconds) if blocker else None
     nbytes = int(scan.line_end[stop - 1]) + 1
     chunk = TradeChunk(payload=[], columns=PLAIN_COLUMNS, candles=[], lines=stop, bytes=nbytes,
                        last_line=first_line_no + stop - 1,

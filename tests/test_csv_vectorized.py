@@ -214,7 +214,7 @@ def test_covered_mask_follows_the_second_blocker():
             ranges.append((datetime.fromtimestamp(lo, UTC), datetime.fromtimestamp(t, UTC)))
         seconds = np.arange(base - 120, base + 200, dtype=np.int64)
         blocker = SecondBlocker(ranges)
-        mask = csv_vectorized._blocked_mask(seconds, blocker)
+        mask = blocker.blocked_seconds(seconds)
         assert mask.tolist() == [SecondBlocker(ranges).blocked(int(s)) for s in seconds]
 
 

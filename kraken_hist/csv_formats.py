@@ -260,6 +260,12 @@ class BadRowReport:
         if len(self.examples) < self.max_examples:
             self.examples.append(bad)
 
+    def add_row_problem(self, line_no: int, reason: str, message: str, line: bytes) -> None:
+        """A row whose fields do not check; on a last line with no line end, a cut-short line."""
+        if _is_last(line):
+            reason, message = "truncated", f"last line is cut short ({message})"
+        self.add(line_no, reason, message, line)
+
 
 # --------------------------------------------------------------------------- chunks
 
@@ -612,10 +618,7 @@ def parse_header_trades(
             continue
         row = _parse_trade_cells(cells, index, has_ids)
         if isinstance(row, tuple) and isinstance(row[0], str):
-            reason, message = row  # type: ignore[misc]
-            if _is_last(line):
-                reason, message = "truncated", f"last line is cut short ({message})"
-            report.add(line_no, reason, message, line)
+            report.add_row_problem(line_no, *row, line)  # type: ignore[misc]
             continue
         second, micros, price_b, volume_b, side, ord_type, trade_id = row  # type: ignore[misc]
         total_us = second * 1_000_000 + micros
@@ -727,10 +730,7 @@ def parse_ohlcvt(
             continue
         problem = _check_ohlc_cells(cells, index, step)
         if isinstance(problem, tuple):
-            reason, message = problem
-            if _is_last(line):
-                reason, message = "truncated", f"last line is cut short ({message})"
-            report.add(line_no, reason, message, line)
+            report.add_row_problem(line_no, *problem, line)
             continue
         second = problem
         if second <= prev:

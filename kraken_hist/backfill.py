@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from . import store
+from . import ownership, store
 from .db import connect, translate_errors
 from .errors import ExchangePermanentError, ExchangeTransientError
 from .pairs import DEFAULT_REGISTRY
 from .parsing import TradesPage
-from .timeutils import check_aware, to_unix_ns, utcnow
+from .timeutils import check_aware, since_cursor, utcnow
 from .types import HistoricalTrade, TradeRecord, TradeSource
 
 if TYPE_CHECKING:
@@ -128,6 +128,9 @@ class _Tally:
         self.reached_until = False
 
 
+_MERGE_STAGED = store.merge_staged_trades("trades_staging")
+
+
 class KrakenTradesBackfill:
     """Backfill trades of symbols into the database, resumable at any page.
 
@@ -218,7 +221,7 @@ class KrakenTradesBackfill:
         if isinstance(since, datetime):
             since = check_aware(since, "since")
             covered_from = covered_from if covered_from is not None else since
-            cursor = str(max(0, to_unix_ns(since) - 1))  # exclusive: trades at or after since
+            cursor = since_cursor(since)  # trades at or after since
         elif since is None:
             cursor = "0"  # the pair's first trade
         else:
@@ -239,7 +242,7 @@ class KrakenTradesBackfill:
                 trades = [t for t in trades if t.time < until]
                 reached_until = True
             if reached_until:
-                next_cursor = str(max(0, to_unix_ns(until) - 1))  # type: ignore[arg-type]
+                next_cursor = since_cursor(until)  # type: ignore[arg-type]
                 cover_end = until
             else:
                 next_cursor = page.last
@@ -316,7 +319,7 @@ class KrakenTradesBackfill:
             covered = (batch[0].time, batch[-1].time)
         conn = self._connection()
         with translate_errors(), conn.transaction():
-            store.lock_symbol(conn, "trades", canonical)
+            ownership.lock_symbol(conn, canonical)
             inserted = self._insert_trades(conn, canonical, batch, TradeSource(source))
             if batch:
                 times = [t.time for t in batch]
@@ -346,18 +349,9 @@ class KrakenTradesBackfill:
                 for t in batch:
                     copy.write_row((symbol, t.trade_id, t.time, t.price, t.volume, t.side, t.ord_type, src))
             # (symbol, trade_id) is a trade's identity; on TimescaleDB the key also holds time,
-            # so duplicates are recognised here and not by ON CONFLICT alone
-            cur.execute(
-                """
-                INSERT INTO trades (symbol, trade_id, time, price, volume, side, ord_type, source)
-                SELECT DISTINCT ON (s.trade_id)
-                       s.symbol, s.trade_id, s.time, s.price, s.volume, s.side, s.ord_type, s.source
-                FROM trades_staging s
-                WHERE NOT EXISTS (SELECT 1 FROM trades t WHERE t.symbol = s.symbol AND t.trade_id = s.trade_id)
-                ORDER BY s.trade_id
-                ON CONFLICT DO NOTHING
-                """
-            )
+            # so duplicates are recognised here and not by ON CONFLICT alone. Seconds the
+            # archive owns are left to it (ownership.py).
+            cur.execute(_MERGE_STAGED)
             inserted = cur.rowcount
             cur.execute("TRUNCATE trades_staging")
         return inserted
@@ -382,7 +376,7 @@ class KrakenTradesBackfill:
         canonical = DEFAULT_REGISTRY.normalize(symbol)
         conn = self._connection()
         with translate_errors(), conn.transaction():
-            store.lock_symbol(conn, "trades", canonical)
+            ownership.lock_symbol(conn, canonical)
             return store.rebuild_candles(conn, canonical, check_aware(start, "start"), check_aware(end, "end"))
 
     # --- reading state --------------------------------------------------------------------

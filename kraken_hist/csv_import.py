@@ -52,7 +52,7 @@ from typing import IO, Any, Generic, TypeVar
 import psycopg
 from psycopg import sql
 
-from . import store
+from . import gaps, ownership, store
 from .config import Settings
 from .csv_formats import (
     OHLCVT,
@@ -72,7 +72,7 @@ from .db import connect
 from .errors import PermanentError, UnknownSymbolError
 from .intervals import INTERVAL_RELATIONS
 from .pairs import DEFAULT_REGISTRY, PairRegistry
-from .timeutils import EPOCH, floor_minute, to_unix_ns
+from .timeutils import EPOCH, floor_minute, since_cursor
 
 log = logging.getLogger(__name__)
 
@@ -297,17 +297,16 @@ _CREATE_STAGES = (
     "volume numeric NOT NULL, trades integer NOT NULL) ON COMMIT DELETE ROWS",
 )
 
-# Dedupe by (symbol, trade_id) in staging, never by time (the TimescaleDB key includes time).
-_MERGE_TRADES = """
-INSERT INTO trades (symbol, trade_id, time, price, volume, side, ord_type, source)
-SELECT DISTINCT ON (s.trade_id) s.symbol, s.trade_id, s.time, s.price, s.volume, s.side, s.ord_type, s.source
-FROM csv_trade_stage s
-WHERE NOT EXISTS (SELECT 1 FROM trades t WHERE t.symbol = s.symbol AND t.trade_id = s.trade_id)
-ORDER BY s.trade_id
-ON CONFLICT DO NOTHING
-"""
+_MERGE_TRADES = store.merge_staged_trades(_TRADE_STAGE, archive=True)
 
 _TRADES_PRESENT = "SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %s AND time >= %s AND time < %s)"
+
+# Staged archive rows of seconds the id family owns (given as arrays of range bounds) go.
+_DROP_STAGED_IN = f"""
+DELETE FROM {_TRADE_STAGE} s
+WHERE EXISTS (SELECT 1 FROM unnest(%s::timestamptz[], %s::timestamptz[]) AS b(lo, hi)
+              WHERE s.time >= b.lo AND s.time < b.hi)
+"""
 
 # Candles the parser built for minutes that hold no other trade: the same numbers and the same
 # upsert as store.rebuild_candles (vwap = trunc(Σp·v / Σv) from the exact sums), without
@@ -391,22 +390,6 @@ def _copy_chunk(conn: psycopg.Connection, table: str, columns: Sequence[str], ro
 def _copy_trades(conn: psycopg.Connection, table: str, chunk: TradeChunk) -> None:
     """COPY a chunk's rows into `table` (``trades`` or its staging twin)."""
     _copy_chunk(conn, table, chunk.columns, chunk.payload, chunk.binary)
-
-
-def subtract_ranges(
-    start: datetime, end: datetime, holes: Iterable[tuple[datetime, datetime]]
-) -> list[tuple[datetime, datetime]]:
-    """``[start, end)`` minus the sorted, disjoint `holes`: the pieces left, in order."""
-    pieces, lo = [], start
-    for a, b in holes:
-        if b <= lo or a >= end:
-            continue
-        if a > lo:
-            pieces.append((lo, a))
-        lo = max(lo, b)
-    if lo < end:
-        pieces.append((lo, end))
-    return pieces
 
 
 # --------------------------------------------------------------------------- the importer
@@ -625,22 +608,25 @@ class BulkCSVImporter:
             else:
                 covered_to = self._store_in_order(conn, parsed, symbol, layout, holes, tally)
             with conn.transaction():
-                self._finish_trades(conn, source, symbol, layout, tally, covered_to, holes, report)
+                ownership.lock_symbol(conn, symbol)
+                self._finish_trades(conn, source, symbol, layout, tally, covered_to, report)
 
     def _store_in_order(self, conn: psycopg.Connection, parsed: Iterable[TradeChunk], symbol: str, layout: Layout,
                         holes: Sequence[tuple[datetime, datetime]], tally: _Tally) -> datetime | None:
         """Store chunks one after the other on `conn`; returns where the recorded coverage ends."""
         covered_to: datetime | None = None  # coverage recorded up to here (exclusive)
         for chunk in parsed:
+            claim = None
+            if chunk.last_time is not None:
+                # Up to the chunk's last second, exclusive: with ids from the file (no minute
+                # boundaries) that second may continue in the next chunk.
+                start = covered_to or chunk.first_time
+                assert start is not None
+                claim = (start, max(start, chunk.last_time))
+                covered_to = claim[1]
             with conn.transaction():
-                counts = self._store_trade_chunk(conn, symbol, chunk, layout.has_ids)
-                if chunk.last_time is not None:
-                    # Up to the chunk's last second, exclusive: with ids from the file (no minute
-                    # boundaries) that second may continue in the next chunk.
-                    start = covered_to or chunk.first_time
-                    assert start is not None
-                    self._add_coverage(conn, symbol, start, chunk.last_time, holes)
-                    covered_to = max(start, chunk.last_time)
+                ownership.lock_symbol(conn, symbol)
+                counts = self._store_trade_chunk(conn, symbol, chunk, layout.has_ids, claim, holes)
             self._count(tally, chunk, counts, layout.has_ids)
         return covered_to
 
@@ -702,50 +688,81 @@ class BulkCSVImporter:
 
     def _store_plain_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
                            claim: tuple[datetime, datetime] | None,
-                           holes: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int]:
+                           holes: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int, int]:
         with conn.transaction():
-            counts = self._store_trade_chunk(conn, symbol, chunk, False)
-            if claim is not None:
-                self._add_coverage(conn, symbol, claim[0], claim[1], holes)
-        return counts
+            # shared: this import's chunks claim disjoint seconds; every other writer of the
+            # symbol takes the lock exclusively and waits for them (and they for it)
+            ownership.lock_symbol(conn, symbol, shared=True)
+            return self._store_trade_chunk(conn, symbol, chunk, False, claim, holes)
 
-    def _count(self, tally: _Tally, chunk: TradeChunk, counts: tuple[int, int, int], has_ids: bool) -> None:
-        inserted, duplicates, candles = counts
+    def _count(self, tally: _Tally, chunk: TradeChunk, counts: tuple[int, int, int, int], has_ids: bool) -> None:
+        inserted, duplicates, candles, owned = counts
         tally.imported += inserted
         tally.duplicates += duplicates
-        tally.covered += chunk.covered
+        tally.covered += chunk.covered + owned
         tally.candles += candles
         if has_ids and chunk.rows:
             tally.max_id = max(tally.max_id or chunk.max_id, chunk.max_id)
         self._advance(tally, chunk)
 
-    def _store_trade_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
-                           has_ids: bool) -> tuple[int, int, int]:
-        """Store a chunk and the 1-minute candles of its minutes; returns (inserted, already
-        stored, candles written).
+    def _store_trade_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk, has_ids: bool,
+                           claim: tuple[datetime, datetime] | None,
+                           parsed_around: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int, int]:
+        """Store a chunk, the 1-minute candles of its minutes and its claim on the archive's
+        seconds; returns (inserted, already stored, candles written, left to the id family).
 
-        Fast path (plain files): when no trade at all is stored in the chunk's minutes, the
-        rows are COPYed straight into ``trades`` and the parser's candles are written as they
-        are. Otherwise (a re-import, REST/WebSocket trades in the same minutes, ids from the
-        file) through staging with dedupe, then ``store.rebuild_candles`` from all stored trades.
+        The caller holds the symbol's lock: the id family's seconds are read afresh here
+        (`parsed_around` is what the parser already left out), so a backfill or stream that
+        committed since the import began keeps its seconds (ownership.py).
+
+        Fast path (plain files): when no trade at all is stored in the chunk's minutes and no
+        second it holds became the id family's, the rows are COPYed straight into ``trades``
+        and the parser's candles are written as they are. Otherwise (a re-import, REST or
+        WebSocket trades near, ids from the file) through staging: rows of id-owned seconds
+        are removed, the rest merged by identity, candles rebuilt from all stored trades.
         """
-        if not chunk.rows or chunk.first_time is None or chunk.last_time is None:
-            return 0, 0, 0
-        lo, hi = floor_minute(chunk.first_time), floor_minute(chunk.last_time) + ONE_MINUTE
-        if chunk.candles is not None and not has_ids and not conn.execute(_TRADES_PRESENT, (symbol, lo, hi)).fetchone()[0]:
-            try:
-                with conn.transaction():
-                    _copy_trades(conn, "trades", chunk)
-                    written = self._write_parsed_candles(conn, symbol, chunk, lo, hi)
-                return chunk.rows, 0, written
-            except psycopg.errors.UniqueViolation:
-                log.info("csv import: %s rows appeared concurrently in %s..%s, deduplicating", symbol,
-                         lo.isoformat(), hi.isoformat(), extra={"event": "csv_import_conflict"})
+        lo = hi = None
+        if chunk.rows and chunk.first_time is not None and chunk.last_time is not None:
+            lo, hi = floor_minute(chunk.first_time), floor_minute(chunk.last_time) + ONE_MINUTE
+        bounds = [b for b in (lo, hi, *(claim or ())) if b is not None]
+        if not bounds:
+            return 0, 0, 0, 0
+        window = (min(bounds), max(bounds))
+        present = conn.execute(_TRADES_PRESENT, (symbol, *window)).fetchone()[0]
+        owned = ownership.read_id_owned(conn, symbol, *window, with_trades=present)
+        counts = (0, 0, 0, 0)
+        if lo is not None and hi is not None:
+            assert chunk.first_time is not None and chunk.last_time is not None
+            rows_span = [(ownership.second_floor(chunk.first_time), chunk.last_time + ONE_SECOND)]
+            newly_owned = gaps.subtract(gaps.intersect(owned, rows_span), ownership.whole_seconds(parsed_around))
+            if chunk.candles is not None and not has_ids and not present and not newly_owned:
+                try:
+                    with conn.transaction():
+                        _copy_trades(conn, "trades", chunk)
+                        counts = (chunk.rows, 0, self._write_parsed_candles(conn, symbol, chunk, lo, hi), 0)
+                except psycopg.errors.UniqueViolation:
+                    log.info("csv import: %s rows appeared concurrently in %s..%s, deduplicating", symbol,
+                             lo.isoformat(), hi.isoformat(), extra={"event": "csv_import_conflict"})
+            if counts == (0, 0, 0, 0):
+                counts = self._merge_trade_chunk(conn, symbol, chunk, [] if has_ids else newly_owned)
+        if claim is not None:
+            for piece_lo, piece_hi in ownership.archive_claim(claim, owned):
+                store.add_coverage(conn, symbol, "csv", piece_lo, piece_hi)
+        return counts
+
+    @staticmethod
+    def _merge_trade_chunk(conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
+                           id_owned: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int, int]:
+        """Staging path: drop the rows of `id_owned` seconds, insert what is not stored, rebuild candles."""
+        assert chunk.first_time is not None and chunk.last_time is not None
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_TRADE_STAGE)))
         _copy_trades(conn, _TRADE_STAGE, chunk)
+        left = 0
+        if id_owned:
+            left = conn.execute(_DROP_STAGED_IN, ([a for a, _ in id_owned], [b for _, b in id_owned])).rowcount
         inserted = conn.execute(_MERGE_TRADES).rowcount
         candles = store.rebuild_candles(conn, symbol, chunk.first_time, chunk.last_time + ONE_SECOND) if inserted else 0
-        return inserted, chunk.rows - inserted, candles
+        return inserted, chunk.rows - inserted - left, candles, left
 
     @staticmethod
     def _write_parsed_candles(conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
@@ -764,28 +781,31 @@ class BulkCSVImporter:
         store.record_candle_change(conn, symbol, lo, hi)
         return written
 
-    @staticmethod
-    def _add_coverage(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime,
-                      holes: Sequence[tuple[datetime, datetime]]) -> None:
-        """Coverage 'csv' for ``[start, end)`` except where REST/WebSocket coverage already is."""
-        for lo, hi in subtract_ranges(start, end, holes):
-            store.add_coverage(conn, symbol, "csv", lo, hi)
-
     def _finish_trades(self, conn: psycopg.Connection, source: _Source, symbol: str, layout: Layout, tally: _Tally,
-                       covered_to: datetime | None, holes: Sequence[tuple[datetime, datetime]],
-                       report: BadRowReport) -> None:
-        """Close the file's coverage and move the resume point to its end (resume contract)."""
+                       covered_to: datetime | None, report: BadRowReport) -> None:
+        """Close the file's claim and, when the file ends after everything stored, move the
+        resume point to its end (caller holds the symbol's lock).
+
+        The frontier after the file is then "the first Kraken id at or after its end": the
+        resume cursor asks REST for exactly that, and ``last_trade_id`` is cleared because the
+        id stored before the file no longer continues into what follows it (the ids between
+        are the archive's trades). Backfill, stream and gap fill establish it from there.
+        """
         if tally.first_time is None or tally.last_time is None:
             self._record_import(conn, source, symbol, layout, tally, report, None)
             return
         # Whole-second times: the file holds all of its last second S, so it ends at S+1s.
         step = ONE_SECOND if tally.last_time.microsecond == 0 else timedelta(microseconds=1)
         end = tally.last_time + step
-        self._add_coverage(conn, symbol, covered_to or tally.first_time, end, holes)
+        start = covered_to or tally.first_time
+        if end > start:
+            owned = ownership.read_id_owned(conn, symbol, start, end)
+            for lo, hi in ownership.archive_claim((start, end), owned):
+                store.add_coverage(conn, symbol, "csv", lo, hi)
         status = store.read_sync_status(conn, symbol, "trades")
         if status is None or status["last_time"] is None or end > status["last_time"]:
             store.write_sync_status(
-                conn, symbol, "trades", last_time=end, cursor=str(to_unix_ns(end)),
+                conn, symbol, "trades", last_time=end, cursor=since_cursor(end),
                 last_trade_id=tally.max_id if layout.has_ids else None,
                 details={"resumed_from": "csv", "csv_file": source.label},
             )

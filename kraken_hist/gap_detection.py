@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from . import gaps as ranges
+from . import ownership, store
 from .pairs import DEFAULT_REGISTRY
 from .store import MINUTE_CANDLES_FROM_TRADES, read_sync_status
 from .timeutils import UTC, check_aware, floor_minute
@@ -179,6 +180,8 @@ def read_symbol_gaps(
     if first is not None and last is not None and n_pos < last[0] - first[0] + 1:
         id_gaps = _read_id_holes(conn, symbol, lo, first[0], last[0])
     id_gaps.extend(_tail_hole(conn, symbol, last))
+    if id_gaps:
+        id_gaps = _without_archive_jumps(conn, symbol, id_gaps)
 
     candle_gaps: list[DataGap] = []
     candle_sum = conn.execute(_CANDLE_TOTALS, params).fetchone()[0]  # type: ignore[index]
@@ -206,6 +209,16 @@ def _read_id_holes(conn: psycopg.Connection, symbol: str, since: datetime, lo: i
                 first_missing_id=first_missing, last_missing_id=last_missing)
         for first_missing, last_missing, prev_time, next_time in rows
     ]
+
+
+def _without_archive_jumps(conn: psycopg.Connection, symbol: str, id_gaps: list[DataGap]) -> list[DataGap]:
+    """Drop the id jumps across archive-owned time: the archive holds those trades (without
+    Kraken's ids), so they are not missing (``ownership.hole_explained``)."""
+    archive = store.read_coverage(conn, symbol, ownership.ARCHIVE_SOURCE)
+    if not archive:
+        return id_gaps
+    by_id = ranges.union(*(store.read_coverage(conn, symbol, source) for source in ownership.ID_SOURCES))
+    return [g for g in id_gaps if not ownership.hole_explained((g.start, g.end), archive, by_id)]
 
 
 def _tail_hole(conn: psycopg.Connection, symbol: str, last: tuple[int, datetime] | None) -> list[DataGap]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from . import gaps as ranges
-from . import store
+from . import ownership, store
 from .db import connect, translate_errors
 from .errors import KrakenHistError, PermanentError, TransientError
 from .gap_detection import SymbolScan, read_symbol_gaps
@@ -486,7 +486,7 @@ class GapFiller:
         if not candles:
             return 0
         with connect(self.db_url) as conn, translate_errors(), conn.transaction():
-            store.lock_symbol(conn, "trades", symbol)
+            ownership.lock_symbol(conn, symbol)
             with conn.cursor() as cur:
                 cur.executemany(
                     """
@@ -521,12 +521,19 @@ class GapFiller:
         return written
 
     def _count_missing_ids(self, gap: DataGap) -> int:
+        """Ids of `gap` still missing; none when the rest are the archive's (ownership.py)."""
         with connect(self.db_url) as conn, translate_errors():
             row = conn.execute(
                 "SELECT count(*) FROM trades WHERE symbol = %s AND trade_id BETWEEN %s AND %s",
                 (gap.symbol, gap.first_missing_id, gap.last_missing_id),
             ).fetchone()
-        return (gap.missing_ids or 0) - int(row[0])  # type: ignore[index]
+            missing = (gap.missing_ids or 0) - int(row[0])  # type: ignore[index]
+            if missing:
+                archive = store.read_coverage(conn, gap.symbol, ownership.ARCHIVE_SOURCE)
+                by_id = ranges.union(*(store.read_coverage(conn, gap.symbol, s) for s in ownership.ID_SOURCES))
+                if ownership.hole_explained((gap.start, gap.end), archive, by_id):
+                    return 0
+        return missing
 
     # --- bookkeeping ----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from . import ownership
 from .pairs import DEFAULT_REGISTRY
 from .timeutils import check_aware, floor_minute
 
@@ -67,6 +68,28 @@ FROM built
 {UPSERT_TRADES_CANDLE}"""
 
 
+def merge_staged_trades(stage: str, *, archive: bool = False, returning: bool = False) -> str:
+    """INSERT into ``trades`` the rows of temp table `stage` that are not stored yet.
+
+    (symbol, trade_id) is a trade's identity, recognised here rather than by ON CONFLICT
+    alone (on TimescaleDB the key also holds time). An id-family writer leaves out the seconds
+    the archive owns; the archive importer removes the id family's seconds from its stage
+    first (``ownership``: one owner per second). Run it under ``ownership.lock_symbol``.
+    """
+    owner = "" if archive else "AND NOT " + ownership.ARCHIVE_OWNED.format(alias="s")
+    return f"""
+INSERT INTO trades (symbol, trade_id, time, price, volume, side, ord_type, source)
+SELECT DISTINCT ON (s.symbol, s.trade_id)
+       s.symbol, s.trade_id, s.time, s.price, s.volume, s.side, s.ord_type, s.source
+FROM {stage} s
+WHERE NOT EXISTS (SELECT 1 FROM trades t WHERE t.symbol = s.symbol AND t.trade_id = s.trade_id)
+  {owner}
+ORDER BY s.symbol, s.trade_id, s.ctid
+ON CONFLICT DO NOTHING
+{"RETURNING symbol, time" if returning else ""}
+"""
+
+
 def minute_window(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     """Widen ``[start, end)`` to whole minutes: floor the start, ceil the end."""
     lo = floor_minute(start)
@@ -100,20 +123,26 @@ def record_candle_change(conn: psycopg.Connection, symbol: str, start: datetime,
     )
 
 
+# An id-bearing source never claims what the archive owns (ownership.py: one owner per second).
+_ADD_COVERAGE = """
+INSERT INTO coverage AS c (symbol, source, ranges)
+SELECT %(symbol)s, %(source)s,
+       tstzmultirange(tstzrange(%(lo)s, %(hi)s, '[)'))
+       - coalesce((SELECT ranges FROM coverage
+                   WHERE symbol = %(symbol)s AND source = 'csv' AND %(source)s IN ('rest', 'ws')),
+                  '{}'::tstzmultirange)
+ON CONFLICT (symbol, source) DO UPDATE
+SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now()
+"""
+
+
 def add_coverage(conn: psycopg.Connection, symbol: str, source: str, start: datetime, end: datetime) -> None:
-    """Record ``[start, end)`` as known complete for `symbol` from `source` (merged, idempotent)."""
+    """Record ``[start, end)`` as known complete for `symbol` from `source` (merged, idempotent);
+    REST/WebSocket coverage leaves out the seconds the archive owns."""
     lo, hi = check_aware(start, "start"), check_aware(end, "end")
     if hi <= lo:
         return
-    conn.execute(
-        """
-        INSERT INTO coverage AS c (symbol, source, ranges)
-        VALUES (%s, %s, tstzmultirange(tstzrange(%s, %s, '[)')))
-        ON CONFLICT (symbol, source) DO UPDATE
-        SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now()
-        """,
-        (symbol, source, lo, hi),
-    )
+    conn.execute(_ADD_COVERAGE, {"symbol": symbol, "source": source, "lo": lo, "hi": hi})
 
 
 def read_coverage(

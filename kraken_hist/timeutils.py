@@ -93,3 +93,9 @@ def floor_minute(value: datetime) -> datetime:
 def utcnow() -> datetime:
     """The current time, aware, in UTC."""
     return datetime.now(UTC)
+
+
+def since_cursor(when: datetime) -> str:
+    """The REST Trades ``since`` cursor whose first page starts at the first trade at or after
+    `when` (``since`` is exclusive, so one nanosecond before it)."""
+    return str(max(0, to_unix_ns(when) - 1))

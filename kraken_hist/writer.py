@@ -7,11 +7,12 @@ what the spool stores and what a replay COPYs again: no per-row work after accep
 
 One named flush thread commits batches:
 
-* trades, per batch and symbol under ``store.lock_symbol(conn, TRADES_LOCK, symbol)``: one
+* trades, per batch and symbol under the symbol's data lock (``ownership.lock_symbol``): one
   index probe asks whether any id of the batch's [lowest, highest] range is stored (Kraken ids
-  are contiguous); if none is, the payload is COPY-ed straight into ``trades``; otherwise (or
-  on a unique violation from a writer that does not take the lock) it takes the staging merge
-  (COPY into a temporary table, insert what is not stored).
+  are contiguous) and one whether the archive owns any second of its minutes; if neither, the
+  payload is COPY-ed straight into ``trades``; otherwise (or on a unique violation) it takes
+  the staging merge (COPY into a temporary table, insert what is not stored and whose second
+  the archive does not own: one owner per second).
 * 1-minute candles of the touched minutes (build_candles), in the same transaction. On the
   fast path they are maintained incrementally: ``write_trade`` keeps an exact per-minute
   summary of the batch (count, Σvolume, Σprice·volume, high, low, first and last trade by
@@ -54,7 +55,7 @@ from psycopg import sql
 from psycopg.copy import LibpqWriter
 
 from . import spool as spoolfmt
-from . import store
+from . import ownership, store
 from .config import Settings
 from .db import libpq_url
 from .errors import DatabaseUnavailableError, PermanentError
@@ -65,8 +66,6 @@ from .types import CandleRecord, CandleSource, TradeRecord, TradeSource
 logger = logging.getLogger(__name__)
 
 UTC = timezone.utc
-#: Purpose name for ``store.lock_symbol`` around trade inserts; every trade writer should take it.
-TRADES_LOCK = "trades"
 
 _TRADE_COLUMNS = ("symbol", "trade_id", "time", "price", "volume", "side", "ord_type", "source")
 _TRADE_SOURCES = {s: s.value for s in TradeSource} | {s.value: s.value for s in TradeSource}
@@ -91,16 +90,7 @@ _COPY_TRADES = sql.SQL("COPY trades ({}) FROM STDIN").format(_COLUMN_LIST)
 _COPY_STAGE = sql.SQL("COPY writer_trades_stage ({}) FROM STDIN").format(_COLUMN_LIST)
 _PROBE_TRADES = "SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %s AND trade_id BETWEEN %s AND %s)"
 
-_MERGE_TRADES = """
-INSERT INTO trades (symbol, trade_id, time, price, volume, side, ord_type, source)
-SELECT DISTINCT ON (s.symbol, s.trade_id)
-       s.symbol, s.trade_id, s.time, s.price, s.volume, s.side, s.ord_type, s.source
-FROM writer_trades_stage s
-WHERE NOT EXISTS (SELECT 1 FROM trades t WHERE t.symbol = s.symbol AND t.trade_id = s.trade_id)
-ORDER BY s.symbol, s.trade_id, s.ctid
-ON CONFLICT DO NOTHING
-RETURNING symbol, time
-"""
+_MERGE_TRADES = store.merge_staged_trades("writer_trades_stage", returning=True)
 
 _UPSERT_CANDLES = """
 INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
@@ -1371,7 +1361,7 @@ class DatabaseWriter:
                         with conn.transaction():
                             counts = self._store_trades(conn, rows, merge=rows.overlap)
                     except psycopg.errors.UniqueViolation:
-                        # stored meanwhile by a writer that does not take TRADES_LOCK
+                        # stored meanwhile (every writer takes the symbol lock, so this is a last resort)
                         with conn.transaction():
                             counts = self._store_trades(conn, rows, merge=True)
                     self._candle_sums.commit()  # only now: the summaries describe what is stored
@@ -1394,9 +1384,14 @@ class DatabaseWriter:
         batch_sums = chunk.sums if self.build_candles and not merge else None
         with conn.pipeline():  # the locks, probes and candle checks in one round trip
             for symbol in sorted(meta):
-                store.lock_symbol(conn, TRADES_LOCK, symbol)
+                ownership.lock_symbol(conn, symbol)
             probes = [] if merge else [
                 conn.execute(_PROBE_TRADES, (symbol, low, high)) for symbol, (low, high, _) in meta.items()]
+            # seconds the archive owns are not ours to store: the merge leaves them out
+            probes += [] if merge else [
+                conn.execute(ownership.ARCHIVE_TOUCHES, {"symbol": symbol, "lo": _at(min(minutes)),
+                                                         "hi": _at(max(minutes) + 1)})
+                for symbol, (_, _, minutes) in meta.items()]
             checks = {symbol: cache.queue_checks(conn, symbol, minutes)
                       for symbol, minutes in (batch_sums or {}).items()}
         merge = merge or any(cursor.fetchone()[0] for cursor in probes)

@@ -18,9 +18,9 @@ import pytest
 from kraken_hist import store
 from kraken_hist.aggregates import candles_from_trades, resample
 from kraken_hist.csv_formats import StrictModeError, synthetic_trade_id
-from kraken_hist.csv_import import BulkCSVImporter, ImportRefusedError, compare_exchange_candles, subtract_ranges
+from kraken_hist.csv_import import BulkCSVImporter, ImportRefusedError, compare_exchange_candles
 from kraken_hist.pairs import DEFAULT_REGISTRY
-from kraken_hist.timeutils import EPOCH, floor_minute, to_unix_ns
+from kraken_hist.timeutils import EPOCH, floor_minute, since_cursor, to_unix_ns
 from kraken_hist.types import HistoricalTrade
 
 UTC = timezone.utc
@@ -131,7 +131,7 @@ def test_time_and_sales_file_is_stored_as_it_is_with_candles_coverage_and_resume
     first, end = at(rows[0][0]), at(rows[-1][0] + 1)
     assert read(db_url, "SELECT source, lower(ranges), upper(ranges) FROM coverage") == [("csv", first, end)]
     assert read(db_url, "SELECT last_time, cursor, last_trade_id FROM sync_status "
-                        "WHERE symbol = %s AND data_type = 'trades'", (SYMBOL,)) == [(end, str(to_unix_ns(end)), None)]
+                        "WHERE symbol = %s AND data_type = 'trades'", (SYMBOL,)) == [(end, since_cursor(end), None)]
     assert (result.status, result.symbol, result.kind, result.imported, result.duplicates, result.bad) == (
         "imported", SYMBOL, "trades", len(rows), 0, 0)
     assert (result.first_time, result.last_time, result.lines) == (first, at(rows[-1][0]), len(rows))
@@ -320,15 +320,17 @@ def test_seconds_covered_by_rest_are_left_to_rest_and_coverage_stays_without_hol
     assert csv_rows == [(t.trade_id, t.time) for t in kept]
     assert read(db_url, "SELECT count(*) FROM trades WHERE source = 'rest'") == [(len(rest_trades),)]
     end = at(rows[-1][0] + 1)
+    # The archive claims whole seconds only: the second REST starts in is REST's (one owner per
+    # second), and its part before REST's coverage is known to nobody.
     assert read(db_url, "SELECT lower(r), upper(r) FROM coverage, unnest(ranges) r WHERE source = 'csv' ORDER BY 1") == [
-        (at(rows[0][0]), lo), (hi, end)]
+        (at(rows[0][0]), blocked_from), (hi, end)]
     assert read(db_url, "SELECT lower(r), upper(r) FROM (SELECT unnest(range_agg(ranges)) r FROM coverage) m") == [
-        (at(rows[0][0]), end)]
+        (at(rows[0][0]), blocked_from), (lo, end)]
     # Minutes holding both REST and CSV trades are built from all of them.
     assert candle_rows(db_url) == expected_candle_rows(kept + rest_trades)
     # The file ends after the REST resume point: a backfill continues from the file's end.
     assert read(db_url, "SELECT last_time, cursor, last_trade_id FROM sync_status WHERE data_type = 'trades'") == [
-        (end, str(to_unix_ns(end)), None)]
+        (end, since_cursor(end), None)]
 
 
 def test_an_older_file_does_not_move_the_resume_point_back(db_url, ts_file, rows):
@@ -445,7 +447,7 @@ def test_header_file_with_trade_ids_deduplicates_against_rest_by_identity(db_url
     ]
     end = t + timedelta(seconds=2, microseconds=250_001)
     assert read(db_url, "SELECT last_time, cursor, last_trade_id FROM sync_status WHERE data_type = 'trades'") == [
-        (end, str(to_unix_ns(end)), 43)]
+        (end, since_cursor(end), 43)]
 
 
 # ----- OHLCVT
@@ -503,8 +505,3 @@ def test_exchange_candles_are_checked_against_our_aggregates(db_url, tmp_path, t
     assert compare_exchange_candles(db_url, SYMBOL, 60, use_relation=False).missing_ours == 1
 
 
-def test_subtract_ranges():
-    h = lambda n: at(START + 3600 * n)  # noqa: E731
-    assert subtract_ranges(h(0), h(10), [(h(1), h(2)), (h(4), h(5)), (h(9), h(11))]) == [
-        (h(0), h(1)), (h(2), h(4)), (h(5), h(9))]
-    assert subtract_ranges(h(3), h(4), [(h(0), h(10))]) == []

@@ -11,7 +11,8 @@ import psycopg
 
 from kraken_hist import aggregates, store, writer as writer_module
 from kraken_hist.types import CandleRecord, CandleSource, TradeRecord, TradeSource
-from kraken_hist.writer import TRADES_LOCK, DatabaseWriter
+from kraken_hist import ownership
+from kraken_hist.writer import DatabaseWriter
 
 T0 = datetime(2024, 6, 3, 10, 0, tzinfo=timezone.utc)
 CANDLE_COLUMNS = "symbol, time, open, high, low, close, vwap, volume, trades, source"
@@ -93,7 +94,7 @@ def other_source_stores(db_url: str, trades: list[TradeRecord]) -> None:
     stored and rebuild the touched minutes' candles, one transaction."""
     with psycopg.connect(db_url) as conn:
         for symbol in sorted({t.symbol for t in trades}):
-            store.lock_symbol(conn, TRADES_LOCK, symbol)
+            ownership.lock_symbol(conn, symbol)
         for t in trades:
             conn.execute(
                 "INSERT INTO trades (symbol, trade_id, time, price, volume, side, ord_type, source) "

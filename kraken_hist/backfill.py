@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 SYNC_TYPE = "trades"
 COVERAGE_SOURCE = "rest"
-TRADE_SOURCES = ("rest", "ws", "csv")  # coverage sources that prove trades are stored
+TRADE_SOURCES = (*ownership.ID_SOURCES, ownership.ARCHIVE_SOURCE)  # coverage that proves trades are stored
 PAGE_SIZE = 1000
 MAX_SAME_TIMESTAMP = 17  # the most real trades seen sharing one timestamp (KRAKEN.md)
 #: How far the cursor steps back (ns) to repair a break in the trade ids, tried in order.
@@ -232,9 +232,11 @@ class KrakenTradesBackfill:
             page = self.fetch_trades_page(canonical, cursor)
             trades, repaired, page = self._continue_from(canonical, cursor, page, expected)
             if not trades:
-                if not page.trades or int(page.last) <= int(cursor):
+                if not (page.trades or page.refused) or int(page.last) <= int(cursor):
                     logger.debug("%s caught up at cursor %s", canonical, cursor)
                     return
+                if page.last_seen_id is not None and (expected is None or page.last_seen_id >= expected):
+                    expected = page.last_seen_id + 1  # a page of refused trades only: seen all the same
                 cursor = page.last  # a page of overlap only: move on
                 continue
             reached_until = False
@@ -263,7 +265,7 @@ class KrakenTradesBackfill:
                 return
             if int(page.last) <= int(cursor):
                 return  # last did not advance
-            expected = trades[-1].trade_id + 1
+            expected = max(trades[-1].trade_id, page.last_seen_id or 0) + 1  # refused trades count as seen
             cover_start = cover_end
             cursor = page.last
 
@@ -274,25 +276,30 @@ class KrakenTradesBackfill:
         from a cursor stepped back; returns (trades, refetches, the page used)."""
         if expected is None:
             return list(page.trades), 0, page
+        # A refused trade (an impossible value, see TradesPage.refused) counts as seen: its id
+        # is no hole, and fetching it again would only refuse it again.
         trades = [t for t in page.trades if t.trade_id >= expected]
-        if not trades or trades[0].trade_id == expected:
+        first = page.first_seen_id(expected)
+        if first is None or first == expected:
             return trades, 0, page
         logger.info(
             "%s: page after cursor %s starts at trade id %d, expected %d; stepping back to refetch",
-            symbol, cursor, trades[0].trade_id, expected,
+            symbol, cursor, first, expected,
         )
         for attempt, step in enumerate(REPAIR_STEPS, start=1):
             retry = self.fetch_trades_page(symbol, str(max(0, int(cursor) - step)))
-            if not retry.trades or retry.trades[0].trade_id > expected:
+            earliest = retry.first_seen_id()
+            if earliest is None or earliest > expected:
                 continue  # not far enough back yet
             fixed = [t for t in retry.trades if t.trade_id >= expected]
-            if fixed and fixed[0].trade_id != expected:
+            following = retry.first_seen_id(expected)
+            if following is not None and following != expected:
                 # the trade before `expected` was served and `expected` was not: Kraken's own
                 # sequence has a hole; nothing to refetch, the gap detector will report it
-                logger.warning("%s: Kraken skipped trade ids %d..%d", symbol, expected, fixed[0].trade_id - 1)
+                logger.warning("%s: Kraken skipped trade ids %d..%d", symbol, expected, following - 1)
             return fixed, attempt, retry
         raise ExchangeTransientError(
-            f"{symbol}: trade ids jump from {expected - 1} to {trades[0].trade_id} after cursor {cursor} "
+            f"{symbol}: trade ids jump from {expected - 1} to {first} after cursor {cursor} "
             "and stepping back did not recover the missing trades"
         )
 

@@ -298,6 +298,7 @@ _CREATE_STAGES = (
 )
 
 _MERGE_TRADES = store.merge_staged_trades(_TRADE_STAGE, archive=True)
+_MERGE_ID_TRADES = store.merge_staged_trades(_TRADE_STAGE)
 
 _TRADES_PRESENT = "SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %s AND time >= %s AND time < %s)"
 
@@ -333,7 +334,7 @@ WITH eligible AS (
     SELECT s.* FROM csv_ohlc_stage s
     WHERE NOT EXISTS (
             SELECT 1 FROM coverage cv
-            WHERE cv.symbol = %(symbol)s AND cv.source IN ('rest', 'ws', 'csv')
+            WHERE cv.symbol = %(symbol)s AND cv.source <> 'ohlc'
               AND cv.ranges && tstzrange(s.time, s.time + interval '1 minute'))
       AND NOT EXISTS (
             SELECT 1 FROM candles c
@@ -592,7 +593,7 @@ class BulkCSVImporter:
                        tally: _Tally) -> None:
         holes: list[tuple[datetime, datetime]] = []
         if not layout.has_ids:
-            holes = sorted(store.read_coverage(conn, symbol, "rest") + store.read_coverage(conn, symbol, "ws"))
+            holes = gaps.union(*(store.read_coverage(conn, symbol, source) for source in ownership.ID_SOURCES))
         blocker = SecondBlocker(holes)
         if layout.is_plain_time_and_sales:
             chunks: Iterator[TradeChunk] = stream_plain_trades(
@@ -729,7 +730,8 @@ class BulkCSVImporter:
             return 0, 0, 0, 0
         window = (min(bounds), max(bounds))
         present = conn.execute(_TRADES_PRESENT, (symbol, *window)).fetchone()[0]
-        owned = ownership.read_id_owned(conn, symbol, *window, with_trades=present)
+        # A file with Kraken's ids is of the id family: merged by identity, it owns no seconds
+        owned = [] if has_ids else ownership.read_id_owned(conn, symbol, *window, with_trades=present)
         counts = (0, 0, 0, 0)
         if lo is not None and hi is not None:
             assert chunk.first_time is not None and chunk.last_time is not None
@@ -744,23 +746,34 @@ class BulkCSVImporter:
                     log.info("csv import: %s rows appeared concurrently in %s..%s, deduplicating", symbol,
                              lo.isoformat(), hi.isoformat(), extra={"event": "csv_import_conflict"})
             if counts == (0, 0, 0, 0):
-                counts = self._merge_trade_chunk(conn, symbol, chunk, [] if has_ids else newly_owned)
+                counts = self._merge_trade_chunk(conn, symbol, chunk, has_ids, newly_owned)
         if claim is not None:
-            for piece_lo, piece_hi in ownership.archive_claim(claim, owned):
-                store.add_coverage(conn, symbol, "csv", piece_lo, piece_hi)
+            self._claim(conn, symbol, claim, has_ids, owned)
         return counts
 
     @staticmethod
-    def _merge_trade_chunk(conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
+    def _claim(conn: psycopg.Connection, symbol: str, claim: tuple[datetime, datetime], has_ids: bool,
+               owned: Sequence[tuple[datetime, datetime]]) -> None:
+        """Record what the file proves complete: the archive's whole seconds, or (a file with
+        ids) coverage of the id family."""
+        if has_ids:
+            store.add_coverage(conn, symbol, ownership.ID_FILE_SOURCE, *claim)
+            return
+        for lo, hi in ownership.archive_claim(claim, owned):
+            store.add_coverage(conn, symbol, ownership.ARCHIVE_SOURCE, lo, hi)
+
+    @staticmethod
+    def _merge_trade_chunk(conn: psycopg.Connection, symbol: str, chunk: TradeChunk, has_ids: bool,
                            id_owned: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int, int]:
-        """Staging path: drop the rows of `id_owned` seconds, insert what is not stored, rebuild candles."""
+        """Staging path: drop the rows of `id_owned` seconds, insert what is not stored, rebuild
+        candles. Rows with Kraken's ids merge as the id family's (archive seconds left out)."""
         assert chunk.first_time is not None and chunk.last_time is not None
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_TRADE_STAGE)))
         _copy_trades(conn, _TRADE_STAGE, chunk)
         left = 0
-        if id_owned:
+        if id_owned and not has_ids:
             left = conn.execute(_DROP_STAGED_IN, ([a for a, _ in id_owned], [b for _, b in id_owned])).rowcount
-        inserted = conn.execute(_MERGE_TRADES).rowcount
+        inserted = conn.execute(_MERGE_ID_TRADES if has_ids else _MERGE_TRADES).rowcount
         candles = store.rebuild_candles(conn, symbol, chunk.first_time, chunk.last_time + ONE_SECOND) if inserted else 0
         return inserted, chunk.rows - inserted - left, candles, left
 
@@ -799,14 +812,17 @@ class BulkCSVImporter:
         end = tally.last_time + step
         start = covered_to or tally.first_time
         if end > start:
-            owned = ownership.read_id_owned(conn, symbol, start, end)
-            for lo, hi in ownership.archive_claim((start, end), owned):
-                store.add_coverage(conn, symbol, "csv", lo, hi)
+            owned = [] if layout.has_ids else ownership.read_id_owned(conn, symbol, start, end)
+            self._claim(conn, symbol, (start, end), layout.has_ids, owned)
+        if layout.has_ids:  # the id frontier is the file's last id
+            frontier, last_id = end, tally.max_id
+        else:  # the archive's time ends where its last claimed second ends (the id family may own the file's tail)
+            archive = store.read_coverage(conn, symbol, ownership.ARCHIVE_SOURCE)
+            frontier, last_id = (archive[-1][1] if archive else None), None
         status = store.read_sync_status(conn, symbol, "trades")
-        if status is None or status["last_time"] is None or end > status["last_time"]:
+        if frontier is not None and (status is None or status["last_time"] is None or frontier > status["last_time"]):
             store.write_sync_status(
-                conn, symbol, "trades", last_time=end, cursor=since_cursor(end),
-                last_trade_id=tally.max_id if layout.has_ids else None,
+                conn, symbol, "trades", last_time=frontier, cursor=since_cursor(frontier), last_trade_id=last_id,
                 details={"resumed_from": "csv", "csv_file": source.label},
             )
         self._record_import(conn, source, symbol, layout, tally, report, end)

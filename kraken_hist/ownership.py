@@ -33,7 +33,8 @@ from .timeutils import check_aware
 
 ONE_SECOND = timedelta(seconds=1)
 ARCHIVE_SOURCE = "csv"
-ID_SOURCES = ("rest", "ws")
+ID_FILE_SOURCE = "csv_ids"  # coverage of archive files that carry Kraken's trade ids
+ID_SOURCES = ("rest", "ws", ID_FILE_SOURCE)
 
 #: True for a trade ``{alias}.time`` of ``{alias}.symbol`` whose second the archive owns.
 ARCHIVE_OWNED = """EXISTS (

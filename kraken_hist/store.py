@@ -129,7 +129,7 @@ INSERT INTO coverage AS c (symbol, source, ranges)
 SELECT %(symbol)s, %(source)s,
        tstzmultirange(tstzrange(%(lo)s, %(hi)s, '[)'))
        - coalesce((SELECT ranges FROM coverage
-                   WHERE symbol = %(symbol)s AND source = 'csv' AND %(source)s IN ('rest', 'ws')),
+                   WHERE symbol = %(symbol)s AND source = 'csv' AND %(source)s <> 'csv'),
                   '{}'::tstzmultirange)
 ON CONFLICT (symbol, source) DO UPDATE
 SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now()

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from .bounds import price_problem, trade_id_problem, unix_seconds_bounds, unix_seconds_problem, volume_problem
 from .errors import PermanentError
-from .timeutils import EPOCH, check_aware
+from .timeutils import EPOCH, check_aware, utcnow
 
 #: Offset of synthetic trade ids: far below any Kraken id, and negative until the year 2286.
 SYNTHETIC_ID_BASE = -(10**15)
@@ -45,6 +46,11 @@ MAX_SECOND = 10**10 - 1
 
 TRADES = "trades"
 OHLCVT = "ohlcvt"
+
+#: Reason code of a line whose time is outside Kraken's life (``bounds``): before its first
+#: trade or after now plus the clock skew. Such a line is never stored and never counts toward
+#: a chunk's first/last time (so neither coverage nor a resume point can move to it).
+TIME_OUT_OF_RANGE = "time_out_of_range"
 
 #: ``trades`` columns of the COPY rows of plain Time and Sales chunks (side and order type NULL).
 PLAIN_COLUMNS = ("trade_id", "time", "price", "volume", "symbol", "source")
@@ -360,25 +366,44 @@ class _TimeText:
 
 
 _NUM = rb"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,2})?"
-_POSITIVE = rb"(?=[0.]*[1-9])" + _NUM  # at least one non-zero digit before any exponent
-#: A valid plain Time and Sales line; anything else goes through the slow path to be classified.
-_PLAIN_LINE = re.compile(rb"(\d{1,10}),(" + _POSITIVE + rb"),(" + _NUM + rb")\r?\n")
-_PLAIN_BODY = re.compile(rb"(\d{1,10}),(" + _POSITIVE + rb"),(" + _NUM + rb")")
+# A positive number without exponent, at most 20 digits either side of the point: within
+# ``bounds.price_problem``/``volume_problem`` by its very text (MAX_WHOLE_DIGITS, MAX_PLACES).
+_SHORT_POSITIVE = rb"(?=[0.]*[1-9])(?:\d{1,20}(?:\.\d{0,20})?|\.\d{1,20})"
+#: A good plain Time and Sales line (its time still to be judged); anything else goes through
+#: the slow path, where the numbers are checked by the bounds rules and bad lines classified.
+_PLAIN_LINE = re.compile(rb"(\d{1,10}),(" + _SHORT_POSITIVE + rb"),(" + _SHORT_POSITIVE + rb")\r?\n")
+_PLAIN_BODY = re.compile(rb"(\d{1,10}),(" + _NUM + rb"),(" + _NUM + rb")")
 _DECIMAL_TEXT = re.compile(rb"-?" + _NUM)
 _TIME_TEXT = re.compile(rb"(\d{1,10})(?:\.(\d{1,9}))?")
 
 
 def plain_line_second(line: bytes) -> int | None:
     """The second of a plain Time and Sales line that ``parse_plain_trades`` would read as
-    well-formed (it may still refuse it as backwards or out of range), else None."""
+    good (it may still refuse its time as backwards or out of range), else None."""
     match = _PLAIN_LINE.match(line)
-    if match is None:
-        if not line.strip():
-            return None
-        match = _PLAIN_BODY.fullmatch(line.rstrip(b"\r\n"))
-        if match is None:
-            return None
-    return int(match.group(1))
+    if match is not None:
+        return int(match.group(1))
+    fields = _slow_plain_fields(line)
+    return int(fields[0]) if fields is not None and len(fields) == 3 else None
+
+
+def _slow_plain_fields(line: bytes) -> tuple[bytes, bytes, bytes] | tuple[str, str] | None:
+    """A plain line the fast pattern did not take: its (time, price, volume) when good (the
+    time still to be judged), (reason code, message) when bad, None when blank."""
+    if not line.strip():
+        return None  # blank lines (a trailing empty line) carry nothing
+    body = _PLAIN_BODY.fullmatch(line.rstrip(b"\r\n"))
+    if body is None:
+        if _is_last(line):
+            return "truncated", "last line is cut short (no line end and it does not parse)"
+        return _diagnose_trade(_split_line(line), 3)
+    ts_b, price_b, volume_b = body.groups()
+    checked = _price_volume(price_b, volume_b)
+    if isinstance(checked[0], str):
+        if _is_last(line):
+            return "truncated", f"last line is cut short ({checked[1]})"
+        return checked  # type: ignore[return-value]
+    return ts_b, price_b, volume_b
 
 
 def _number(text: bytes) -> Decimal | None:
@@ -396,14 +421,27 @@ def _price_volume(price: bytes, volume: bytes) -> tuple[Decimal, Decimal] | tupl
     value = _number(price)
     if value is None:
         return "price", f"price {price.decode('utf-8', 'replace')!r} is not a number"
-    if value <= 0:
-        return "price", f"price must be positive, got {value}"
+    problem = price_problem(value)
+    if problem is not None:
+        return "price", problem
     amount = _number(volume)
     if amount is None:
         return "volume", f"volume {volume.decode('utf-8', 'replace')!r} is not a number"
-    if amount < 0:
-        return "volume", f"volume must not be negative, got {amount}"
+    problem = volume_problem(amount)
+    if problem is not None:
+        return "volume", problem
     return value, amount
+
+
+def _time_bounds(now: datetime | None) -> tuple[datetime, int, int]:
+    """`now` (the wall clock when None) and the first and last unix second a line may have."""
+    now = utcnow() if now is None else check_aware(now, "now")
+    first, last = unix_seconds_bounds(now)
+    return now, first, min(last, MAX_SECOND)
+
+
+def _time_out_of_range(second: int, now: datetime) -> tuple[str, str]:
+    return TIME_OUT_OF_RANGE, unix_seconds_problem(second, now) or f"time {second} is beyond the synthetic id range"
 
 
 def _diagnose_trade(cells: list[bytes], expected: int) -> tuple[str, str]:
@@ -432,6 +470,7 @@ def parse_plain_trades(
     blocker: SecondBlocker | None = None,
     first_line_no: int = 1,
     after_second: int = -1,
+    now: datetime | None = None,
 ) -> Iterator[TradeChunk]:
     """Plain Time and Sales lines → chunks of COPY rows (``PLAIN_COLUMNS``) with synthetic ids.
 
@@ -440,10 +479,13 @@ def parse_plain_trades(
     minute boundary, so each chunk carries the whole candles of its minutes (``candles``):
     the importer stores them as they are when no other trade shares those minutes.
 
-    Bad lines are reported (strict: raised) and take no ordinal; a line whose second is
-    earlier than the one before it (or than `after_second`, where an earlier block of the
-    same file ended) is "backwards" and skipped.
+    Bad lines are reported (strict: raised) and take no ordinal; a line whose time is
+    outside ``bounds`` (before Kraken's first trade, after `now` (default: the wall clock)
+    plus the skew) is "time_out_of_range"; a line whose second is earlier than the one
+    before it (or than `after_second`, where an earlier block of the same file ended) is
+    "backwards". Both are skipped.
     """
+    now, first_ok, last_ok = _time_bounds(now)
     sym = symbol.encode()
     to_text = _TimeText()
     match = _PLAIN_LINE.match
@@ -476,27 +518,23 @@ def parse_plain_trades(
         if m is not None:
             ts_b, price_b, volume_b = m.groups()
         else:
-            if not line.strip():
-                continue  # blank lines (a trailing empty line) carry nothing
-            body = _PLAIN_BODY.fullmatch(line.rstrip(b"\r\n"))
-            if body is None:
-                if _is_last(line):
-                    reason, message = "truncated", "last line is cut short (no line end and it does not parse)"
-                else:
-                    reason, message = _diagnose_trade(_split_line(line), 3)
-                report.add(line_no, reason, message, line)
+            fields = _slow_plain_fields(line)
+            if fields is None:
                 continue
-            ts_b, price_b, volume_b = body.groups()
+            if len(fields) == 2:
+                report.add(line_no, fields[0], fields[1], line)  # type: ignore[misc]
+                continue
+            ts_b, price_b, volume_b = fields  # type: ignore[misc]
         if ts_b == prev_ts:
             second = prev_second
         else:
             second = int(ts_b)
         if second != prev_second:
+            if not first_ok <= second <= last_ok:
+                report.add(line_no, *_time_out_of_range(second, now), line)
+                continue
             if second < prev_second:
                 report.add(line_no, "backwards", f"time {second} is before the previous line's {prev_second}", line)
-                continue
-            if second > MAX_SECOND:
-                report.add(line_no, "time", f"timestamp {second} is beyond the synthetic id range", line)
                 continue
             if second // 60 != minute:
                 if n:
@@ -591,13 +629,16 @@ def parse_header_trades(
     chunk_size: int,
     blocker: SecondBlocker | None = None,
     first_line_no: int = 2,
+    now: datetime | None = None,
 ) -> Iterator[TradeChunk]:
     """Time and Sales lines of a headered file (columns by name) → chunks of COPY rows.
 
     With a trade_id column the ids are Kraken's own (they deduplicate against REST and
     WebSocket trades by identity, so coverage is not consulted); without one, synthetic ids
-    are assigned as in the plain layout, from the trade's whole second.
+    are assigned as in the plain layout, from the trade's whole second. Times outside
+    ``bounds`` (given `now`, default the wall clock) are bad lines like any other.
     """
+    bounds = _time_bounds(now)
     index = {name: i for i, name in enumerate(layout.columns) if name != "misc"}
     ncols = len(layout.columns)
     has_ids = layout.has_ids
@@ -616,7 +657,7 @@ def parse_header_trades(
         cells = _cells(line, line_no, ncols, report)
         if cells is None:
             continue
-        row = _parse_trade_cells(cells, index, has_ids)
+        row = _parse_trade_cells(cells, index, has_ids, bounds)
         if isinstance(row, tuple) and isinstance(row[0], str):
             report.add_row_problem(line_no, *row, line)  # type: ignore[misc]
             continue
@@ -664,7 +705,8 @@ def parse_header_trades(
         yield chunk
 
 
-def _parse_trade_cells(cells: list[bytes], index: dict[str, int], has_ids: bool) -> tuple[Any, ...]:
+def _parse_trade_cells(cells: list[bytes], index: dict[str, int], has_ids: bool,
+                       bounds: tuple[datetime, int, int]) -> tuple[Any, ...]:
     """One headered trade row → (second, micros, price, volume, side, ord_type, id) or (reason, message)."""
     ts = cells[index["time"]]
     tm = _TIME_TEXT.fullmatch(ts)
@@ -672,8 +714,9 @@ def _parse_trade_cells(cells: list[bytes], index: dict[str, int], has_ids: bool)
         return "time", f"time {ts.decode('utf-8', 'replace')!r} is not unix seconds"
     second = int(tm.group(1))
     micros = int((tm.group(2) or b"0").ljust(6, b"0")[:6])  # truncated to the microsecond
-    if second > MAX_SECOND:
-        return "time", f"timestamp {second} is out of range"
+    now, first_ok, last_ok = bounds
+    if not first_ok <= second <= last_ok:
+        return _time_out_of_range(second, now)
     price_b, volume_b = cells[index["price"]], cells[index["volume"]]
     checked = _price_volume(price_b, volume_b)
     if isinstance(checked[0], str):
@@ -692,9 +735,12 @@ def _parse_trade_cells(cells: list[bytes], index: dict[str, int], has_ids: bool)
     trade_id = None
     if has_ids:
         raw = cells[index["trade_id"]]
-        if not raw.isdigit() or int(raw) <= 0 or int(raw) >= 2**63:
+        if not raw.isdigit():
             return "trade_id", f"trade id {raw.decode('utf-8', 'replace')!r} is not a positive integer"
         trade_id = int(raw)
+        problem = trade_id_problem(trade_id)
+        if problem is not None:
+            return "trade_id", problem
     return second, micros, price_b, volume_b, side, ord_type, trade_id
 
 
@@ -705,15 +751,18 @@ def parse_ohlcvt(
     report: BadRowReport,
     chunk_size: int,
     first_line_no: int = 1,
+    now: datetime | None = None,
 ) -> Iterator[OhlcChunk]:
     """OHLCVT lines → chunks of staging COPY rows, each validated as a candle.
 
     Refused lines: wrong field count, non-numbers, non-positive prices, low above high or
     open/close outside [low, high], negative volume, a trade count below 1 (Kraken leaves
     quiet intervals out, so a zero-trade row is not trading), a time not on the interval
-    grid, and a time not after the previous line's.
+    grid, a time outside ``bounds`` (given `now`, default the wall clock), and a time not
+    after the previous line's.
     """
     assert layout.interval is not None
+    bounds = _time_bounds(now)
     step = layout.interval * 60
     index = {name: i for i, name in enumerate(layout.columns)}
     ncols = len(layout.columns)
@@ -728,7 +777,7 @@ def parse_ohlcvt(
         cells = _cells(line, line_no, ncols, report)
         if cells is None:
             continue
-        problem = _check_ohlc_cells(cells, index, step)
+        problem = _check_ohlc_cells(cells, index, step, bounds)
         if isinstance(problem, tuple):
             report.add_row_problem(line_no, *problem, line)
             continue
@@ -756,11 +805,15 @@ def parse_ohlcvt(
         yield chunk
 
 
-def _check_ohlc_cells(cells: list[bytes], index: dict[str, int], step: int) -> int | tuple[str, str]:
+def _check_ohlc_cells(cells: list[bytes], index: dict[str, int], step: int,
+                      bounds: tuple[datetime, int, int]) -> int | tuple[str, str]:
     ts = cells[index["time"]]
     if not re.fullmatch(rb"\d{1,10}", ts):
         return "time", f"timestamp {ts.decode('utf-8', 'replace')!r} is not whole unix seconds"
     second = int(ts)
+    now, first_ok, last_ok = bounds
+    if not first_ok <= second <= last_ok:
+        return _time_out_of_range(second, now)
     if second % step:
         return "time", f"time {second} is not the start of a {step // 60}-minute interval"
     values: dict[str, Decimal] = {}
@@ -770,15 +823,20 @@ def _check_ohlc_cells(cells: list[bytes], index: dict[str, int], step: int) -> i
             return name, f"{name} {cells[index[name]].decode('utf-8', 'replace')!r} is not a number"
         values[name] = value
     for name in ("open", "high", "low", "close"):
-        if values[name] <= 0:
-            return "price", f"{name} must be positive, got {values[name]}"
-    if values["volume"] < 0:
-        return "volume", f"volume must not be negative, got {values['volume']}"
+        problem = price_problem(values[name], name)
+        if problem is not None:
+            return "price", problem
+    problem = volume_problem(values["volume"], zero_ok=True)
+    if problem is not None:
+        return "volume", problem
     low, high = values["low"], values["high"]
     if low > high or not (low <= values["open"] <= high and low <= values["close"] <= high):
         return "ohlc", f"prices are inconsistent (open {values['open']}, high {high}, low {low}, close {values['close']})"
-    if "vwap" in index and _number(cells[index["vwap"]]) is None:
-        return "vwap", "vwap is not a number"
+    if "vwap" in index:
+        vwap = _number(cells[index["vwap"]])
+        problem = "vwap is not a number" if vwap is None else volume_problem(vwap, "vwap", zero_ok=True)
+        if problem is not None:
+            return "vwap", problem
     count = cells[index["trades"]]
     if not count.isdigit() or int(count) >= 2**31:
         return "trades", f"trade count {count.decode('utf-8', 'replace')!r} is not a whole number"

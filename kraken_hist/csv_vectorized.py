@@ -5,9 +5,10 @@ lines. A Python loop costs about 3 µs a line, more than PostgreSQL needs to sto
 clean blocks are validated, numbered and formatted as whole arrays instead:
 
 * one pass of array tests proves every line is ``digits,decimal,decimal\\n`` with a positive
-  price and times that never go back; any other block (a bad line, ``\\r\\n``, exponents, a
-  second with too many trades) goes line by line through ``csv_formats.parse_plain_trades``,
-  which reports each bad line with its number. Both paths give the same rows.
+  price and volume, times within ``bounds`` (the array twin of the line parser's rule) that
+  never go back; any other block (a bad line, ``\\r\\n``, exponents, a second with too many
+  trades) goes line by line through ``csv_formats.parse_plain_trades``, which reports each bad
+  line with its number. Both paths give the same rows.
 * rows go to PostgreSQL as binary COPY tuples built as one structured array: ints,
   microseconds and base-10000 numerics, each number with its own display scale, so the
   stored values are exactly the file's text (and the server parses nothing).
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import IO
 
 import numpy as np
 
+from .bounds import unix_seconds_refused
 from .csv_formats import (
     MAX_SECOND,
     MAX_TRADES_PER_SECOND,
@@ -39,7 +41,7 @@ from .csv_formats import (
     parse_plain_trades,
     plain_line_second,
 )
-from .timeutils import EPOCH
+from .timeutils import EPOCH, check_aware, utcnow
 
 _NEWLINE, _COMMA, _DOT = 10, 44, 46
 # Byte classes: 0 digit, 1 comma, 2 dot, 3 newline, 4 anything else.
@@ -115,9 +117,10 @@ def _number(buf: np.ndarray, start: np.ndarray, end: np.ndarray, dot_line: np.nd
     return _Number(mantissa * _POWERS[scale - frac], scale, frac)
 
 
-def scan_block(data: bytes, after_second: int) -> _Scan | None:
+def scan_block(data: bytes, after_second: int, now: datetime) -> _Scan | None:
     """Parse `data` (whole lines, ending with a newline) if every line is a clean plain line
-    whose time is not before `after_second` nor the line before it; otherwise None."""
+    whose time is within ``bounds`` given `now` and not before `after_second` nor the line
+    before it; otherwise None."""
     buf = np.frombuffer(data, dtype=np.uint8)
     if not len(buf) or buf[-1] != _NEWLINE:
         return None
@@ -150,7 +153,7 @@ def scan_block(data: bytes, after_second: int) -> _Scan | None:
             (len(volume_dot_line) and np.any(np.diff(volume_dot_line) == 0)):
         return None  # two dots in one field
     seconds = _digits_at(buf, line_start, first, np.full(n, -1, dtype=np.int64))
-    if seconds[0] < after_second or np.any(np.diff(seconds) < 0):
+    if seconds[0] < after_second or np.any(np.diff(seconds) < 0) or np.any(unix_seconds_refused(seconds, now)):
         return None
     second_starts, second_run = _runs(seconds)
     ordinal = np.arange(n) - second_starts[second_run]
@@ -161,7 +164,7 @@ def scan_block(data: bytes, after_second: int) -> _Scan | None:
         return None
     price = _number(buf, first + 1, second, price_dot_line, dots[in_price], n)
     volume = _number(buf, second + 1, line_end, volume_dot_line, dots[in_volume], n)
-    if price is None or volume is None or np.any(price.scaled <= 0):
+    if price is None or volume is None or np.any(price.scaled <= 0) or np.any(volume.scaled <= 0):
         return None
     return _Scan(line_end, seconds, ordinal, price, volume)
 
@@ -352,14 +355,14 @@ def _split_lines(block: bytes) -> list[bytes]:
     return lines
 
 
-def _fallback_cut(lines: Sequence[bytes], after_second: int) -> int:
+def _fallback_cut(lines: Sequence[bytes], after_second: int, now: datetime) -> int:
     """Where a block that the fast path refused may end: before the first line that
     ``parse_plain_trades`` would store in the block's last minute. 0 when the block holds a
     single minute (read more); ``len(lines)`` when it would store nothing at all."""
     previous, minute, cut, first = after_second, -1, 0, -1
     for i, line in enumerate(lines):
         second = plain_line_second(line)
-        if second is None or second < previous or second > MAX_SECOND:
+        if second is None or second < previous or second > MAX_SECOND or unix_seconds_refused(second, now):
             continue  # reported as backwards or out of range, never stored
         if first < 0:
             first = i
@@ -380,13 +383,16 @@ def stream_plain_trades(
     blocker: SecondBlocker | None = None,
     head: bytes = b"",
     first_line_no: int = 1,
+    now: datetime | None = None,
 ) -> Iterator[TradeChunk]:
     """A plain Time and Sales stream → chunks of about `chunk_size` lines, each ending on a
     minute boundary, with the same rows, ids, candles and bad-line reports as
     ``parse_plain_trades`` (which handles the blocks the array path refuses).
 
-    `head` is what the caller already read from the stream (the sniffed first line).
+    `head` is what the caller already read from the stream (the sniffed first line); `now`
+    (default: the wall clock, read once) bounds the times as in ``parse_plain_trades``.
     """
+    now = utcnow() if now is None else check_aware(now, "now")
     sym = symbol
     pending = head
     line_no = first_line_no  # number of pending's first line
@@ -410,7 +416,7 @@ def stream_plain_trades(
         else:
             block, rest = pending, b""
         final = eof and not rest
-        scan = scan_block(block, after + 1)
+        scan = scan_block(block, after + 1, now)
         if scan is not None:
             stop = len(scan.seconds) if final else last_minute_start(scan.seconds)
             if stop == 0:
@@ -422,13 +428,14 @@ def stream_plain_trades(
             yield chunk
         else:
             lines = _split_lines(block)
-            stop = len(lines) if final else _fallback_cut(lines, after)
+            stop = len(lines) if final else _fallback_cut(lines, after, now)
             if stop == 0:
                 want *= 2
                 continue
             used = sum(map(len, lines[:stop]))
             for chunk in parse_plain_trades(lines[:stop], symbol=sym, report=report, chunk_size=chunk_size,
-                                            blocker=blocker, first_line_no=line_no, after_second=after):
+                                            blocker=blocker, first_line_no=line_no, after_second=after,
+                                            now=now):
                 if chunk.last_time is not None:
                     after = int((chunk.last_time - EPOCH).total_seconds())
                 yield chunk

@@ -9,28 +9,44 @@ with up to 7 decimals (``1762795433.9717445``) that a binary float cannot hold.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
+from .bounds import price_problem, trade_id_problem, unix_seconds_problem, volume_problem
 from .pairs import PairRegistry
-from .timeutils import EPOCH, from_unix_decimal, parse_rfc3339
-from .types import CandleRecord, CandleSource, HistoricalCandle, HistoricalTrade
+from .timeutils import EPOCH, check_aware, from_unix_decimal, parse_rfc3339, utcnow
+from .types import CandleRecord, CandleSource, HistoricalCandle, HistoricalTrade, Refused
+
+logger = logging.getLogger(__name__)
 
 _SIDES = frozenset(("b", "s"))
 _ORD_TYPES = frozenset(("m", "l"))
+T = TypeVar("T")
 
 
 class ParseError(ValueError):
     """An answer that does not have the shape Kraken documents."""
 
 
+class RefusedRow(ParseError):
+    """A row of Kraken's shape holding a value that cannot be right (``bounds``): a page
+    parser leaves it out and records it as :class:`~kraken_hist.types.Refused`."""
+
+    def __init__(self, problem: str, trade_id: int | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.trade_id = trade_id
+
+
 def loads(text: str | bytes) -> Any:
-    """Decode a Kraken JSON answer with every float as an exact Decimal."""
+    """Decode a Kraken JSON answer with every float as an exact Decimal (and the non-standard
+    ``NaN``/``Infinity`` tokens as Decimal too, so the rows holding them are refused by value)."""
     try:
-        return json.loads(text, parse_float=Decimal)
+        return json.loads(text, parse_float=Decimal, parse_constant=Decimal)
     except ValueError as exc:  # JSONDecodeError and bad UTF-8 alike
         raise ParseError(f"answer is not valid JSON: {exc}") from exc
 
@@ -46,6 +62,8 @@ class TradesPage:
     symbol: str
     trades: list[HistoricalTrade]
     last: str
+    #: Rows left out because a value cannot be right (``bounds``), with the id when readable.
+    refused: tuple[Refused, ...] = ()
 
     @property
     def first_id(self) -> int | None:
@@ -54,6 +72,22 @@ class TradesPage:
     @property
     def last_id(self) -> int | None:
         return self.trades[-1].trade_id if self.trades else None
+
+    def seen_ids(self) -> list[int]:
+        """Sorted ids Kraken sent on this page, refused trades included: a refused trade is
+        not a hole in the id sequence (fetching it again gives the same refused row)."""
+        ids = [t.trade_id for t in self.trades]
+        ids += [r.trade_id for r in self.refused if r.trade_id is not None and trade_id_problem(r.trade_id) is None]
+        return sorted(ids)
+
+    def first_seen_id(self, at_least: int | None = None) -> int | None:
+        """The smallest seen id (at least `at_least`), or None."""
+        return next((i for i in self.seen_ids() if at_least is None or i >= at_least), None)
+
+    @property
+    def last_seen_id(self) -> int | None:
+        ids = self.seen_ids()
+        return ids[-1] if ids else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +154,8 @@ class OhlcPage:
     interval: int
     rows: list[OhlcRow]
     last: int
+    #: Rows left out because a value cannot be right (``bounds``).
+    refused: tuple[Refused, ...] = ()
 
     def finished_rows(self) -> list[OhlcRow]:
         """Rows whose candle is closed (open time <= ``last``), filler rows included."""
@@ -152,37 +188,48 @@ def pair_entry(result: Mapping[str, Any]) -> tuple[str, Any]:
     return keys[0], result[keys[0]]
 
 
-def parse_trade(symbol: str, row: Sequence[Any], _times: dict[Any, datetime] | None = None) -> HistoricalTrade:
+def parse_trade(
+    symbol: str, row: Sequence[Any], _times: dict[Any, Any] | None = None, *, now: datetime | None = None
+) -> HistoricalTrade:
     """``["105433.60000", "0.00027625", 1762795433.9717445, "b", "l", "", 10218208]`` → trade.
 
     Time is truncated to the microsecond from the number's text; side/order type are the
-    taker's.
+    taker's. A row not of this shape raises :class:`ParseError`; one whose values cannot be
+    right (``bounds``: time outside Kraken's life given `now`, default the wall clock; a
+    price or volume not finite and positive; an id outside ``[1, 2**63 - 1]``) raises its
+    subclass :class:`RefusedRow`.
     """
     if not isinstance(row, (list, tuple)) or len(row) < 7:
         raise ParseError(f"trade row must have 7 fields [price, volume, time, side, type, misc, id], got {row!r}")
     price, volume, when, side, ord_type, _misc, trade_id = row[:7]
     if isinstance(trade_id, bool) or not isinstance(trade_id, int):
         raise ParseError(f"trade id must be an integer, got {trade_id!r}")
-    try:
-        price_value = _decimal(price, "price")
-        volume_value = _decimal(volume, "volume")
-        if not price_value > 0 or not volume_value >= 0:
-            raise ValueError("price must be positive and volume not negative")
-        return HistoricalTrade(
-            symbol=symbol,
-            trade_id=trade_id,
-            time=_trade_time(when, _times),
-            price=price_value,
-            volume=volume_value,
-            side=side if side in _SIDES else None,
-            ord_type=ord_type if ord_type in _ORD_TYPES else None,
-        )
-    except (ValueError, ArithmeticError) as exc:
-        raise ParseError(f"bad trade row {row!r}: {exc}") from exc
+    problem = trade_id_problem(trade_id)
+    if problem is not None:
+        raise RefusedRow(problem, trade_id)
+    now = utcnow() if now is None else now
+    price_value = _checked(price, "price", trade_id, price_problem)
+    volume_value = _checked(volume, "volume", trade_id, volume_problem)
+    return HistoricalTrade(
+        symbol=symbol,
+        trade_id=trade_id,
+        time=_trade_time(when, _times, now, trade_id),
+        price=price_value,
+        volume=volume_value,
+        side=side if side in _SIDES else None,
+        ord_type=ord_type if ord_type in _ORD_TYPES else None,
+    )
 
 
-def parse_trades_result(result: Mapping[str, Any], symbol: str) -> TradesPage:
-    """A Trades ``result`` → :class:`TradesPage` for canonical `symbol`."""
+def parse_trades_result(
+    result: Mapping[str, Any], symbol: str, *, now: datetime | None = None, since: str | None = None
+) -> TradesPage:
+    """A Trades ``result`` → :class:`TradesPage` for canonical `symbol`.
+
+    Rows whose values cannot be right are left out of ``trades`` and recorded in
+    ``refused`` (each reason names the field, the row and the page: `since` as asked, when
+    given, and ``last``), and logged as warnings; ``last`` stays the cursor Kraken sent.
+    """
     _key, rows = pair_entry(result)
     if not isinstance(rows, list):
         raise ParseError(f"trades must be a list, got {type(rows).__name__}")
@@ -192,43 +239,110 @@ def parse_trades_result(result: Mapping[str, Any], symbol: str) -> TradesPage:
     cursor = str(last)
     if not cursor.isdigit():
         raise ParseError(f"'last' must be integer nanoseconds, got {last!r}")
-    times: dict[Any, datetime] = {}  # trades of one taker order share a time: convert it once
-    return TradesPage(symbol=symbol, trades=[parse_trade(symbol, row, times) for row in rows], last=cursor)
+    now = utcnow() if now is None else check_aware(now, "now")
+    times: dict[Any, Any] = {}  # trades of one taker order share a time: convert (and check) it once
+    trades, refused = _parse_rows(
+        rows, lambda row: parse_trade(symbol, row, times, now=now),
+        f"{symbol} Trades page{'' if since is None else f' since={since}'} last={cursor}",
+    )
+    return TradesPage(symbol=symbol, trades=trades, last=cursor, refused=refused)
 
 
-def _trade_time(when: Any, cache: dict[Any, datetime] | None) -> datetime:
-    if cache is None:
-        return from_unix_decimal(_exact(when, "time"))
-    found = cache.get(when)
-    if found is None or type(when) is float:
-        found = cache[when] = from_unix_decimal(_exact(when, "time"))
+def _parse_rows(rows: list[Any], parse: Callable[[Any], T], where: str) -> tuple[list[T], tuple[Refused, ...]]:
+    """Each row parsed; the refused ones apart, each with a one-line reason naming the row
+    and `where` (the page), and logged as a warning."""
+    parsed: list[T] = []
+    refused: list[Refused] = []
+    for number, row in enumerate(rows):
+        try:
+            parsed.append(parse(row))
+        except RefusedRow as exc:
+            item = f"{where} row {number}{'' if exc.trade_id is None else f' (trade {exc.trade_id})'}"
+            refused.append(Refused(exc.trade_id, f"{item}: {exc.problem}"))
+            logger.warning("refused %s", refused[-1].reason, extra={"event": "refused_row"})
+    return parsed, tuple(refused)
+
+
+def _checked(value: Any, field: str, trade_id: int | None, rule: Any) -> Decimal:
+    """`value` read exactly and judged by `rule` (a ``bounds`` check); RefusedRow if it fails."""
+    try:
+        number = _decimal(value, field)
+    except ParseError:
+        raise
+    except (ValueError, ArithmeticError):
+        raise RefusedRow(f"{field} {value!r} is not a number", trade_id) from None
+    problem = rule(number, field)
+    if problem is not None:
+        raise RefusedRow(problem, trade_id)
+    return number
+
+
+def _trade_time(when: Any, cache: dict[Any, Any] | None, now: datetime, trade_id: int | None = None) -> datetime:
+    """The time of a row, truncated to the microsecond; RefusedRow outside ``bounds``."""
+    cacheable = cache is not None and (
+        type(when) in (int, str) or (type(when) is Decimal and not when.is_nan())  # hashable, and equal to itself
+    )
+    found = cache.get(when) if cacheable else None  # type: ignore[union-attr]
+    if found is None:
+        found = _unix_time(when, now)
+        if cacheable:
+            cache[when] = found  # type: ignore[index]
+    if isinstance(found, str):
+        raise RefusedRow(found, trade_id)
     return found
 
 
-def parse_ohlc_row(symbol: str, interval: int, row: Sequence[Any]) -> OhlcRow:
-    """``[1762777140, "106038.3", ..., "106038.3", "0.00032101", 1]`` → :class:`OhlcRow`."""
+def _unix_time(when: Any, now: datetime) -> datetime | str:
+    """Unix seconds (a JSON number read exactly) → datetime, or the reason it cannot be right."""
+    try:
+        seconds = _exact(when, "time")
+    except ParseError:
+        raise
+    except (ValueError, ArithmeticError):
+        return f"time {when!r} is not a number"
+    problem = unix_seconds_problem(seconds, now)
+    return problem if problem is not None else from_unix_decimal(seconds)
+
+
+def parse_ohlc_row(symbol: str, interval: int, row: Sequence[Any], *, now: datetime | None = None) -> OhlcRow:
+    """``[1762777140, "106038.3", ..., "106038.3", "0.00032101", 1]`` → :class:`OhlcRow`.
+
+    A row not of this shape raises :class:`ParseError`; one whose values cannot be right
+    (time outside ``bounds`` given `now`, prices not finite and positive, volume or vwap not
+    finite and non-negative, a count that is not a whole number >= 0) raises
+    :class:`RefusedRow`."""
     if not isinstance(row, (list, tuple)) or len(row) < 8:
         raise ParseError(f"OHLC row must have 8 fields, got {row!r}")
     when, o, h, low, c, vwap, volume, count = row[:8]
-    try:
-        return OhlcRow(
-            symbol=symbol,
-            interval=interval,
-            time=from_unix_decimal(_exact(when, "time")),
-            open=_decimal(o, "open"),
-            high=_decimal(h, "high"),
-            low=_decimal(low, "low"),
-            close=_decimal(c, "close"),
-            vwap=_decimal(vwap, "vwap"),
-            volume=_decimal(volume, "volume"),
-            count=int(count),
-        )
-    except (ValueError, ArithmeticError, TypeError) as exc:
-        raise ParseError(f"bad OHLC row {row!r}: {exc}") from exc
+    found = _unix_time(when, utcnow() if now is None else now)
+    if isinstance(found, str):
+        raise RefusedRow(found)
+    if isinstance(count, bool) or not isinstance(count, (int, str)) or not str(count).isdigit():
+        raise RefusedRow(f"count {count!r} is not a whole number")
+    return OhlcRow(
+        symbol=symbol,
+        interval=interval,
+        time=found,
+        open=_checked(o, "open", None, price_problem),
+        high=_checked(h, "high", None, price_problem),
+        low=_checked(low, "low", None, price_problem),
+        close=_checked(c, "close", None, price_problem),
+        vwap=_checked(vwap, "vwap", None, _zero_ok),
+        volume=_checked(volume, "volume", None, _zero_ok),
+        count=int(count),
+    )
 
 
-def parse_ohlc_result(result: Mapping[str, Any], symbol: str, interval: int) -> OhlcPage:
-    """An OHLC ``result`` → :class:`OhlcPage`; ``last`` may come as an int or a string."""
+def _zero_ok(value: Decimal, field: str) -> str | None:
+    """A candle's volume or vwap: a filler candle has 0 of both."""
+    return volume_problem(value, field, zero_ok=True)
+
+
+def parse_ohlc_result(
+    result: Mapping[str, Any], symbol: str, interval: int, *, now: datetime | None = None
+) -> OhlcPage:
+    """An OHLC ``result`` → :class:`OhlcPage`; ``last`` may come as an int or a string. Rows
+    whose values cannot be right are left out and recorded in ``refused`` (and logged)."""
     _key, rows = pair_entry(result)
     if not isinstance(rows, list):
         raise ParseError(f"OHLC rows must be a list, got {type(rows).__name__}")
@@ -237,12 +351,10 @@ def parse_ohlc_result(result: Mapping[str, Any], symbol: str, interval: int) -> 
         last_seconds = int(str(last))
     except ValueError:
         raise ParseError(f"OHLC 'last' must be unix seconds, got {last!r}") from None
-    return OhlcPage(
-        symbol=symbol,
-        interval=interval,
-        rows=[parse_ohlc_row(symbol, interval, row) for row in rows],
-        last=last_seconds,
-    )
+    now = utcnow() if now is None else check_aware(now, "now")
+    parsed, refused = _parse_rows(rows, lambda row: parse_ohlc_row(symbol, interval, row, now=now),
+                                  f"{symbol} OHLC {interval}m page last={last_seconds}")
+    return OhlcPage(symbol=symbol, interval=interval, rows=parsed, last=last_seconds, refused=refused)
 
 
 def parse_server_time(result: Mapping[str, Any]) -> datetime:

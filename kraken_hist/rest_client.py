@@ -244,7 +244,7 @@ class KrakenRestClient:
             params["since"] = str(to_unix_ns(check_aware(since))) if isinstance(since, datetime) else str(since)
         result = self.request("Trades", params)
         try:
-            return parse_trades_result(result, canonical)
+            return parse_trades_result(result, canonical, since=params.get("since"))
         except ParseError as exc:
             raise ExchangeTransientError(f"Trades {canonical}: {exc}") from exc
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from .bounds import KRAKEN_FIRST_TRADE, MAX_TRADE_ID, time_problem
 from .pairs import DEFAULT_REGISTRY
-from .timeutils import check_aware
+from .timeutils import check_aware, utcnow
 
 
 class TradeSource(str, enum.Enum):
@@ -72,6 +73,37 @@ def _symbol(value: str) -> str:
     return DEFAULT_REGISTRY.normalize(value)
 
 
+def _possible_time(value: object, field: str = "time") -> datetime:
+    """An aware time within ``bounds`` (Kraken's life, up to now plus the clock skew)."""
+    when = check_aware(value, field)  # type: ignore[arg-type]
+    problem = time_problem(when, utcnow(), field)
+    if problem is not None:
+        raise ValueError(problem)
+    return when
+
+
+def _bigint(value: object, field: str = "trade_id") -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{field} must be an int, got {value!r}")
+    if not -MAX_TRADE_ID - 1 <= value <= MAX_TRADE_ID:
+        raise ValueError(f"{field} {value} does not fit a bigint")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Something an exchange answer held that cannot be right (``bounds``): left out of what
+    the parser returns, and recorded with it. ``trade_id`` is the item's id when it could be
+    read (a refused trade's id is still "seen": the id sequence has no hole there);
+    ``reason`` is one line naming the field and where the item was."""
+
+    trade_id: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HistoricalTrade:
     """One trade as Kraken reported it. ``trade_id`` is Kraken's per-pair running number;
@@ -86,7 +118,14 @@ class HistoricalTrade:
     ord_type: str | None = None  # "m" | "l", None when unknown
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "time", check_aware(self.time, "time"))
+        # Not bounded by the wall clock: the fake exchange schedules future trades as these.
+        when = check_aware(self.time, "time")
+        if when < KRAKEN_FIRST_TRADE:
+            raise ValueError(f"time {when.isoformat()} is before Kraken's first trade ({KRAKEN_FIRST_TRADE.date()})")
+        object.__setattr__(self, "time", when)
+        _bigint(self.trade_id)
+        object.__setattr__(self, "price", _decimal(self.price, "price"))
+        object.__setattr__(self, "volume", _decimal(self.volume, "volume"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,9 +143,8 @@ class TradeRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "symbol", _symbol(self.symbol))
-        if not isinstance(self.trade_id, int) or isinstance(self.trade_id, bool):
-            raise ValueError(f"trade_id must be an int, got {self.trade_id!r}")
-        object.__setattr__(self, "time", check_aware(self.time, "time"))
+        _bigint(self.trade_id)
+        object.__setattr__(self, "time", _possible_time(self.time))
         object.__setattr__(self, "price", _positive(self.price, "price"))
         object.__setattr__(self, "volume", _non_negative(self.volume, "volume"))
         if self.side not in (None, "b", "s"):
@@ -174,7 +212,7 @@ class CandleRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "symbol", _symbol(self.symbol))
-        when = check_aware(self.time, "time")
+        when = _possible_time(self.time)
         if when.second or when.microsecond:
             raise ValueError(f"time must be the start of a minute, got {when.isoformat()}")
         object.__setattr__(self, "time", when)

@@ -99,6 +99,7 @@ class ClientState:
     subscribed: tuple[Subscription, ...]
     pending: tuple[Subscription, ...]
     refused: dict[Subscription, str] = field(default_factory=dict)
+    refused_items: int = 0  # trade/ohlc items left out for impossible values (logged one by one)
 
 
 def to_ws_symbol(name: str, registry: PairRegistry = DEFAULT_REGISTRY) -> str:
@@ -178,7 +179,7 @@ class KrakenWSClient:
         self._thread: threading.Thread | None = None
         self._ws: websocket.WebSocket | None = None
         self._counters = dict.fromkeys(
-            ("connections", "messages", "trades", "candles", "malformed", "errors"), 0
+            ("connections", "messages", "trades", "candles", "malformed", "refused_items", "errors"), 0
         )
         self._connection_id: int | None = None
         self._session_messages = 0
@@ -256,6 +257,7 @@ class KrakenWSClient:
                 subscribed=tuple(sorted(self._subscribed, key=_order)),
                 pending=tuple(sorted(self._pending, key=_order)),
                 refused=dict(self._refused),
+                refused_items=self._counters["refused_items"],
             )
 
     # --- the connection thread ------------------------------------------------------------
@@ -400,9 +402,13 @@ class KrakenWSClient:
                 self._counters["malformed"] += 1
             logger.warning("%s skipped a frame: %s", self.name, exc)
             return
+        refused = getattr(message, "refused", ())
         with self._lock:
             self._counters["messages"] += 1
+            self._counters["refused_items"] += len(refused)
             self._session_messages += 1
+        for item in refused:
+            logger.warning("%s refused %s", self.name, item.reason)
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(self, message)

@@ -2,7 +2,11 @@
 
 Numbers on the v2 wire are JSON numbers (``"price":83744.3``), so frames are read with
 ``json.loads(text, parse_float=Decimal)`` and never pass through a binary float. A frame we
-cannot read raises :class:`FrameError` carrying its text; the client logs and skips it.
+cannot read raises :class:`FrameError` carrying its text; the client logs and skips it. A
+trade or ohlc item of the right shape whose values cannot be right (``bounds``: a time
+outside Kraken's life, a price or volume not finite and positive, an id <= 0) is left out of
+its message and recorded in the message's ``refused`` (the other items go on); the client
+logs and counts those too.
 
 Trimmed real frames (``kraken-samples/ws_v2_recorded.jsonl``)::
 
@@ -24,8 +28,9 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Mapping, NamedTuple, Union
 
-from .timeutils import UTC, parse_rfc3339
-from .types import HistoricalCandle, HistoricalTrade
+from .bounds import price_problem, time_problem, time_window, trade_id_problem, volume_problem
+from .timeutils import UTC, check_aware, parse_rfc3339, utcnow
+from .types import HistoricalCandle, HistoricalTrade, Refused
 
 _SIDES = {"buy": "b", "sell": "s"}
 _ORD_TYPES = {"limit": "l", "market": "m"}
@@ -39,6 +44,16 @@ class FrameError(ValueError):
         self.text = text
         shown = text if len(text) <= 500 else text[:500] + "..."
         super().__init__(f"{reason}: {shown!r}")
+
+
+class RefusedItem(ValueError):
+    """An item of the right shape with a value that cannot be right (``bounds``); the frame
+    parser leaves it out of its message and records it in the message's ``refused``."""
+
+    def __init__(self, problem: str, trade_id: int | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.trade_id = trade_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +115,7 @@ class TradeMessage:
 
     snapshot: bool
     trades: tuple[WsTrade | HistoricalTrade, ...] = field(default_factory=tuple)
+    refused: tuple[Refused, ...] = ()  # items left out: impossible values, with the id when readable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +125,7 @@ class OhlcMessage:
 
     snapshot: bool
     candles: tuple[HistoricalCandle, ...] = field(default_factory=tuple)
+    refused: tuple[Refused, ...] = ()  # items left out: impossible values
 
 
 Message = Union[StatusMessage, HeartbeatMessage, MethodResponse, TradeMessage, OhlcMessage]
@@ -119,8 +136,10 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text, parse_float=Decimal)
 
 
-def parse_frame(text: str | bytes) -> Message:
-    """Parse one text frame; raises FrameError for anything unreadable or unknown."""
+def parse_frame(text: str | bytes, now: datetime | None = None) -> Message:
+    """Parse one text frame; raises FrameError for anything unreadable or unknown. Trade and
+    ohlc items with impossible values (times judged against `now`, default the wall clock)
+    are left out and listed in the message's ``refused``."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -139,15 +158,13 @@ def parse_frame(text: str | bytes) -> Message:
         if channel == "heartbeat":
             return HeartbeatMessage()
         if channel == "trade":
-            return TradeMessage(
-                snapshot=_message_type(obj) == "snapshot",
-                trades=tuple(parse_trade(item) for item in _data(obj)),
-            )
+            kind = _message_type(obj)
+            trades, refused = _items(parse_trade, obj, f"trade {kind}", now)
+            return TradeMessage(snapshot=kind == "snapshot", trades=trades, refused=refused)
         if channel == "ohlc":
-            return OhlcMessage(
-                snapshot=_message_type(obj) == "snapshot",
-                candles=tuple(parse_candle(item) for item in _data(obj)),
-            )
+            kind = _message_type(obj)
+            candles, refused = _items(parse_candle, obj, f"ohlc {kind}", now)
+            return OhlcMessage(snapshot=kind == "snapshot", candles=candles, refused=refused)
         if channel == "status":
             return _status(_data(obj))
         if "error" in obj:  # an error answer with no method (e.g. a request we could not send right)
@@ -159,23 +176,79 @@ def parse_frame(text: str | bytes) -> Message:
     raise FrameError(f"unknown channel {channel!r}", text)
 
 
-def parse_trade(item: Mapping[str, Any]) -> WsTrade:
-    """One v2 trade item → WsTrade (side/ord_type as the REST letters b/s, l/m)."""
+def _items(parse: Any, obj: Mapping[str, Any], what: str, now: datetime | None) -> tuple[tuple[Any, ...], tuple[Refused, ...]]:
+    """Each data item parsed with `parse`; refused items apart, each with a one-line reason."""
+    now = utcnow() if now is None else check_aware(now, "now")
+    window = time_window(now)
+    parsed: list[Any] = []
+    refused: list[Refused] = []
+    for number, item in enumerate(_data(obj)):
+        try:
+            parsed.append(parse(item, now, window=window))
+        except RefusedItem as exc:
+            name = item.get("symbol")
+            ident = "" if exc.trade_id is None else f" trade {exc.trade_id}"
+            refused.append(Refused(exc.trade_id, f"{what} frame item {number} ({name}{ident}): {exc.problem}"))
+    return tuple(parsed), tuple(refused)
+
+
+def parse_trade(item: Mapping[str, Any], now: datetime | None = None, *,
+                window: tuple[datetime, datetime] | None = None) -> WsTrade:
+    """One v2 trade item → WsTrade (side/ord_type as the REST letters b/s, l/m). ValueError
+    for an item not of the v2 shape; its subclass RefusedItem for impossible values (time
+    outside ``bounds`` given `now` (default the wall clock), price or qty not finite and
+    positive, trade_id <= 0). `window` is ``bounds.time_window(now)``, computed once a frame."""
     side = item.get("side")
     ord_type = item.get("ord_type")
     if side is not None and side not in _SIDES:
         raise ValueError(f"unknown side {side!r}")
     if ord_type is not None and ord_type not in _ORD_TYPES:
         raise ValueError(f"unknown ord_type {ord_type!r}")
+    symbol = _str(item, "symbol")
+    trade_id = _int(item, "trade_id")
+    when = parse_timestamp(_str(item, "timestamp"))
+    price, qty = _wire_number(item, "price"), _wire_number(item, "qty")
+    problem = trade_id_problem(trade_id)
+    if problem is not None:
+        raise RefusedItem(problem, trade_id)
+    _check_time(when, "timestamp", window, now, trade_id)
     return WsTrade(
-        _str(item, "symbol"),
-        _int(item, "trade_id"),
-        parse_timestamp(_str(item, "timestamp")),
-        _number(item, "price"),
-        _number(item, "qty"),
+        symbol,
+        trade_id,
+        when,
+        _checked(price, "price", trade_id),
+        _checked(qty, "qty", trade_id),
         _SIDES[side] if side else None,
         _ORD_TYPES[ord_type] if ord_type else None,
     )
+
+
+def _check_time(when: datetime, key: str, window: tuple[datetime, datetime] | None, now: datetime | None,
+                trade_id: int | None = None) -> None:
+    """RefusedItem unless `when` is within ``bounds`` (`window`: ``time_window(now)``, given
+    when many items are checked against one `now`)."""
+    if now is None:
+        now = utcnow()
+    start, end = window if window is not None else time_window(now)
+    if not start <= when < end:
+        raise RefusedItem(time_problem(when, now, key) or f"{key} is out of range", trade_id)
+
+
+def _wire_number(item: Mapping[str, Any], key: str) -> Decimal | float:
+    """A JSON number as Decimal, or the float of a ``NaN``/``Infinity`` token (parse_float
+    turned every finite number into a Decimal): a value for :func:`_checked` to refuse."""
+    value = item[key]
+    return value if type(value) is float else _number(item, key)
+
+
+def _checked(value: Decimal | float, key: str, trade_id: int | None = None, *, zero_ok: bool = False) -> Decimal:
+    """A price (positive), a qty (positive) or a candle's volume/vwap (`zero_ok`), checked by ``bounds``."""
+    if isinstance(value, float):
+        raise RefusedItem(f"{key} {value} is not a finite number", trade_id)
+    problem = volume_problem(value, key, zero_ok=True) if zero_ok else price_problem(value, key)
+    if problem is not None:
+        raise RefusedItem(problem, trade_id)
+    return value
 
 
 @lru_cache(maxsize=4096)
@@ -192,20 +265,34 @@ def parse_timestamp(text: str) -> datetime:
     return value if value.tzinfo is UTC else value.astimezone(UTC)
 
 
-def parse_candle(item: Mapping[str, Any]) -> HistoricalCandle:
+def parse_candle(item: Mapping[str, Any], now: datetime | None = None, *,
+                 window: tuple[datetime, datetime] | None = None) -> HistoricalCandle:
     """One v2 ohlc item → HistoricalCandle at ``interval_begin`` (the row ``timestamp`` is the
-    interval END and deprecated, so it is ignored)."""
+    interval END and deprecated, so it is ignored). ValueError for an item not of the v2
+    shape; RefusedItem for impossible values (``interval_begin`` outside ``bounds``, prices
+    not finite and positive, volume or vwap not finite and non-negative, trades < 0)."""
+    symbol = _str(item, "symbol")
+    interval = _int(item, "interval")
+    when = parse_timestamp(_str(item, "interval_begin"))
+    trades = _int(item, "trades")
+    prices = [_wire_number(item, key) for key in ("open", "high", "low", "close")]
+    volume = _wire_number(item, "volume")
+    vwap = _wire_number(item, "vwap") if item.get("vwap") is not None else None
+    _check_time(when, "interval_begin", window, now)
+    if trades < 0:
+        raise RefusedItem(f"trades must not be negative, got {trades}")
+    o, h, low, c = (_checked(value, key) for value, key in zip(prices, ("open", "high", "low", "close")))
     return HistoricalCandle(
-        symbol=_str(item, "symbol"),
-        interval=_int(item, "interval"),
-        time=parse_timestamp(_str(item, "interval_begin")),
-        open=_number(item, "open"),
-        high=_number(item, "high"),
-        low=_number(item, "low"),
-        close=_number(item, "close"),
-        volume=_number(item, "volume"),
-        vwap=_number(item, "vwap") if item.get("vwap") is not None else None,
-        trades=_int(item, "trades"),
+        symbol=symbol,
+        interval=interval,
+        time=when,
+        open=o,
+        high=h,
+        low=low,
+        close=c,
+        volume=_checked(volume, "volume", zero_ok=True),
+        vwap=_checked(vwap, "vwap", zero_ok=True) if vwap is not None else None,
+        trades=trades,
     )
 
 

@@ -116,11 +116,14 @@ def parse_both(data: bytes, chunk_size: int, blocker_ranges=()):
 # ----- generated files
 
 PRICES = ("{a}.{b}", "{a}", "0.000{c}", ".5", "7.", "{a}.{b}0")
-VOLUMES = ("0.{v:08d}", "{a}", "12.5", "0", "0.0")
+VOLUMES = ("0.{v:08d}", "{a}", "12.5", "0.5")
 # Values too wide for the array path's integers: a block holding one goes line by line.
 WIDE_PRICE, WIDE_VOLUME = "123456789012.12345678", "99999999.9999999999"
 BAD_LINES = ("{s},0,1\n", "{s},1,1\r{s},1,1\n", "\x0c\n", "{back},1.0,1\n", "garbage\n", "\n", "{s},1e-3,1\n", "{s},1.0,1\r\n", "{s},1..0,1\n",
-             "{s},-1,1\n", "{s},1,-1\n", "{s},1\n", "{s},1,1,1\n", "{s}.5,1,1\n", "{s},,1\n", "{s},1,.\n")
+             "{s},-1,1\n", "{s},1,-1\n", "{s},1\n", "{s},1,1,1\n", "{s}.5,1,1\n", "{s},,1\n", "{s},1,.\n",
+             # impossible values (bounds): zero volume, out-of-range times, numbers too wide
+             "{s},1,0\n", "{s},1,0.0\n", "0,1,1\n", "4102444800,1,1\n", "1300000000,1,1\n", "{s},1,1e99\n",
+             "{s},1e-99,1\n", "{s},100000000000000000000,1\n", "{s},1,0.000000000000000000001\n")
 
 
 START = 1_500_000_000
@@ -131,7 +134,7 @@ def generate(rng: random.Random, lines: int, bad: float, wide: float = 0.0) -> b
     out = []
     for _ in range(lines):
         second += rng.choice((0, 0, 0, 1, 2, 59, 61, 7, 3600))
-        values = {"a": rng.randint(1, 99999), "b": rng.randint(0, 99), "c": rng.randint(1, 99), "v": rng.randrange(10**8),
+        values = {"a": rng.randint(1, 99999), "b": rng.randint(0, 99), "c": rng.randint(1, 99), "v": rng.randrange(1, 10**8),
                   "s": second, "back": second - rng.randint(1, 5000)}
         if rng.random() < bad:
             out.append(rng.choice(BAD_LINES).format(**values))

@@ -72,12 +72,13 @@ def test_trades_last_must_be_nanoseconds() -> None:
 
 
 def test_ohlc_last_int_or_string_and_filler_rows() -> None:
-    rows = [[60, "10.0", "10.0", "10.0", "10.0", "10.0", "1.0", 1], [120, "10.0", "10.0", "10.0", "10.0", "0.0",
-                                                                   "0.00000000", 0], [180, "11", "11", "11", "11",
-                                                                                      "11", "2", 2]]
-    for last in (120, "120"):
+    hour = 1_699_999_200  # 2023-11-14 22:00 UTC
+    rows = [[hour + 60, "10.0", "10.0", "10.0", "10.0", "10.0", "1.0", 1],
+            [hour + 120, "10.0", "10.0", "10.0", "10.0", "0.0", "0.00000000", 0],
+            [hour + 180, "11", "11", "11", "11", "11", "2", 2]]
+    for last in (hour + 120, str(hour + 120)):
         page = parse_ohlc_result({"XXBTZUSD": rows, "last": last}, "BTC/USD", 1)
-        assert page.last == 120
+        assert page.last == hour + 120 and page.refused == ()
         assert [r.time.minute for r in page.finished_rows()] == [1, 2]
         assert [r.time.minute for r in page.trading_rows()] == [1]
     assert page.rows[1].is_filler and not page.rows[0].is_filler

@@ -108,8 +108,6 @@ def test_pong_and_heartbeat() -> None:
         '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"up","price":1.5,'
         '"qty":1.0,"ord_type":"limit","trade_id":1,"timestamp":"2025-01-01T00:00:00Z"}]}',  # bad side
         '{"channel":"trade","type":"delta","data":[]}',  # unknown type
-        '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy","price":NaN,'
-        '"qty":1.0,"ord_type":"limit","trade_id":1,"timestamp":"2025-01-01T00:00:00Z"}]}',
         '{"channel":"ohlc","type":"update","data":[{"symbol":"BTC/USD","open":1.0,"high":1.0,"low":1.0,'
         '"close":1.0,"trades":1,"volume":1.0,"vwap":1.0,"interval":1}]}',  # no interval_begin
         '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy","price":1.5,'

@@ -33,7 +33,7 @@ from .db import connect, translate_errors
 from .errors import ExchangePermanentError, ExchangeTransientError
 from .pairs import DEFAULT_REGISTRY
 from .parsing import TradesPage
-from .timeutils import check_aware, since_cursor, utcnow
+from .timeutils import check_aware, floor_minute, since_cursor, utcnow
 from .types import HistoricalTrade, TradeRecord, TradeSource
 
 if TYPE_CHECKING:
@@ -250,7 +250,8 @@ class KrakenTradesBackfill:
                 next_cursor = page.last
                 cover_end = trades[-1].time
             if cover_start is None and trades:
-                cover_start = trades[0].time
+                # from the pair's first trade ("0"): nothing traded earlier in its minute either
+                cover_start = floor_minute(trades[0].time) if cursor == "0" else trades[0].time
             covered = (cover_start, cover_end) if cover_start is not None and cover_end > cover_start else None
             if trades or reached_until:
                 yield BackfillPage(
@@ -437,7 +438,8 @@ class KrakenTradesBackfill:
         resume point). Raises ExchangePermanentError at once for a pair Kraken refuses.
         """
         canonical = DEFAULT_REGISTRY.normalize(symbol)
-        since = check_aware(since, "since") if since is not None else None
+        # from the start of its minute, so the first 1-minute candle is whole
+        since = floor_minute(check_aware(since, "since")) if since is not None else None
         until = check_aware(until, "until") if until is not None else None
         if since is not None and until is not None and until <= since:
             raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")

@@ -278,18 +278,39 @@ def _read_uncovered(
             if t is not None]
     if not starts or not ends:
         return [], None
-    span_lo, span_hi = min(starts), max(ends)
+    # from the start of the oldest minute: a candle built from trades there is only right if
+    # the minute's earlier part is known too (a stream's first minute, an archive starting mid-minute)
+    # (a scan limited by `since` starts at its first trade: what precedes it is not its business)
+    span_lo, span_hi = (floor_minute(min(starts)) if since == BEGINNING else min(starts)), max(ends)
     known = list(covered)
     if first is not None and last is not None:
         known.append((first[1], last[1] + MICROSECOND))  # contiguous ids, apart from id holes
     known.extend((g.start, g.end + MICROSECOND) for g in id_gaps)  # reported as TRADE_IDS
     threshold = timedelta(minutes=min_gap_minutes)
+    pieces = ranges.complement(known, span_lo, span_hi)
+    partial = _in_trade_candle_minutes(conn, symbol, [p for p in pieces if p[1] - p[0] < threshold])
     gaps = [
         DataGap(symbol=symbol, kind=GapKind.UNCOVERED, start=a, end=b)
-        for a, b in ranges.complement(known, span_lo, span_hi)
-        if b - a >= threshold
+        for a, b in pieces
+        if b - a >= threshold or (a, b) in partial
     ]
     return gaps, span_hi
+
+
+def _in_trade_candle_minutes(conn: psycopg.Connection, symbol: str, pieces: list[ranges.Range]) -> set:
+    """The short unknown `pieces` that fall in a minute holding a candle built from trades: that
+    candle is partial (KRAKEN.md's candle needs every trade of its minute), so however short,
+    the piece is a gap (it is filled by fetching its trades, which completes the candle)."""
+    if not pieces:
+        return set()
+    minutes = _widen_to_minutes(pieces)
+    rows = conn.execute(
+        """SELECT b.lo, b.hi FROM unnest(%s::timestamptz[], %s::timestamptz[]) AS b(lo, hi)
+           WHERE EXISTS (SELECT 1 FROM candles c WHERE c.symbol = %s AND c.source = 'trades'
+                         AND c.time >= b.lo AND c.time < b.hi)""",
+        ([a for a, _ in minutes], [b for _, b in minutes], symbol)).fetchall()
+    flagged = [(a, b) for a, b in rows]
+    return {p for p in pieces if ranges.intersect([p], flagged)}
 
 
 def total_missing_ids(gaps: list[DataGap]) -> int:

@@ -127,7 +127,9 @@ def test_full_backfill_equals_the_history(job: KrakenTradesBackfill, db_url: str
     assert point is not None and point.last_trade_id == history[-1].trade_id
     assert point.last_time == history[-1].time
     with psycopg.connect(db_url) as conn:
-        assert store.read_coverage(conn, "BTC/USD", "rest") == [(history[0].time, history[-1].time)]
+        # from the pair's first trade: its minute holds nothing earlier, so coverage starts there
+        first_minute = history[0].time.replace(second=0, microsecond=0)
+        assert store.read_coverage(conn, "BTC/USD", "rest") == [(first_minute, history[-1].time)]
         # the run refreshed the interval relations: 1h buckets equal the 1-minute data resampled
         hourly = conn.execute("SELECT time, open, high, low, close, volume, trades FROM candles_1h ORDER BY time").fetchall()
         pending = conn.execute("SELECT count(*) FROM candle_changes").fetchone()[0]
@@ -173,6 +175,7 @@ def test_until_is_exact_and_resume_continues(job: KrakenTradesBackfill, db_url: 
     since = START + timedelta(hours=5, minutes=17, seconds=3)
     until = START + timedelta(hours=20, microseconds=5)
     first = job.backfill_symbol("BTC/USD", since=since, until=until)
+    since = since.replace(second=0)  # fetched from the start of its minute: the first candle is whole
     inside = [t for t in history if since <= t.time < until]
     assert stored_trades(db_url) == expected_trades(inside)
     assert first.reached_until and not first.caught_up

@@ -26,6 +26,11 @@ def load(conn, trades, *, source="rest", coverage=None):
         store.rebuild_candles(conn, trades[0].symbol, trades[0].time, trades[-1].time + timedelta(microseconds=1))
     if coverage:
         store.add_coverage(conn, trades[0].symbol if trades else SYMBOL, source, *coverage)
+    elif trades:
+        # as a backfill from the first trade's minute: that minute's candle is whole (without
+        # this its earlier part would be unknown and reported, as a partial first minute is)
+        store.add_coverage(conn, trades[0].symbol, source, trades[0].time.replace(second=0, microsecond=0),
+                           trades[0].time)
     conn.commit()
 
 

@@ -190,3 +190,70 @@ def test_the_stream_writer_leaves_archive_seconds_alone(db_url, history, tmp_pat
             writer.write_trade(TradeRecord.from_trade(t, TradeSource.WEBSOCKET))
         assert writer.flush(timeout=30)
     assert_exact(db_url, between(history, START, START + 40 * M))
+
+
+# --- every order, and two at once with kills ------------------------------------------------
+
+ARCHIVE_END = START + 80 * M  # the archive overlaps REST data at its start and ends after it
+REST_SINCE = START + 20 * M
+NOW = START + 90 * M
+
+
+@pytest.mark.parametrize("order", ["IBG", "IGB", "BIG", "BGI", "GIB", "GBI"])
+def test_every_order_of_import_backfill_and_gap_fill(order, db_url, fake, clock, history, tmp_path):
+    clock.set(NOW)
+    archive = write_csv(tmp_path / "XBTUSD.csv", between(history, START, ARCHIVE_END))
+    steps = {"I": lambda: BulkCSVImporter(db_url, chunk_size=400).import_csv_file(archive),
+             "B": lambda: backfill(db_url, fake, since=REST_SINCE),
+             "G": lambda: fill_gaps(db_url, fake, clock)}
+    for step in order:
+        steps[step]()
+    backfill(db_url, fake)
+    fill_gaps(db_url, fake, clock)
+    assert detected_gaps(db_url, fake, clock) == []
+    assert_exact(db_url, between(history, START, NOW))
+
+
+def test_import_and_backfill_killed_at_random_moments_while_both_run(db_url, fake, clock, history, tmp_path):
+    """Two processes on one symbol, one of them SIGKILLed anywhere; then both run again to the
+    end: the database is exact (nothing doubled, nothing lost) and ``gaps`` finds nothing."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clock.set(NOW)
+    archive = write_csv(tmp_path / "XBTUSD.csv", between(history, START, ARCHIVE_END))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KRAKEN_HIST_")}
+    env.update(KRAKEN_HIST_DATABASE_URL=db_url, KRAKEN_HIST_REST_URL=fake.url, KRAKEN_HIST_REST_MIN_INTERVAL="0",
+               KRAKEN_HIST_DATA_DIR=str(tmp_path / "data"))
+    cli = [sys.executable, "-m", "kraken_hist"]
+    commands = {"import": cli + ["import", str(archive), "--chunk-size", "300"],
+                "backfill": cli + ["backfill", "BTC/USD", "--since", REST_SINCE.isoformat(), "--no-progress"]}
+    rng = random.Random(13)
+    kills = 0
+    for victim in ("import", "backfill", "import"):
+        with psycopg.connect(db_url) as conn:  # each round from an empty database
+            conn.execute("TRUNCATE trades, candles, coverage, sync_status, candle_changes")
+        running = {name: subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for name, command in commands.items()}
+        deadline = time.monotonic() + 60
+        while not stored_per_second(db_url) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until one of them stores
+        time.sleep(rng.uniform(0, 0.3))  # then anywhere: fetching, parsing, COPY, candles, commit
+        if running[victim].poll() is None:
+            running[victim].send_signal(signal.SIGKILL)
+            kills += 1
+        for name, process in running.items():
+            _out, err = process.communicate(timeout=120)
+            assert process.returncode in (0, -signal.SIGKILL), (name, err.decode()[-2000:])
+        assert stored_per_second(db_url) - expected_per_second(between(history, START, NOW)) == Counter()
+        for command in commands.values():  # both again, to the end
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+        fill_gaps(db_url, fake, clock)
+        assert detected_gaps(db_url, fake, clock) == []
+        assert_exact(db_url, between(history, START, NOW))
+    assert kills >= 2

@@ -437,7 +437,10 @@ def test_fuzz_rest_trades_only_documented_errors_and_exact_round_trip(rows: list
     for row in raw:  # the accepted trades are rows of the answer, in order, with their exact values
         if trade is None or row[6] != trade.trade_id:
             continue
-        price, volume, when = (Decimal(row[0]), Decimal(row[1]), from_unix_decimal(Decimal(row[2])))
+        try:
+            price, volume, when = (Decimal(row[0]), Decimal(row[1]), from_unix_decimal(Decimal(row[2])))
+        except (ArithmeticError, ValueError):
+            continue  # a refused row (say, a time past datetime's year 9999) that shares the id
         if (trade.price.as_tuple(), trade.volume.as_tuple(), trade.time) != (price.as_tuple(), volume.as_tuple(), when):
             continue
         assert trade_id_problem(trade.trade_id) is None and time_problem(trade.time, NOW) is None

@@ -28,8 +28,23 @@ one batch, are lost with the process, as any in-memory buffer is.)
 
 Ordering: appends go to the tail segment (numbers counting up), spills of older batches go in
 front of everything (numbers counting down), so replaying in name order replays in acceptance
-order. One process at a time owns a spool directory (``fcntl.flock`` on ``.lock``); the writer
-picks the first free slot under its spool root.
+order. One process at a time owns a spool directory (``fcntl.flock`` on ``.lock``).
+
+Ownership by database: a spool belongs to one database, named in the slot's ``database.json``
+(written atomically before the slot holds anything): the server's ``system_identifier``
+(``pg_control_system()``) and the database's oid, which name it however it is reached, and a
+password-free ``host:port/dbname`` for messages. A writer that has not reached its server yet
+writes only the description (a *pending* label) and completes it once it has. :func:`claim`
+picks a writer's slot and decides about every unowned slot holding records:
+
+* labelled with the writer's database (or pending with the same description): replayed by it
+  (several such slots are merged, oldest label first);
+* labelled with another database: :class:`SpoolOwnerError`; nothing is replayed or removed;
+* labelled, while the writer's own server cannot be reached: *held* (records numbered, files
+  untouched) until the writer reads its identity, then replayed or released (see the writer);
+* unlabelled (written before spools recorded their database) or with an unreadable label:
+  refused like another database's, unless the caller vouches for it (``adopt_unlabelled``),
+  since nothing in it says where it was meant to go.
 """
 
 from __future__ import annotations
@@ -40,16 +55,24 @@ import json
 import logging
 import os
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
 _FIRST_NUMBER = 500_000_000_000  # room to count down (spills) and up (appends)
 _SUFFIX = ".spool"
+LABEL_FILE = "database.json"  # which database the slot's records belong to
+_SLOT_PREFIX = "slot-"
 #: Start a new tail segment past this size, so fully replayed files are removed early.
 MAX_SEGMENT_BYTES = 16 * 1024 * 1024
 
@@ -211,6 +234,91 @@ def parse_block(data: bytes | memoryview, offset: int) -> tuple[tuple[str, int, 
     return (kind.decode(), count, meta, payload), stop
 
 
+# ---------------------------------------------------------------- which database a spool belongs to
+
+class SpoolOwnerError(PermanentError):
+    """A spool holds records of another database (or of an unknown one): kept, not replayed."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseIdentity:
+    """A database as a spool label names it. ``system_identifier`` (the server's, from
+    ``pg_control_system()``) and ``database_oid`` identify it however it is reached (None
+    until the server has answered); ``description`` (``host:port/dbname``, never a password)
+    is for messages."""
+
+    description: str
+    system_identifier: str | None = None
+    database_oid: int | None = None
+    database: str | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.system_identifier is not None and self.database_oid is not None
+
+    def __str__(self) -> str:
+        if self.known:
+            return f"{self.description} (server {self.system_identifier}, database oid {self.database_oid})"
+        return f"{self.description} (server not reached yet)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"description": self.description, "system_identifier": self.system_identifier,
+                "database_oid": self.database_oid, "database": self.database}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DatabaseIdentity":
+        oid = data.get("database_oid")
+        sysid = data.get("system_identifier")
+        return cls(str(data["description"]), None if sysid is None else str(sysid),
+                   None if oid is None else int(oid), data.get("database"))
+
+
+def describe_url(url: str) -> str:
+    """``host:port/dbname`` of a libpq URL or conninfo string (no user, no password)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "?"
+    host = info.get("host") or info.get("hostaddr") or "localhost"
+    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or '?'}"
+
+
+_IDENTITY_QUERY = """
+SELECT (SELECT system_identifier FROM pg_control_system())::text, d.oid::bigint, d.datname
+FROM pg_database d WHERE d.datname = current_database()
+"""
+
+
+def read_identity(conn: psycopg.Connection, description: str) -> DatabaseIdentity:
+    """The identity of the database `conn` is connected to."""
+    sysid, oid, name = conn.execute(_IDENTITY_QUERY).fetchone()  # type: ignore[misc]
+    return DatabaseIdentity(description, sysid, oid, name)
+
+
+def same_database(label: DatabaseIdentity, current: DatabaseIdentity) -> bool | None:
+    """Whether a spool labelled `label` belongs to the database `current`; None while that
+    cannot be told (a full label, and the current server not reached yet). A pending label
+    (its writer never reached its server) is matched by description."""
+    if label.known and current.known:
+        return (label.system_identifier, label.database_oid) == (current.system_identifier, current.database_oid)
+    if label.known:
+        return None
+    return label.description == current.description
+
+
+def foreign_message(directory: Path, records: int, label: DatabaseIdentity | None, current: DatabaseIdentity) -> str:
+    """One line: whose records a spool holds, that they are kept, and what to do."""
+    where = f"spool {directory} holds {records:,} records"
+    if label is None:
+        return (f"{where} written without a record of their database (by an older kraken_hist); they are kept "
+                f"and not replayed: if they belong to {current.description}, replay them there once with "
+                f"adopt_unlabelled_spool=True (kraken-hist stream --adopt-unlabelled-spool), otherwise move "
+                f"{directory} out of {directory.parent}")
+    return (f"{where} for database {label}, not for {current}, the database this writer uses; they are kept "
+            f"and not replayed: point KRAKEN_HIST_DATABASE_URL at {label.description} to replay them there, "
+            f"or move {directory} out of {directory.parent} to go on without them")
+
+
 # ---------------------------------------------------------------- the spool
 
 class Spool:
@@ -226,6 +334,8 @@ class Spool:
         self._dirty = False
         self.pending = 0  # records in pending blocks
         self.corrupt = 0  # damaged blocks skipped
+        self.label: DatabaseIdentity | None = None  # from LABEL_FILE (read_label / write_label)
+        self.created = 0.0  # when the label was first written (orders slots of one database)
 
     # -- ownership -----------------------------------------------------------
     @classmethod
@@ -249,9 +359,61 @@ class Spool:
         self._lock_fd = fd
         return True
 
-    def recover(self, next_seq: int) -> int:
+    # -- the label (which database) -----------------------------------------------
+    def read_label(self) -> DatabaseIdentity | None:
+        """Read LABEL_FILE (None when missing or unreadable)."""
+        try:
+            data = json.loads((self.directory / LABEL_FILE).read_text())
+            self.label = DatabaseIdentity.from_json(data["database"])
+            self.created = float(data.get("created") or 0.0)
+        except FileNotFoundError:
+            self.label = None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("spool %s: unreadable %s (%s)", self.directory, LABEL_FILE, exc)
+            self.label = None
+        return self.label
+
+    def write_label(self, identity: DatabaseIdentity, created: float | None = None) -> None:
+        """Replace LABEL_FILE atomically (fsync-ed, then renamed, then the directory fsync-ed)."""
+        if created is not None:
+            self.created = created
+        elif not self.created:
+            self.created = time.time()
+        body = json.dumps({"format": 1, "database": identity.to_json(), "created": self.created}, indent=1)
+        temporary = self.directory / (LABEL_FILE + ".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, body.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.directory / LABEL_FILE)
+        self._sync_directory()
+        self.label = identity
+
+    def has_segments(self) -> bool:
+        """Whether the directory holds a non-empty segment file (intact or not)."""
+        return any(path.stat().st_size for path in self.directory.glob("*" + _SUFFIX))
+
+    def count_records(self) -> int:
+        """Records in the directory's intact blocks, read only (nothing repaired)."""
+        records = 0
+        for path in self.directory.glob("*" + _SUFFIX):
+            data = path.read_bytes()
+            offset = 0
+            while offset < len(data):
+                try:
+                    parsed, offset = parse_block(data, offset)
+                except (_Torn, ValueError):
+                    break
+                if parsed is not None:
+                    records += parsed[1]
+        return records
+
+    def recover(self, next_seq: int, *, repair: bool = True) -> int:
         """Load the blocks a previous owner left (dropping a torn tail); number their records
-        from `next_seq`. Returns how many records they hold."""
+        from `next_seq`. Returns how many records they hold. Without `repair` the files are
+        left exactly as they are (a spool that may not be ours)."""
         seq = next_seq
         for path in sorted(self.directory.glob("*" + _SUFFIX)):
             segment = Segment(int(path.stem), path)
@@ -276,16 +438,50 @@ class Spool:
                     segment.blocks.append(Block(segment, offset, stop - offset, kind, count, meta, seq))
                     seq += count
                 offset = stop
-            if offset < len(data):
+            if offset < len(data) and repair:
                 with path.open("r+b") as handle:
                     handle.truncate(offset)
             segment.size = offset
             if segment.blocks:
                 self.segments.append(segment)
-            else:
+            elif repair:
                 path.unlink()
         self.pending = seq - next_seq
         return self.pending
+
+    def absorb(self, other: "Spool", *, front: bool) -> int:
+        """Move the recovered segments of `other` (a spool of the same database) into this
+        directory, in their order, in front of this spool's segments or (only while this
+        spool has no open tail) behind them. Their blocks keep their numbers. Returns how
+        many records came."""
+        moving = list(other.segments)
+        if not moving:
+            return 0
+        assert other._tail is None and (front or self._tail is None)
+        if front:
+            base = (self.segments[0].number if self.segments else _FIRST_NUMBER) - len(moving)
+        else:
+            base = (self.segments[-1].number if self.segments else _FIRST_NUMBER) + 1
+        records = 0
+        try:  # segment by segment: if a rename fails, each segment is still known where it is
+            for index, segment in enumerate(moving):
+                segment.close_reader()
+                number = base + index
+                path = self.directory / f"{number:012d}{_SUFFIX}"
+                os.replace(segment.path, path)
+                segment.number, segment.path = number, path
+                count = sum(block.count for block in segment.blocks)
+                other.segments.remove(segment)
+                other.pending -= count
+                self.segments.insert(index if front else len(self.segments), segment)
+                self.pending += count
+                records += count
+        finally:
+            self._sync_directory()
+            other._sync_directory()
+        self.corrupt += other.corrupt
+        other.corrupt = 0
+        return records
 
     def close(self) -> None:
         self.close_tail()
@@ -400,6 +596,92 @@ class Spool:
         segment.close_reader()
         segment.path.unlink(missing_ok=True)
         self.segments.remove(segment)
+
+
+@dataclass(slots=True)
+class Claim:
+    """What :func:`claim` found: the writer's spool (recovered, labelled), the spools held
+    until the writer's server is reached (recovered, files untouched, numbered first), and
+    how many records all of them hold (numbered 1..recovered)."""
+
+    spool: Spool
+    held: list[Spool]
+    recovered: int
+
+
+def claim(root: Path, identity: DatabaseIdentity, *, adopt_unlabelled: bool = False) -> Claim:
+    """Lock and open a spool slot under `root` for a writer of database `identity`, taking
+    over every unowned slot that holds records of that database (merged into the oldest).
+
+    Raises SpoolOwnerError, having changed nothing, when an unowned slot holds records of
+    another database, or unlabelled records and not `adopt_unlabelled`. With `identity`
+    pending (its server not reached), slots labelled with a full identity are held: numbered
+    first, and neither repaired nor merged until the caller has compared the identities
+    (:func:`same_database`, :meth:`Spool.absorb`). Slots owned by a living process are
+    not looked at."""
+    root.mkdir(parents=True, exist_ok=True)
+    locked: list[Spool] = []
+    own: list[Spool] = []
+    held: list[Spool] = []
+    empty: list[Spool] = []
+    try:
+        for path in sorted(_slots(root), key=_slot_index):
+            candidate = Spool(path)
+            if not candidate._try_lock():
+                continue
+            locked.append(candidate)
+            if not candidate.has_segments():
+                empty.append(candidate)
+                continue
+            label = candidate.read_label()
+            verdict = adopt_unlabelled if label is None else same_database(label, identity)
+            if verdict is False:
+                records = candidate.count_records()
+                if not records:  # nothing intact in it: free for us
+                    empty.append(candidate)
+                    continue
+                raise SpoolOwnerError(foreign_message(candidate.directory, records, label, identity))
+            (own if verdict else held).append(candidate)
+        for spools in (own, held):
+            spools.sort(key=lambda s: (s.created, _slot_index(s.directory)))
+        seq = 1
+        for spool in held:
+            seq += spool.recover(seq, repair=False)
+        target = own[0] if own else empty[0] if empty else _new_slot(root)
+        if target not in locked:
+            locked.append(target)
+        seq += target.recover(seq)
+        for spool in own[1:]:
+            seq += spool.recover(seq)
+            target.absorb(spool, front=False)
+        target.write_label(identity, min((s.created for s in own if s.created), default=None) or time.time())
+    except BaseException:
+        for spool in locked:
+            spool.close()
+        raise
+    for spool in locked:
+        if spool is not target and spool not in held:
+            spool.close()
+    return Claim(target, held, seq - 1)
+
+
+def _slots(root: Path) -> list[Path]:
+    return [p for p in root.glob(_SLOT_PREFIX + "*") if p.name[len(_SLOT_PREFIX):].isdigit() and p.is_dir()]
+
+
+def _slot_index(path: Path) -> int:
+    return int(path.name[len(_SLOT_PREFIX):])
+
+
+def _new_slot(root: Path) -> Spool:
+    for index in range(1024):
+        path = root / f"{_SLOT_PREFIX}{index}"
+        if path.exists():
+            continue
+        spool = Spool(path)
+        if spool._try_lock():
+            return spool
+    raise RuntimeError(f"no free spool slot under {root}")
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -32,10 +32,27 @@ order) until the flush thread has replayed the spool; then it buffers in memory 
 connectivity (or any non-data) error spills the batch in flight in front of the spool and
 retries with back-off. A data error is bisected down to the offending record, which is
 rejected and reported; the rest is kept.
+
+A spool belongs to one database (``spool.claim``): its slot is labelled with the server's
+``system_identifier`` and the database oid (and ``host:port/dbname`` for messages; never a
+password). ``start`` refuses (SpoolOwnerError, one line naming both databases and what to do)
+when an unowned slot holds another database's records, or records of a version that did not
+label its spools (unless ``adopt_unlabelled_spool``: the caller vouches they belong here).
+When the database is down at start, a labelled spool found there is *held*: its records are
+numbered first, nothing of this writer is committed before them, and the flush thread's first
+step, once the database answers, reads its identity: the held spool is then moved in front of
+this writer's spool and replayed, or, if it belongs to another database, left where it is
+(reported, counted in ``spool_foreign``) while this writer goes on with its own records.
+
+Stopping never waits for a database that does not answer: once an attempt made while
+stopping fails (or a wait for a connection lasts past a short grace), everything still in
+memory is spooled and the flush thread ends, so ``stop()`` returns within a few seconds; the
+next writer of the same database replays the spool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -60,7 +77,8 @@ from .config import Settings
 from .db import libpq_url
 from .errors import DatabaseUnavailableError, PermanentError
 from .pairs import DEFAULT_REGISTRY
-from .spool import Block, Spool, read_blocks
+from .spool import Block, DatabaseIdentity, Spool, read_blocks
+from .spool import SpoolOwnerError as SpoolOwnerError  # raised by DatabaseWriter.start
 from .types import CandleRecord, CandleSource, TradeRecord, TradeSource
 
 logger = logging.getLogger(__name__)
@@ -78,6 +96,9 @@ _REPLAY_ROWS = 100_000  # records of consecutive spooled blocks committed in one
 #: away, and getting it back from a busy producer thread takes up to the switch interval
 _COPY_FLUSH_BYTES = 64 * 1024 * 1024
 _FSYNC_EVERY = 1.0  # seconds: spool tail fsync policy
+#: while stopping, a wait for a database connection longer than this means the database is away
+_STOP_CONNECT_GRACE = 1.0
+_CONNECT_SLICE = 0.1  # seconds: a connection wait is cut into slices, to notice a stop
 _CACHE_MINUTES = 5  # stored-candle summaries are kept for minutes this close to the newest seen
 _SPOOLED_SUMS_LIMIT = 200_000  # minute summaries kept in memory for spooled blocks (beyond: rebuild)
 #: add and multiply never round here (unbounded precision in practice): candle sums are exact
@@ -638,7 +659,13 @@ class DatabaseWriter:
     ``write_*`` never block on the database. Records are durable (committed) once
     :meth:`flush` returns True, or after :meth:`stop`; while the database is away or behind
     they are kept in the local spool (``<data_dir>/spool``) and replayed, in order, when it
-    answers again or on the next start after a crash.
+    answers again or on the next start after a crash — by a writer of the same database only
+    (see the module docstring; ``start`` raises SpoolOwnerError on another database's spool).
+
+    ``adopt_unlabelled_spool``: replay a spool that does not record its database (written by
+    a version before spools were labelled) into this writer's database. Off by default: such
+    a spool is refused like another database's, since nothing tells where it was meant to go;
+    the error says how to replay or move it.
     """
 
     MAX_TRADE_BUFFER_SIZE = 10_000
@@ -659,6 +686,7 @@ class DatabaseWriter:
         connect_timeout: float = 5.0,
         max_retry_delay: float = 5.0,
         on_reject: Callable[[str, tuple, str], None] | None = None,
+        adopt_unlabelled_spool: bool = False,
     ) -> None:
         if not 1 <= trade_buffer_size <= self.MAX_TRADE_BUFFER_SIZE:
             raise ValueError(f"trade_buffer_size must be within 1..{self.MAX_TRADE_BUFFER_SIZE}, got {trade_buffer_size}")
@@ -678,6 +706,7 @@ class DatabaseWriter:
         self.connect_timeout = connect_timeout
         self.max_retry_delay = max_retry_delay
         self._on_reject = on_reject
+        self.adopt_unlabelled_spool = adopt_unlabelled_spool
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -693,6 +722,11 @@ class DatabaseWriter:
         self._flush_target = 0
         self._spool: Spool | None = None
         self._spool_mode = False
+        # which database this writer writes to (known once the server answered)
+        self._identity = DatabaseIdentity("?")
+        self._held: list[Spool] = []  # spools found at start, replayed once the identity matches
+        self._outage = False  # the flush thread's last attempt found the database unavailable
+        self._stop_requested: float | None = None
         # trades in the open batch at which it is handed on: spooled past this many
         self._block_limit = self.MAX_TRADE_BUFFER_SIZE
         self._spool_block = min(self.MAX_TRADE_BUFFER_SIZE, max(trade_buffer_size, _SPOOL_BLOCK))
@@ -715,30 +749,39 @@ class DatabaseWriter:
                 "syncs_written", "syncs_rejected",
                 "flushes", "errors", "retries", "spooled", "replayed", "spool_corrupt",
                 "merge_fallbacks", "candles_rebuilt",
-                "candles_incremental", "candles_fallback", "candles_seeded",
+                "candles_incremental", "candles_fallback", "candles_seeded", "spool_foreign",
             ),
             0,
         )
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "DatabaseWriter":
-        """Resolve the database, open the pool and the spool, recover a crashed run's spool,
-        and start the flush thread. A database that is down does not stop the start."""
+        """Resolve the database, open the pool and the spool, recover a crashed run's spool
+        of the same database, and start the flush thread. A database that is down does not
+        stop the start (a spool found then waits for the identity check); another database's
+        spool does (SpoolOwnerError, nothing replayed or removed)."""
         with self._lock:
             if self._state != "new":
                 raise RuntimeError(f"writer cannot start: it is {self._state}")
         settings = self._settings if self._settings is not None else Settings.from_env()
         self.url = self._resolve_url(settings)
+        identity = self._read_identity_at_start()
         root = (self._data_dir if self._data_dir is not None else Path(settings.data_dir)) / "spool"
-        spool = Spool.open_free_slot(root)
-        recovered = spool.recover(next_seq=1)
-        self._stats["spool_corrupt"] = spool.corrupt
-        if recovered:
-            logger.warning("writer: replaying %d spooled records from %s", recovered, spool.directory,
+        found = spoolfmt.claim(root, identity, adopt_unlabelled=self.adopt_unlabelled_spool)
+        spool, held, recovered = found.spool, found.held, found.recovered
+        self._stats["spool_corrupt"] = spool.corrupt + sum(h.corrupt for h in held)
+        if spool:
+            logger.warning("writer: replaying %d spooled records from %s", spool.pending, spool.directory,
                            extra={"event": "writer_spool_recover"})
+        for other in held:
+            logger.warning("writer: %s holds %d spooled records for database %s; they are replayed once %s "
+                           "answers and proves to be that database", other.directory, other.pending, other.label,
+                           identity.description, extra={"event": "writer_spool_held"})
         self._open_pool()  # connects in the background; the first batch need not wait for it
         with self._lock:
             self._spool = spool
+            self._held = held
+            self._identity = identity
             self._seq = recovered
             self._stats["recovered"] = recovered
             if recovered:
@@ -750,6 +793,21 @@ class DatabaseWriter:
                                                   daemon=True)
             self._fsync_thread.start()
         return self
+
+    def _read_identity_at_start(self) -> DatabaseIdentity:
+        """This writer's database identity, or a pending one (description only) while the
+        server does not answer."""
+        assert self.url is not None
+        description = spoolfmt.describe_url(self.url)
+        try:
+            with psycopg.connect(self.url, autocommit=True,
+                                 connect_timeout=max(1, math.ceil(self.connect_timeout))) as conn:
+                return spoolfmt.read_identity(conn, description)
+        except psycopg.OperationalError as exc:
+            logger.warning("writer: cannot reach %s to read its identity (%s); spooled records wait for it",
+                           description, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                           extra={"event": "writer_identity_pending"})
+            return DatabaseIdentity(description)
 
     def _resolve_url(self, settings: Settings) -> str:
         from . import migrate
@@ -767,9 +825,11 @@ class DatabaseWriter:
     def stop(self, timeout: float | None = 60.0) -> bool:
         """Flush everything accepted, stop the threads, close the pool. Idempotent.
 
-        Returns True when everything reached the database; if it could not within `timeout`
-        seconds, what is left is spooled locally (replayed on the next start) and it
-        returns False.
+        Returns True when everything reached the database. It waits up to `timeout` seconds
+        for a database that answers; one that does not (an attempt made while stopping fails,
+        or no connection comes within about a second) is not waited for. Either way what is
+        left is spooled locally (replayed on the next start of a writer of this database) and
+        it returns False: with the database down it returns within a few seconds.
         """
         with self._cond:
             if self._state in ("new", "stopped"):
@@ -777,6 +837,10 @@ class DatabaseWriter:
                 return True
             if self._state == "running":
                 self._state = "stopping"
+                self._stop_requested = time.monotonic()
+                # one more attempt at once (the database may be back), none after a failure
+                self._backoff_until = 0.0
+                self._outage = False
                 self._cond.notify_all()
             thread = self._thread
         assert thread is not None
@@ -793,9 +857,11 @@ class DatabaseWriter:
         if self._fsync_thread is not None:
             self._fsync_thread.join()
         with self._cond:
-            clean = not (self._open.lines or self._candles or self._syncs or self._spool)
+            clean = not (self._open.lines or self._candles or self._syncs or self._spool or self._held)
             if self._spool is not None:
                 self._spool.close()
+            for held in self._held:  # never reached the database: left as found, for the next start
+                held.close()
             self._state = "stopped"
             self._cond.notify_all()
         self._drop_pool()
@@ -1013,11 +1079,16 @@ class DatabaseWriter:
                 low = min(low, buffer[0][0])
         if self._inflight_min is not None:
             low = min(low, self._inflight_min)
-        if self._spool is not None:
-            first = self._spool.first()
+        return min(low, self._spooled_low_locked()) - 1
+
+    def _spooled_low_locked(self) -> int:
+        """Lowest seq pending in the spool or in a held spool (a large number if none)."""
+        low = _BIGINT
+        for spool in (self._spool, *self._held):
+            first = spool.first() if spool is not None else None
             if first is not None:
                 low = min(low, first.first_seq)
-        return low - 1
+        return low
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until everything accepted so far is committed; False if `timeout` passed first."""
@@ -1037,13 +1108,16 @@ class DatabaseWriter:
 
     def get_stats(self) -> dict[str, Any]:
         """Counters since start. For each kind: accepted (+ recovered from a crashed run's spool)
-        = written + duplicate/unchanged + rejected + pending."""
+        = written + duplicate/unchanged + rejected + pending (+ ``spool_foreign``: recovered
+        records of a held spool that proved to be another database's, left on disk).
+        ``spool_held``: records of held spools (part of ``spool_pending``)."""
         with self._lock:
             stats: dict[str, Any] = dict(self._stats)
             stats["trade_buffer"] = len(self._open.lines)
             stats["candle_buffer"] = len(self._candles)
             stats["sync_buffer"] = len(self._syncs)
-            stats["spool_pending"] = self._spool.pending if self._spool is not None else 0
+            stats["spool_held"] = sum(held.pending for held in self._held)
+            stats["spool_pending"] = (self._spool.pending if self._spool is not None else 0) + stats["spool_held"]
             stats["spool_mode"] = self._spool_mode
             stats["in_flight"] = self._inflight_min is not None
             stats["state"] = self._state
@@ -1079,19 +1153,25 @@ class DatabaseWriter:
                 elif kind == "syncs":
                     self._commit_rows("syncs", payload)
                     finish = self._clear_inflight_locked
+                elif kind == "identify":
+                    finish = self._identify()
                 else:
                     finish = self._replay(payload)
                 attempt = 0
+                self._outage = False
             except _Unavailable as exc:
                 attempt += 1
                 delay = backoff_delay(attempt, cap=self.max_retry_delay)
-                logger.warning("writer: database unavailable (%s); retrying in %.1fs", exc, delay,
+                stopping = self._state != "running"
+                logger.warning("writer: database unavailable (%s); %s", exc,
+                               "spooling what is left and stopping" if stopping else f"retrying in {delay:.1f}s",
                                extra={"event": "writer_retry"})
                 with self._cond:
                     self._apply_counts_locked()
                     self._stats["errors"] += 1
                     self._stats["retries"] += 1
                     self._spill_inflight_locked(kind, payload)
+                    self._outage = True
                     self._backoff_until = time.monotonic() + delay
             except Exception:  # noqa: BLE001 - the thread must survive; records stay where they are
                 logger.exception("writer: unexpected error in the flush thread", extra={"event": "writer_bug"})
@@ -1116,7 +1196,8 @@ class DatabaseWriter:
             now = time.monotonic()
             spool = self._spool
             assert spool is not None
-            if self._abort:
+            if self._abort or (self._outage and self._state == "stopping"):
+                # stopping without a database (or past stop's timeout): everything to the spool
                 self._spill_locked(None, [], [])
                 spool.close_tail()
                 return None
@@ -1135,6 +1216,9 @@ class DatabaseWriter:
             if now < self._backoff_until:
                 self._cond.wait(min([self._backoff_until, *deadlines]) - now)
                 continue
+            if not self._identity.known and (self._held or self._state == "running" or open_trades.lines
+                                             or candles or self._syncs or spool):
+                return "identify", None  # before anything is committed: whose database is this?
             eligible = self._eligible_syncs_locked()
             if eligible:  # before later spooled sync statuses
                 self._inflight_min = eligible[0][0]
@@ -1175,10 +1259,7 @@ class DatabaseWriter:
             low = self._open.first_seq
         if self._candles:
             low = min(low, self._candles[0][0])
-        if self._spool is not None:
-            first = self._spool.first()
-            if first is not None:
-                low = min(low, first.first_seq)
+        low = min(low, self._spooled_low_locked())
         count = 0
         while count < len(self._syncs) and self._syncs[count][0] < low:
             count += 1
@@ -1205,6 +1286,8 @@ class DatabaseWriter:
             self._spill_locked(payload.chunk(), payload.candles, payload.syncs)
         elif kind == "syncs":
             self._spill_locked(None, [], payload)
+        elif kind == "identify":  # the database is away: spool mode, as for a failed batch
+            self._spill_locked(None, [], [])
 
     def _commit_memory(self, work: "_Inflight") -> Callable[[], None]:
         """Commit a batch taken from the buffers: trades, candles, then the sync updates that
@@ -1223,6 +1306,53 @@ class DatabaseWriter:
             if chunk is not None and chunk.accepted:
                 self._latencies.extend(committed - t for t in chunk.accepted)
             self._inflight_min = None
+
+        return finish
+
+    def _identify(self) -> Callable[[], None]:
+        """Read this writer's database identity (the first step once the database answers);
+        returns the bookkeeping, to run under the lock: label the spool, and replay each held
+        spool of this database (moved in front of ours) or leave one of another where it is."""
+        assert self._spool is not None
+        try:
+            with self._connection() as conn:
+                identity = spoolfmt.read_identity(conn, self._identity.description)
+        except psycopg_pool.PoolTimeout as exc:
+            self._drop_pool()
+            raise _Unavailable(str(exc)) from exc
+        except psycopg.Error as exc:
+            self._drop_pool()
+            raise _Unavailable(f"{type(exc).__name__}: {str(exc).strip()}") from exc
+        spool = self._spool
+        try:  # only this thread writes the label; appends (under the lock) do not touch it
+            spool.write_label(identity)
+        except OSError as exc:  # the pending label (our description) still names this database
+            logger.error("writer: could not label %s with %s: %s", spool.directory, identity, exc,
+                         extra={"event": "writer_spool_label"})
+
+        def finish() -> None:
+            self._identity = identity
+            mine = []
+            for held in self._held:
+                if spoolfmt.same_database(held.label, identity):  # type: ignore[arg-type]
+                    mine.append(held)
+                    continue
+                logger.error("writer: %s", spoolfmt.foreign_message(held.directory, held.pending, held.label, identity),
+                             extra={"event": "writer_spool_foreign"})
+                self._stats["spool_foreign"] += held.pending
+                held.close()
+            for held in reversed(mine):  # the oldest ends up first
+                logger.warning("writer: replaying %d spooled records from %s", held.pending, held.directory,
+                               extra={"event": "writer_spool_recover"})
+                try:
+                    spool.absorb(held, front=True)
+                except OSError as exc:  # what did not move stays there, for the next start
+                    logger.error("writer: could not move the spooled records of %s (%s); the next start "
+                                 "replays them", held.directory, exc, extra={"event": "writer_spool_held"})
+                held.close()
+            self._held = []
+            if spool:
+                self._set_spool_mode_locked(True)
 
         return finish
 
@@ -1342,8 +1472,31 @@ class DatabaseWriter:
 
     def _drop_pool(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close(timeout=1.0)
+        if pool is not None:  # (stopping: do not wait for a worker still trying to connect)
+            pool.close(timeout=1.0 if self._state == "running" else 0.2)
+
+    @contextlib.contextmanager
+    def _connection(self) -> Any:
+        """A pooled connection, waited for up to connect_timeout — or, while stopping, about
+        _STOP_CONNECT_GRACE: a database that gives no connection then is treated as down."""
+        pool = self._open_pool()
+        started = time.monotonic()
+        deadline = started + self.connect_timeout
+        while True:
+            try:
+                conn = pool.getconn(timeout=max(0.001, min(_CONNECT_SLICE, deadline - time.monotonic())))
+                break
+            except psycopg_pool.PoolTimeout:
+                now = time.monotonic()
+                stop_requested = self._stop_requested
+                if now >= deadline or (stop_requested is not None
+                                       and now - max(started, stop_requested) >= _STOP_CONNECT_GRACE):
+                    raise psycopg_pool.PoolTimeout(f"no database connection within {now - started:.1f}s") from None
+        try:
+            with conn:
+                yield conn
+        finally:
+            pool.putconn(conn)
 
     def _transaction(self, kind: str, rows: Any) -> dict[str, int]:
         try:
@@ -1353,9 +1506,8 @@ class DatabaseWriter:
             raise
 
     def _transaction_once(self, kind: str, rows: Any) -> dict[str, int]:
-        pool = self._open_pool()
         try:
-            with pool.connection() as conn:
+            with self._connection() as conn:
                 if kind == "trades":
                     try:
                         with conn.transaction():
@@ -1373,7 +1525,7 @@ class DatabaseWriter:
                         conn.execute(_UPSERT_SYNC, row)
                     return {"syncs_written": len(rows)}
         except psycopg_pool.PoolTimeout as exc:
-            raise _Unavailable(f"no database connection within {self.connect_timeout}s") from exc
+            raise _Unavailable(str(exc)) from exc
         except psycopg.Error as exc:
             raise _classify(exc) from exc
 

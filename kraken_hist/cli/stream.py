@@ -3,7 +3,9 @@
 Builds the pieces from the settings (writer, REST client for the ids a reconnect missed,
 the integration, the WebSocket client), prints one status line on stderr, and on Ctrl-C or
 SIGTERM stops in the order that loses nothing: no new input, then progress recorded, then
-the writer flushed.
+the writer flushed. With the database down that takes a few seconds, not minutes: progress
+waits at most _PROGRESS_FLUSH_TIMEOUT for the writer (it is recorded next time), the writer
+spools what it cannot commit, and the final aggregate refresh is skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from .common import friendly_errors, settings_from
 
 logger = logging.getLogger(__name__)
 
+#: seconds the integration's progress step waits for the writer to commit; when it cannot (the
+#: database is away or far behind), the resume point is advanced on a later step instead
+_PROGRESS_FLUSH_TIMEOUT = 2.0
+
 
 @click.command()
 @click.argument("symbols", nargs=-1)
@@ -45,11 +51,14 @@ logger = logging.getLogger(__name__)
               help="Reconnect when nothing arrives for this many seconds.")
 @click.option("--refresh-every", type=float, default=None,
               help="Seconds between refreshes of the 5m…1w relations [default: KRAKEN_HIST_REFRESH_EVERY; 0: never].")
+@click.option("--adopt-unlabelled-spool", is_flag=True,
+              help="Replay a spool left by an older version (which did not record its database) into this "
+                   "database; only if it was written for it.")
 @click.pass_context
 @friendly_errors
 def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[int, ...], no_ohlc: bool,
            flush_interval: float, buffer_size: int, status_interval: float, heartbeat_timeout: float,
-           refresh_every: float | None) -> None:
+           refresh_every: float | None, adopt_unlabelled_spool: bool) -> None:
     """Stream live trades (and 1-minute candles) of SYMBOLS into the database until Ctrl-C/SIGTERM.
 
     Symbols may be given in any Kraken name (BTC/USD, XBTUSD, XXBTZUSD); default: the
@@ -67,12 +76,13 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     writer = DatabaseWriter(db_url, trade_buffer_size=buffer_size, trade_flush_interval=flush_interval,
-                            settings=settings)
+                            settings=settings, adopt_unlabelled_spool=adopt_unlabelled_spool)
     writer.start()
     rest = KrakenRestClient.from_settings(settings)
     backfill = KrakenTradesBackfill(db_url, client=rest, settings=settings)
     integration = WebSocketDBIntegration(writer, db_url=db_url, rest=backfill, symbols=canonical,
-                                         progress_interval=max(1.0, flush_interval))
+                                         progress_interval=max(1.0, flush_interval),
+                                         flush_timeout=_PROGRESS_FLUSH_TIMEOUT)
     client = KrakenWSClient.from_settings(
         settings, canonical, ohlc_intervals=() if no_ohlc else ohlc_intervals,
         heartbeat_timeout=heartbeat_timeout, **integration.callbacks(),
@@ -88,7 +98,8 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
         client.stop()
         integration.stop()
         clean = writer.stop()
-        refresher.run()
+        if clean:  # else the database is not taking writes: the changes stay queued for the next refresh
+            refresher.run()
         backfill.close()
         rest.close()
         for sig, handler in previous.items():

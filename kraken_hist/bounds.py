@@ -56,9 +56,17 @@ def _iso(when: datetime) -> str:
     return when.astimezone(_UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_last_bounds: tuple[datetime, int, int] | None = None  # the latest `now` asked about and its bounds
+
+
 def unix_seconds_bounds(now: datetime) -> tuple[int, int]:
     """The first and the last whole unix second a time may fall in, given `now`."""
-    return _FIRST_SECOND, _second(now + MAX_CLOCK_SKEW)
+    global _last_bounds
+    last = _last_bounds
+    if last is not None and last[0] is now:  # a page or frame judges all its rows against one `now`
+        return last[1], last[2]
+    _last_bounds = (now, _FIRST_SECOND, _second(now + MAX_CLOCK_SKEW))
+    return _last_bounds[1], _last_bounds[2]
 
 
 def unix_seconds_problem(value: int | Decimal, now: datetime, field: str = "time") -> str | None:
@@ -91,6 +99,8 @@ def time_window(now: datetime) -> tuple[datetime, datetime]:
 
 def time_problem(when: datetime, now: datetime, field: str = "time") -> str | None:
     """An aware datetime: None when possible, judged on its whole second like the others."""
+    if KRAKEN_FIRST_TRADE <= when <= now + MAX_CLOCK_SKEW:
+        return None  # the common case, which the whole-second window below accepts too
     start, end = time_window(now)
     if when < start:
         return f"{field} {_iso(when)} is before Kraken's first trade ({_iso(KRAKEN_FIRST_TRADE)})"
@@ -104,21 +114,42 @@ def _skew() -> str:
     return f"{minutes} min" if not seconds else f"{MAX_CLOCK_SKEW.total_seconds():g} s"
 
 
+_ZERO = Decimal(0)
+
+
 def number_problem(value: Decimal | int, field: str, *, zero_ok: bool = False) -> str | None:
     """A price, volume or vwap: finite, positive (or zero where `zero_ok`), not too wide."""
-    if isinstance(value, bool) or not isinstance(value, (Decimal, int)):
-        return f"{field} must be a Decimal or int, got {type(value).__name__}"
-    if isinstance(value, int):
+    if type(value) is not Decimal:  # the parsers' case first: it is checked per trade
+        if isinstance(value, bool) or not isinstance(value, (Decimal, int)):
+            return f"{field} must be a Decimal or int, got {type(value).__name__}"
         value = Decimal(value)
     if not value.is_finite():
         return f"{field} {value} is not a finite number"
-    if value < 0 or (value == 0 and not zero_ok):
+    if value <= _ZERO and (value < _ZERO or not zero_ok):
         return f"{field} must {'not be negative' if zero_ok else 'be positive'}, got {value}"
-    if value and value.adjusted() >= MAX_WHOLE_DIGITS:
+    if value.adjusted() >= MAX_WHOLE_DIGITS and value:  # (a zero written 0E+30 is still zero)
         return f"{field} {value} is too large (more than {MAX_WHOLE_DIGITS} digits before the point)"
-    if value.as_tuple().exponent < -MAX_PLACES:  # type: ignore[operator]
+    if exponent(value) < -MAX_PLACES:
         return f"{field} {value} has more than {MAX_PLACES} digits after the point"
     return None
+
+
+def plain_decimal_text(text: str) -> bool:
+    """True for the text of a plain unsigned decimal (ASCII digits, at most one point, no
+    exponent) short enough to be within the width rule by its length alone: a sufficient
+    condition, for a parser holding the text, that a nonzero value read from it has no
+    :func:`number_problem` (cheaper than judging the Decimal, and this runs per trade)."""
+    return len(text) <= min(MAX_WHOLE_DIGITS, MAX_PLACES) and text.isascii() and text.replace(".", "", 1).isdigit()
+
+
+def exponent(value: Decimal) -> int:
+    """The exponent of a finite Decimal as written (``1.500`` → -3): ``as_tuple().exponent``,
+    read from the text where that is plain (about three times cheaper, and this runs per trade)."""
+    text = str(value)
+    if "E" in text:
+        return value.as_tuple().exponent  # type: ignore[return-value]
+    point = text.find(".")
+    return 0 if point < 0 else point + 1 - len(text)
 
 
 def price_problem(value: Decimal | int, field: str = "price") -> str | None:

@@ -16,7 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from .bounds import price_problem, trade_id_problem, unix_seconds_problem, volume_problem
+from .bounds import plain_decimal_text, price_problem, trade_id_problem, unix_seconds_problem, volume_problem
 from .pairs import PairRegistry
 from .timeutils import EPOCH, check_aware, from_unix_decimal, parse_rfc3339, utcnow
 from .types import CandleRecord, CandleSource, HistoricalCandle, HistoricalTrade, Refused
@@ -266,11 +266,13 @@ def _parse_rows(rows: list[Any], parse: Callable[[Any], T], where: str) -> tuple
 def _checked(value: Any, field: str, trade_id: int | None, rule: Any) -> Decimal:
     """`value` read exactly and judged by `rule` (a ``bounds`` check); RefusedRow if it fails."""
     try:
-        number = _decimal(value, field)
+        number = Decimal(value) if type(value) is str else _decimal(value, field)
     except ParseError:
         raise
     except (ValueError, ArithmeticError):
         raise RefusedRow(f"{field} {value!r} is not a number", trade_id) from None
+    if number and type(value) is str and plain_decimal_text(value):
+        return number  # Kraken's usual "105433.60000": positive and narrow by its text
     problem = rule(number, field)
     if problem is not None:
         raise RefusedRow(problem, trade_id)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from .bounds import KRAKEN_FIRST_TRADE, MAX_TRADE_ID, time_problem
+from .bounds import KRAKEN_FIRST_TRADE, MAX_CLOCK_SKEW, MAX_TRADE_ID, time_problem
 from .pairs import DEFAULT_REGISTRY
-from .timeutils import check_aware, utcnow
+from .timeutils import UTC, check_aware, utcnow
 
 
 class TradeSource(str, enum.Enum):
@@ -73,21 +73,31 @@ def _symbol(value: str) -> str:
     return DEFAULT_REGISTRY.normalize(value)
 
 
+#: A time known to be possible: an earlier wall-clock now plus the skew. Anything between
+#: Kraken's first trade and it is possible now too (the clock only moves on), so most records
+#: are judged without reading the clock.
+_known_possible = [KRAKEN_FIRST_TRADE]
+
+
 def _possible_time(value: object, field: str = "time") -> datetime:
     """An aware time within ``bounds`` (Kraken's life, up to now plus the clock skew)."""
-    when = check_aware(value, field)  # type: ignore[arg-type]
-    problem = time_problem(when, utcnow(), field)
+    when = value if type(value) is datetime and value.tzinfo is UTC else check_aware(value, field)  # type: ignore[arg-type]
+    if KRAKEN_FIRST_TRADE <= when <= _known_possible[0]:
+        return when
+    now = utcnow()
+    problem = time_problem(when, now, field)
     if problem is not None:
         raise ValueError(problem)
+    _known_possible[0] = now + MAX_CLOCK_SKEW
     return when
 
 
 def _bigint(value: object, field: str = "trade_id") -> int:
+    if type(value) is int and -MAX_TRADE_ID - 1 <= value <= MAX_TRADE_ID:
+        return value
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{field} must be an int, got {value!r}")
-    if not -MAX_TRADE_ID - 1 <= value <= MAX_TRADE_ID:
-        raise ValueError(f"{field} {value} does not fit a bigint")
-    return value
+    raise ValueError(f"{field} {value} does not fit a bigint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +129,17 @@ class HistoricalTrade:
 
     def __post_init__(self) -> None:
         # Not bounded by the wall clock: the fake exchange schedules future trades as these.
-        when = check_aware(self.time, "time")
+        when = self.time
+        if type(when) is not datetime or when.tzinfo is not UTC:
+            when = check_aware(when, "time")
+            object.__setattr__(self, "time", when)
         if when < KRAKEN_FIRST_TRADE:
             raise ValueError(f"time {when.isoformat()} is before Kraken's first trade ({KRAKEN_FIRST_TRADE.date()})")
-        object.__setattr__(self, "time", when)
         _bigint(self.trade_id)
-        object.__setattr__(self, "price", _decimal(self.price, "price"))
-        object.__setattr__(self, "volume", _decimal(self.volume, "volume"))
+        for name in ("price", "volume"):
+            value = getattr(self, name)
+            if type(value) is not Decimal or not value.is_finite():  # the parsers hand in finite Decimals
+                object.__setattr__(self, name, _decimal(value, name))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -149,6 +149,19 @@ def test_decimal_seconds_and_their_datetime_get_the_same_answer(seconds: Decimal
     assert (unix_seconds_problem(seconds, now) is None) == (time_problem(from_unix_decimal(seconds), now) is None)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.decimals(allow_nan=False, allow_infinity=False),
+                 st.from_regex(r"\A[0-9]{1,25}(\.[0-9]{0,25})?([eE][-+]?[0-9]{1,3})?\Z").map(Decimal)))
+def test_the_cheap_exponent_and_plain_text_shortcut_agree_with_the_rule(value: Decimal) -> None:
+    assert bounds.exponent(value) == value.as_tuple().exponent
+    text = str(value)
+    if bounds.plain_decimal_text(text) and value:
+        assert number_problem(value, "x") is None
+    for raw in (f"{value:f}", f"{value:f}".rstrip("0")):
+        if bounds.plain_decimal_text(raw) and Decimal(raw):
+            assert number_problem(Decimal(raw), "x") is None
+
+
 _EXACT = Context(prec=100, traps=[Inexact, Overflow, InvalidOperation])
 
 

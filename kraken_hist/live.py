@@ -1,13 +1,22 @@
 """Live ingestion: WebSocket v2 messages → records → the DatabaseWriter, losing nothing on reconnect.
 
-Kraken's trade ids are contiguous per pair, so continuity is checked id by id. Per symbol we
-keep a *frontier* (every id up to it has been handed to the writer), the highest id seen, and
-the holes between them. A jump in ids (a reconnect, a dropped frame, a restart after hours)
-opens a hole; a background thread fetches exactly those ids through REST Trades (paced by the
-process-wide limiter) and hands them to the same writer. Snapshot replays and REST/WS overlap
-are dropped by id. Only the contiguous part is ever recorded as done: once the writer has
-made it durable, ``sync_status(symbol, 'trades')`` and coverage ``'ws'`` advance to the
-frontier, never past a hole — so a crash at any moment resumes from a correct point.
+Kraken's trade ids are contiguous per pair, so continuity is checked id by id. Per symbol an
+:class:`IdSequence` (a pure state machine) keeps the *frontier* (every id of the record up to
+it has been handed to the writer), the highest id seen, and the holes between them. A jump in
+ids (a reconnect, a dropped frame, a restart after hours) opens a hole; a background thread
+fetches exactly those ids through REST Trades (paced by the process-wide limiter) and hands
+them to the same writer. Snapshot replays and REST/WS overlap are dropped by id.
+
+Where a record starts is exact too. After an archive import (sync_status ``last_time`` E, no
+``last_trade_id``) the record starts at the first trade at/after E, which REST fetched from
+E tells — nothing the archive holds is fetched or handed over again. On a fresh start it
+starts at the first trade of the minute the first live trade falls in, fetched by REST, so
+that minute's candle is built from all of its trades. Until REST has said where the record
+starts, live trades are still handed over, but nothing is written down as done.
+
+Only the contiguous part is ever recorded as done: once the writer has made it durable,
+``sync_status(symbol, 'trades')`` and coverage ``'ws'`` advance to the frontier, never past a
+hole — so a crash at any moment resumes from a correct point.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
 from operator import attrgetter
@@ -26,7 +35,7 @@ from .db import connect, translate_errors
 from .errors import DatabaseUnavailableError, ExchangePermanentError, KrakenHistError, TransientError
 from .pairs import DEFAULT_REGISTRY
 from .parsing import TradesPage
-from .timeutils import UTC, to_unix_ns
+from .timeutils import UTC, floor_minute, to_unix_ns
 from .types import CandleRecord, CandleSource, HistoricalTrade, TradeRecord, TradeSource
 from .ws_parsing import OhlcMessage, TradeMessage, WsTrade
 
@@ -74,27 +83,236 @@ class RestTrades:
         return self.client.get_trades(symbol, since=since, count=self.page_size)
 
 
-@dataclass
-class _Hole:
-    """Missing ids ``lo..hi`` (``hi`` None: "whatever came after", a tail check); ``anchor`` is the
-    time of trade ``lo - 1`` — REST pages by time, so fetching starts just before it."""
+# What IdSequence.accept says about one trade (ordered: NEW and OPENED mean "hand it over").
+OLD = 0  # already handed over (a snapshot replay, REST/WebSocket overlap)
+EARLY = 1  # before the record's start: the archive's, or older than the minute this record starts in
+NEW = 2  # hand it over
+OPENED = 3  # hand it over; ids just below it are missing (a new hole: wake the catch-up)
 
-    lo: int
+
+@dataclass(frozen=True, slots=True)
+class Hole:
+    """Missing ids ``lo..hi``; ``after`` is the time of trade ``lo - 1`` (REST pages by time, so
+    fetching starts just before it). ``lo`` None: the lower end is not known yet — the hole runs
+    from the first trade at/after ``after`` (the record's anchor) up to ``hi``."""
+
+    lo: int | None
+    hi: int
+    after: datetime
+
+    @property
+    def since(self) -> int:
+        """The REST Trades ``since`` (ns, exclusive) to fetch this hole from. With ``lo`` unknown,
+        exactly the anchor minus 1 ns: nothing older is requested (it is the archive's)."""
+        return to_unix_ns(self.after) - (1 if self.lo is None else REST_MARGIN_NS)
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """One REST catch-up job: ids ``lo..hi`` (``hi`` None: whatever REST has after them), paged
+    from ``since`` (ns, exclusive). ``lo`` None: the pages start at the record's anchor, and their
+    first trade at/after it is the first id of the record."""
+
+    lo: int | None
     hi: int | None
-    anchor: datetime
+    since: int
+
+
+class IdSequence:
+    """Which trade ids of one pair have been handed to the writer: a pure state machine (no I/O,
+    clock or lock — the integration holds its lock around every call; threads and REST paging
+    stay outside).
+
+    The *record* is the ids ``start..max_seen``: each handed over exactly once, except the
+    ``holes`` (sorted, disjoint, below ``max_seen``). The ``frontier`` is the highest id with
+    every id of the record up to it handed over — what may be written down as the resume point.
+
+    ``start`` may not be known (``pending``): after an archive ("everything before ``anchor`` is
+    stored, the first Kraken id after it is not known") or on a fresh start (the anchor is the
+    start of the first trade's minute, so that minute is stored whole). Then the record begins
+    with the first trade at/after ``anchor``: trades before it are ``EARLY`` (never handed over),
+    later ones are handed over as they come and the ids below the lowest of them form a hole
+    ``(None, hi)``, and ``start`` is fixed by REST pages fetched from the anchor (``accept(...,
+    fixes_start=True)``: the first of their trades at/after the anchor is the first id after it).
+    Until then the frontier is unknown (None) and nothing is written down. ``exact=False`` (no
+    REST to ask): the first trade at/after the anchor starts the record; a fresh record starts at
+    its first trade.
+    """
+
+    __slots__ = ("exact", "pending", "anchor", "origin", "max_seen", "max_seen_time", "holes", "covered_from",
+                 "tail_check")
+
+    def __init__(self, *, exact: bool = True) -> None:
+        """A fresh record: nothing known yet; its first trade decides where it starts."""
+        self.exact = exact
+        self.pending = True  # the record's first id is not known yet
+        self.anchor: datetime | None = None  # while pending: trades before it are not ours
+        self.origin: int | None = None  # REST is never asked for anything before this `since` (anchor - 1 ns)
+        self.max_seen: int | None = None
+        self.max_seen_time: datetime | None = None
+        self.holes: list[Hole] = []
+        self.covered_from: datetime | None = None  # start of the time range the record vouches for
+        self.tail_check = False  # ask REST what came after max_seen (after a reconnect)
+
+    @classmethod
+    def resume(cls, last_id: int, last_time: datetime, *, exact: bool = True) -> "IdSequence":
+        """Every id up to `last_id` (traded at `last_time`) is stored."""
+        seq = cls(exact=exact)
+        seq.pending = False
+        seq.max_seen, seq.max_seen_time, seq.covered_from = last_id, last_time, last_time
+        return seq
+
+    @classmethod
+    def after(cls, anchor: datetime, *, exact: bool = True) -> "IdSequence":
+        """Everything before `anchor` is stored (an archive ends there); the first id after it is
+        not known. With REST, catch-up starts at once from the anchor."""
+        seq = cls(exact=exact)
+        seq.anchor = anchor
+        seq.origin = to_unix_ns(anchor) - 1
+        if exact:
+            seq.covered_from = anchor
+            seq.tail_check = True
+        return seq
+
+    def copy(self) -> "IdSequence":
+        twin = IdSequence.__new__(IdSequence)
+        for name in self.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin.holes = list(self.holes)
+        return twin
+
+    # --- transitions ----------------------------------------------------------------------
+
+    def accept(self, trade_id: int, when: datetime, fixes_start: bool = False) -> int:
+        """Place one trade; returns OLD, EARLY, NEW or OPENED. `fixes_start`: the trade comes
+        from REST pages fetched from the anchor (a :class:`Fetch` with ``lo`` None)."""
+        if self.pending:
+            anchor = self.anchor
+            if anchor is None:  # a fresh record: its first trade decides where it starts
+                if not self.exact:
+                    return self._start(trade_id, when)
+                anchor = self.anchor = self.covered_from = floor_minute(when)
+                self.origin = to_unix_ns(anchor) - 1
+            if when < anchor:
+                return EARLY
+            if fixes_start or not self.exact:
+                return self._start(trade_id, when)
+            if self.max_seen is None:
+                self.max_seen, self.max_seen_time = trade_id, when
+                self.holes.append(Hole(None, trade_id - 1, anchor))
+                return OPENED
+        return self._place(trade_id, when)
+
+    def append_run(self, last_id: int, last_time: datetime) -> None:
+        """Ids ``max_seen + 1 .. last_id`` were handed over (the caller checked they continue
+        the sequence with no gap: they land above every hole, and — above an id at/after the
+        anchor — after the anchor)."""
+        self.max_seen, self.max_seen_time = last_id, last_time
+
+    def request_tail(self) -> None:
+        """Ask REST what traded after the newest id we hold (the stream was away)."""
+        if self.max_seen is not None or self.anchor is not None:
+            self.tail_check = True
+
+    def next_fetch(self) -> Fetch | None:
+        """The REST job this record needs first: its lowest hole, else a requested tail check
+        (which it consumes), else None."""
+        if self.holes:
+            hole = self.holes[0]
+            return Fetch(hole.lo, hole.hi, self.since(hole))
+        if not self.tail_check:
+            return None
+        self.tail_check = False
+        if self.pending:
+            return None if self.origin is None else Fetch(None, None, self.origin)
+        assert self.max_seen is not None and self.max_seen_time is not None
+        return Fetch(self.max_seen + 1, None, self._clamp(to_unix_ns(self.max_seen_time) - REST_MARGIN_NS))
+
+    def since(self, hole: Hole) -> int:
+        """Where REST pages for `hole` start: just before it, never before the record's anchor."""
+        return self._clamp(hole.since)
+
+    def _clamp(self, since: int) -> int:
+        return since if self.origin is None or since > self.origin else self.origin
+
+    def _start(self, trade_id: int, when: datetime) -> int:
+        """`trade_id` is the first id of the record (the first trade at/after the anchor)."""
+        self.pending = False
+        self.anchor = None
+        if self.max_seen is None:
+            self.max_seen, self.max_seen_time = trade_id, when
+            if self.covered_from is None:
+                self.covered_from = when + ONE_MICROSECOND  # same-instant trades before it unknown
+            return NEW
+        first = self.holes[0]  # (None, hi): every id handed over so far is above hi
+        if trade_id <= first.hi:
+            self.holes[0] = Hole(trade_id, first.hi, first.after)
+        else:  # we hold it already (hi + 1) — or sources disagree on a time at the boundary:
+            del self.holes[0]  # the record starts at the lowest id we hold
+        return self._place(trade_id, when)
+
+    def _place(self, trade_id: int, when: datetime) -> int:
+        top = self.max_seen
+        assert top is not None
+        if trade_id > top:
+            verdict = NEW
+            if trade_id > top + 1:
+                assert self.max_seen_time is not None
+                self.holes.append(Hole(top + 1, trade_id - 1, self.max_seen_time))
+                verdict = OPENED
+            self.max_seen, self.max_seen_time = trade_id, when
+            return verdict
+        holes = self.holes
+        for index, hole in enumerate(holes):
+            if trade_id > hole.hi:
+                continue
+            if hole.lo is not None and trade_id < hole.lo:
+                return OLD
+            pieces = []
+            if hole.lo is None or trade_id > hole.lo:
+                pieces.append(Hole(hole.lo, trade_id - 1, hole.after))
+            if trade_id < hole.hi:
+                pieces.append(Hole(trade_id + 1, hole.hi, when))
+            holes[index:index + 1] = pieces
+            return NEW
+        return OLD
+
+    # --- reading --------------------------------------------------------------------------
+
+    @property
+    def frontier(self) -> int | None:
+        """Every id of the record up to here is handed over (None: not known yet)."""
+        if self.pending:
+            return None
+        if self.holes:
+            lo = self.holes[0].lo
+            assert lo is not None
+            return lo - 1
+        return self.max_seen
+
+    @property
+    def frontier_time(self) -> datetime | None:
+        if self.pending:
+            return None
+        return self.holes[0].after if self.holes else self.max_seen_time
+
+    def still_missing(self, lo: int | None, hi: int) -> list[Hole]:
+        """The holes overlapping ids ``lo..hi`` (``lo`` None: from the record's start)."""
+        return [h for h in self.holes if (h.lo is None or h.lo <= hi) and (lo is None or h.hi >= lo)]
+
+    def missing_ids(self) -> int:
+        """How many ids are known missing (holes whose lower end is not known yet not counted)."""
+        return sum(h.hi - h.lo + 1 for h in self.holes if h.lo is not None)
+
+    def open_holes(self) -> list[tuple[int | None, int]]:
+        return [(h.lo, h.hi) for h in self.holes]
 
 
 @dataclass
 class _Symbol:
-    """Continuity state of one pair."""
+    """One pair: its id sequence, and the integration's bookkeeping around it."""
 
-    frontier: int | None = None  # every id <= frontier handed to the writer
-    frontier_time: datetime | None = None
-    max_seen: int | None = None
-    max_seen_time: datetime | None = None
-    covered_from: datetime | None = None  # start of the range this run can vouch for
-    holes: list[_Hole] = field(default_factory=list)
-    tail_check: bool = False
+    seq: IdSequence
     persisted: int | None = None  # frontier last written to sync_status
     retry_at: float = 0.0
     failures: int = 0
@@ -106,6 +324,7 @@ class LiveStats:
 
     ws_trades: int
     duplicates: int
+    before_start: int  # trades older than a record's anchor (the archive's, or before its first minute)
     rest_trades: int
     rest_calls: int
     holes_opened: int
@@ -113,7 +332,7 @@ class LiveStats:
     candles: int
     candles_skipped: int
     rejected: int
-    frontier: dict[str, int | None]
+    frontier: dict[str, int | None]  # None: nothing yet, or the first id after the anchor not known yet
     persisted: dict[str, int | None]
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,8 +344,9 @@ class WebSocketDBIntegration:
 
     Hand its callbacks to the client: ``KrakenWSClient(url, symbols, **integration.callbacks())``.
     `writer` is a started DatabaseWriter; `rest` fetches missing ids (KrakenTradesBackfill, or
-    ``RestTrades(KrakenRestClient)``); without it holes are only reported. `db_url` is used to
-    read the last stored id on start and to advance sync status and coverage.
+    ``RestTrades(KrakenRestClient)``); without it holes are only reported, and a record starts
+    at the first trade seen. `db_url` is used to read where each stored sequence ends on start
+    and to advance sync status and coverage.
     """
 
     def __init__(
@@ -157,7 +377,7 @@ class WebSocketDBIntegration:
         self._threads: list[threading.Thread] = []
         self._connections = 0
         self._counts = dict.fromkeys(
-            ("ws_trades", "duplicates", "rest_trades", "rest_calls", "holes_opened",
+            ("ws_trades", "duplicates", "before_start", "rest_trades", "rest_calls", "holes_opened",
              "candles", "candles_skipped", "rejected"), 0
         )
         self._initial = [DEFAULT_REGISTRY.normalize(s) for s in symbols]
@@ -205,28 +425,46 @@ class WebSocketDBIntegration:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _new_sequence(self) -> IdSequence:
+        return IdSequence(exact=self.rest is not None)
+
     def load_positions(self, symbols: Iterable[str]) -> None:
-        """Frontier per symbol from the database: sync_status last_trade_id (the contiguous resume
-        point), else max(trade_id). Ids between it and the first live trade are fetched by REST."""
+        """Where each symbol's record continues, from the database.
+
+        - sync_status ``last_trade_id``: every id up to it is stored (the contiguous resume point);
+        - sync_status ``last_time`` E without ``last_trade_id`` (an archive import ends there):
+          everything before E is stored and the first id after it is not known yet — REST
+          fetches from E, and its first trade at/after E is where the record continues (ids
+          before it, the archive's, are never asked for again);
+        - no sync_status row (or one holding neither): the highest stored id, if any.
+        Ids between that point and the first live trade are fetched by REST."""
         with connect(self.db_url) as conn:
             for symbol in symbols:
-                status = store.read_sync_status(conn, symbol, "trades")
-                last_id = status["last_trade_id"] if status else None
-                if last_id is None:
-                    row = conn.execute("SELECT max(trade_id) FROM trades WHERE symbol = %s AND trade_id >= 0",
-                                       (symbol,)).fetchone()
-                    last_id = row[0] if row else None
-                when = None
-                if last_id is not None:
-                    row = conn.execute("SELECT time FROM trades WHERE symbol = %s AND trade_id = %s",
-                                       (symbol, last_id)).fetchone()
-                    when = row[0] if row else (status["last_time"] if status else None)
+                seq, persisted, where = self._stored_position(conn, symbol)
                 with self._lock:
-                    state = self._symbols.setdefault(symbol, _Symbol())
-                    if last_id is not None and when is not None and state.max_seen is None:
-                        state.frontier = state.max_seen = state.persisted = last_id
-                        state.frontier_time = state.max_seen_time = state.covered_from = when
-                logger.info("%s: %s continues after trade id %s", self.name, symbol, last_id)
+                    state = self._symbols.get(symbol)
+                    if state is None or state.seq.max_seen is None:  # nothing seen by this run yet
+                        self._symbols[symbol] = _Symbol(seq, persisted=persisted)
+                logger.info("%s: %s continues %s", self.name, symbol, where)
+
+    def _stored_position(self, conn: Any, symbol: str) -> tuple[IdSequence, int | None, str]:
+        exact = self.rest is not None
+        status = store.read_sync_status(conn, symbol, "trades")
+        last_id = status["last_trade_id"] if status else None
+        if last_id is None and status is not None and status["last_time"] is not None:
+            anchor = status["last_time"]
+            return IdSequence.after(anchor, exact=exact), None, f"with the first trade at/after {anchor.isoformat()}"
+        if last_id is None:
+            row = conn.execute("SELECT max(trade_id) FROM trades WHERE symbol = %s AND trade_id >= 0",
+                               (symbol,)).fetchone()
+            last_id = row[0] if row else None
+        if last_id is None:
+            return self._new_sequence(), None, "from its first live trade's minute" if exact else "from its first live trade"
+        row = conn.execute("SELECT time FROM trades WHERE symbol = %s AND trade_id = %s", (symbol, last_id)).fetchone()
+        when = row[0] if row else (status["last_time"] if status else None)
+        if when is None:
+            return self._new_sequence(), None, f"afresh (trade id {last_id} has no known time)"
+        return IdSequence.resume(last_id, when, exact=exact), last_id, f"after trade id {last_id}"
 
     # --- WebSocket callbacks --------------------------------------------------------------
 
@@ -237,8 +475,7 @@ class WebSocketDBIntegration:
             self._connections = number
             if number > 1:
                 for state in self._symbols.values():
-                    if state.max_seen is not None:
-                        state.tail_check = True
+                    state.seq.request_tail()
                 self._work.notify_all()
 
     def on_error(self, error: KrakenHistError) -> None:
@@ -258,9 +495,11 @@ class WebSocketDBIntegration:
                 continue
             with self._lock:
                 state = self._symbols.get(candle.symbol)
+                covered_from = state.seq.covered_from if state is not None else None
+                covered_to = state.seq.frontier_time if state is not None else None
                 covered = (
-                    state is not None and state.covered_from is not None and state.frontier_time is not None
-                    and state.covered_from <= candle.time and candle.time + timedelta(minutes=1) <= state.frontier_time
+                    covered_from is not None and covered_to is not None
+                    and covered_from <= candle.time and candle.time + timedelta(minutes=1) <= covered_to
                 )
             if covered:
                 self._counts["candles_skipped"] += 1
@@ -280,13 +519,13 @@ class WebSocketDBIntegration:
 
     # --- continuity -----------------------------------------------------------------------
 
-    def _accept(self, trades: Iterable[Trade], source: TradeSource) -> int:
-        """Write the trades not seen before, in id order; returns how many were new.
+    def _accept(self, trades: Iterable[Trade], source: TradeSource, fixes_start: bool = False) -> int:
+        """Write the trades not seen before, in id order; returns how many were written.
 
         One lock hold per symbol of a message. The common case — a message continuing the
-        sequence with no hole open — skips the per-id bookkeeping: the state moves once,
-        after every record is with the writer (so a progress flush never vouches for a
-        trade the writer has not accepted)."""
+        sequence — skips the per-id bookkeeping: the state moves once, after every record is
+        with the writer (so a progress flush never vouches for a trade the writer has not
+        accepted). `fixes_start`: REST pages fetched from a record's anchor (see IdSequence)."""
         fresh = 0
         counter = "ws_trades" if source is TradeSource.WEBSOCKET else "rest_trades"
         by_symbol: dict[str, list[Trade]] = {}
@@ -299,103 +538,101 @@ class WebSocketDBIntegration:
         for symbol, group in by_symbol.items():
             group.sort(key=_trade_id)
             with self._work:
-                state = self._symbols.setdefault(symbol, _Symbol())
-                if (state.max_seen is not None and not state.holes and group[0].trade_id == state.max_seen + 1
-                        and group[-1].trade_id - group[0].trade_id == len(group) - 1):
-                    fresh += self._append_run(state, group, source, counter)
-                    continue
-                opened = False
-                for trade in group:
-                    if not self._is_new(state, trade):
-                        self._counts["duplicates"] += 1
-                        continue
-                    opened |= self._advance(state, trade)
-                    fresh += self._hand_over(trade, source, counter)
-                if opened:
-                    self._work.notify_all()
+                state = self._symbols.get(symbol)
+                if state is None:
+                    state = self._symbols[symbol] = _Symbol(self._new_sequence())
+                seq = state.seq
+                top = seq.max_seen
+                first = group[0].trade_id
+                if (top is not None and first == top + 1 and group[-1].trade_id - first == len(group) - 1
+                        and not (fixes_start and seq.pending)):
+                    fresh += self._append_run(seq, group, source, counter)
+                else:
+                    fresh += self._accept_each(seq, group, source, counter, fixes_start)
         return fresh
 
-    def _append_run(self, state: _Symbol, run: list[Trade], source: TradeSource, counter: str) -> int:
-        """Hand over ids ``max_seen + 1 ..`` with no gap (caller holds the lock, no hole is open);
-        the frontier follows the last one handed over, even if the writer fails midway."""
+    def _append_run(self, seq: IdSequence, run: list[Trade], source: TradeSource, counter: str) -> int:
+        """Hand over ids ``max_seen + 1 ..`` with no gap (caller holds the lock); ``max_seen``
+        follows the last one handed over, even if the writer fails midway."""
+        record, write = self._record, self.writer.write_trade
         handed = None
         written = 0
         try:
             for trade in run:
-                written += self._hand_over(trade, source, counter)
+                try:
+                    write(record(trade, source))
+                except ValueError as exc:  # the id is still accounted for: REST cannot do better
+                    self._refused(trade, exc)
+                else:
+                    written += 1
                 handed = trade
         finally:
             if handed is not None:
-                state.frontier = state.max_seen = handed.trade_id
-                state.frontier_time = state.max_seen_time = handed.time
+                seq.append_run(handed.trade_id, handed.time)
+            self._counts[counter] += written
         return written
 
-    def _hand_over(self, trade: Trade, source: TradeSource, counter: str) -> int:
-        """One trade to the writer (caller holds the lock); 1 if written, 0 if refused."""
-        try:
-            self.writer.write_trade(self._record(trade, source))
-        except ValueError as exc:  # the id is still accounted for: REST cannot do better
-            self._counts["rejected"] += 1
-            logger.error("%s: trade refused (%s): %r", self.name, exc, trade)
-            return 0
-        self._counts[counter] += 1
-        return 1
-
-    @staticmethod
-    def _is_new(state: _Symbol, trade: Trade) -> bool:
-        if state.max_seen is None or trade.trade_id > state.max_seen:
-            return True
-        if state.frontier is not None and trade.trade_id <= state.frontier:
-            return False
-        return any(h.lo <= trade.trade_id <= (h.hi if h.hi is not None else trade.trade_id) for h in state.holes)
-
-    def _advance(self, state: _Symbol, trade: Trade) -> bool:
-        """Update frontier/holes for a new id (caller holds the lock); True if a hole opened."""
-        tid = trade.trade_id
+    def _accept_each(self, seq: IdSequence, group: list[Trade], source: TradeSource, counter: str,
+                     fixes_start: bool) -> int:
+        """Place each trade in the sequence; hand over the new ones (caller holds the lock). If
+        the writer fails midway, only what it took is accounted for: the rest is fetched again."""
+        record, write, counts = self._record, self.writer.write_trade, self._counts
+        saved = seq.copy()
+        placed = written = 0
         opened = False
-        if state.max_seen is None:  # nothing stored: this run starts its record here
-            state.frontier = state.max_seen = tid - 1
-            state.frontier_time = state.max_seen_time = trade.time
-            state.covered_from = trade.time + ONE_MICROSECOND  # same-instant trades before it unknown
-        assert state.max_seen is not None and state.max_seen_time is not None
-        if tid > state.max_seen:
-            if tid > state.max_seen + 1:
-                state.holes.append(_Hole(state.max_seen + 1, tid - 1, state.max_seen_time))
-                self._counts["holes_opened"] += 1
-                logger.warning("%s: %s trade ids %d..%d missing; fetching them by REST",
-                               self.name, trade.symbol, state.max_seen + 1, tid - 1)
-                opened = True
-            state.max_seen, state.max_seen_time = tid, trade.time
-        else:
-            for index, hole in enumerate(state.holes):
-                if hole.hi is not None and hole.lo <= tid <= hole.hi:
-                    pieces = []
-                    if tid > hole.lo:
-                        pieces.append(_Hole(hole.lo, tid - 1, hole.anchor))
-                    if tid < hole.hi:
-                        pieces.append(_Hole(tid + 1, hole.hi, trade.time))
-                    state.holes[index:index + 1] = pieces
-                    break
-        if state.holes:
-            state.frontier, state.frontier_time = state.holes[0].lo - 1, state.holes[0].anchor
-        else:
-            state.frontier, state.frontier_time = state.max_seen, state.max_seen_time
-        return opened
+        try:
+            for trade in group:
+                verdict = seq.accept(trade.trade_id, trade.time, fixes_start)
+                if verdict >= NEW:
+                    if verdict == OPENED:
+                        opened = True
+                        self._opened(trade.symbol, seq.holes[-1])
+                    try:
+                        write(record(trade, source))
+                    except ValueError as exc:
+                        self._refused(trade, exc)
+                    else:
+                        written += 1
+                elif verdict == OLD:
+                    counts["duplicates"] += 1
+                else:
+                    counts["before_start"] += 1
+                placed += 1
+        except BaseException:
+            state = self._symbols[group[0].symbol]
+            state.seq = seq = saved
+            for trade in group[:placed]:
+                seq.accept(trade.trade_id, trade.time, fixes_start)
+            raise
+        finally:
+            counts[counter] += written
+            if opened:
+                self._work.notify_all()
+        return written
+
+    def _opened(self, symbol: str, hole: Hole) -> None:
+        if hole.lo is None:  # where the record starts: not a loss, the trades before the first one we saw
+            logger.info("%s: %s trades from %s up to id %d: fetching them by REST",
+                        self.name, symbol, hole.after.isoformat(), hole.hi)
+            return
+        self._counts["holes_opened"] += 1
+        logger.warning("%s: %s trade ids %d..%d missing; fetching them by REST", self.name, symbol, hole.lo, hole.hi)
+
+    def _refused(self, trade: Trade, exc: ValueError) -> None:
+        self._counts["rejected"] += 1
+        logger.error("%s: trade refused (%s): %r", self.name, exc, trade)
 
     # --- REST catch-up --------------------------------------------------------------------
 
-    def _next_job(self) -> tuple[str, _Hole] | None:
+    def _next_job(self) -> tuple[str, Fetch] | None:
         """The earliest hole (or a tail check) of a symbol not waiting out a retry."""
         now = time.monotonic()
         for symbol, state in self._symbols.items():
             if state.retry_at > now:
                 continue
-            if state.holes:
-                hole = state.holes[0]
-                return symbol, _Hole(hole.lo, hole.hi, hole.anchor)
-            if state.tail_check and state.max_seen is not None and state.max_seen_time is not None:
-                state.tail_check = False
-                return symbol, _Hole(state.max_seen + 1, None, state.max_seen_time)
+            job = state.seq.next_fetch()
+            if job is not None:
+                return symbol, job
         return None
 
     def _catchup_loop(self) -> None:
@@ -406,9 +643,9 @@ class WebSocketDBIntegration:
                 if job is None:
                     self._work.wait(timeout=0.5)
                     continue
-            symbol, hole = job
+            symbol, fetch = job
             try:
-                self._fill(symbol, hole)
+                self._fill(symbol, fetch)
                 with self._lock:
                     self._symbols[symbol].failures = 0
             except (TransientError, ExchangePermanentError) as exc:
@@ -417,39 +654,42 @@ class WebSocketDBIntegration:
                     state.failures += 1
                     delay = min(self.retry_cap, 0.5 * 2 ** min(state.failures, 16))
                     state.retry_at = time.monotonic() + delay
-                    if hole.hi is None:
-                        state.tail_check = True
+                    if fetch.hi is None:
+                        state.seq.tail_check = True
                 logger.warning("%s: REST catch-up of %s failed (%s); again in %.1fs", self.name, symbol, exc, delay)
 
-    def _fill(self, symbol: str, hole: _Hole) -> None:
-        """Page REST Trades from just before the hole until its ids are all in (a tail check:
-        until REST has nothing newer). At most ``pages_per_turn`` pages, then other symbols
-        get their turn; the rest of a long hole is picked up on the next round."""
+    def _fill(self, symbol: str, job: Fetch) -> None:
+        """Page REST Trades from just before the job's first id (or from its anchor) until its
+        ids are all in (a tail check: until REST has nothing newer). At most ``pages_per_turn``
+        pages, then other symbols get their turn; the rest is picked up on the next round."""
         assert self.rest is not None
-        since = str(to_unix_ns(hole.anchor) - REST_MARGIN_NS)
+        since = str(job.since)
+        fixes_start = job.lo is None  # the pages run on from the anchor: their first trade at/after it starts the record
         page_size = int(getattr(self.rest, "page_size", 1000))
         for _ in range(self.pages_per_turn):
             if self._stop.is_set():
                 return
             page = self.rest.fetch_trades_page(symbol, since)
             self._counts["rest_calls"] += 1
-            self._accept(page.trades, TradeSource.REST)
-            if hole.hi is None:
+            self._accept(page.trades, TradeSource.REST, fixes_start)
+            if job.hi is None:
                 if len(page.trades) < page_size or page.last == since:
                     return  # caught up with what REST knows
                 since = page.last
                 continue
             with self._lock:
-                still_open = [h for h in self._symbols[symbol].holes
-                              if h.hi is not None and h.lo <= hole.hi and h.hi >= hole.lo]
+                seq = self._symbols[symbol].seq
+                still_open = seq.still_missing(job.lo, job.hi)
+                # Continue from just before the first id still missing, not from `last`: a page cut
+                # inside a burst sharing one timestamp would make an exclusive `since` skip the rest.
+                resume = seq.since(still_open[0]) if still_open else 0
             if not still_open:
-                logger.info("%s: %s trade ids %d..%d filled by REST", self.name, symbol, hole.lo, hole.hi)
+                logger.info("%s: %s trade ids %s..%d filled by REST", self.name, symbol,
+                            "(first after the anchor)" if job.lo is None else job.lo, job.hi)
                 return
             if not page.trades:
-                raise _NotYetError(f"REST has no {symbol} trades after {since} yet (need ids {hole.lo}..{hole.hi})")
-            # Continue from just before the first id still missing, not from `last`: a page cut
-            # inside a burst sharing one timestamp would make an exclusive `since` skip the rest.
-            resume = to_unix_ns(still_open[0].anchor) - REST_MARGIN_NS
+                raise _NotYetError(f"REST has no {symbol} trades after {since} yet (need ids "
+                                   f"{'the first after the anchor' if job.lo is None else job.lo}..{job.hi})")
             following = resume if resume > int(since) else int(page.last)
             if following <= int(since):
                 raise _NotYetError(f"REST paging of {symbol} does not advance past {since}")
@@ -457,8 +697,8 @@ class WebSocketDBIntegration:
         with self._lock:  # let the other symbols go first
             state = self._symbols.pop(symbol)
             self._symbols[symbol] = state
-            if hole.hi is None:
-                state.tail_check = True
+            if job.hi is None:
+                state.seq.tail_check = True
 
     # --- durable progress -----------------------------------------------------------------
 
@@ -471,14 +711,15 @@ class WebSocketDBIntegration:
 
     def persist_progress(self, flush_timeout: float | None = None) -> int:
         """Flush the writer, then advance sync_status and coverage 'ws' of every symbol whose
-        contiguous frontier moved. Returns how many symbols advanced."""
+        contiguous frontier moved (never while a record's first id is not known yet). Returns
+        how many symbols advanced."""
+        todo: dict[str, tuple[int, datetime, datetime | None]] = {}
         with self._lock:
-            todo = {
-                symbol: (s.frontier, s.frontier_time, s.covered_from)
-                for symbol, s in self._symbols.items()
-                if s.frontier is not None and s.frontier_time is not None and s.frontier != s.persisted
-                and s.max_seen is not None and s.frontier >= 0
-            }
+            for symbol, state in self._symbols.items():
+                seq = state.seq
+                frontier, when = seq.frontier, seq.frontier_time
+                if frontier is not None and when is not None and frontier >= 0 and frontier != state.persisted:
+                    todo[symbol] = (frontier, when, seq.covered_from)
         if not todo:
             return 0
         timeout = self.flush_timeout if flush_timeout is None else flush_timeout
@@ -509,18 +750,18 @@ class WebSocketDBIntegration:
 
     def stats(self) -> LiveStats:
         with self._lock:
-            missing = sum((h.hi - h.lo + 1) for s in self._symbols.values() for h in s.holes if h.hi is not None)
             return LiveStats(
                 **self._counts,
-                missing_ids=missing,
-                frontier={k: s.frontier for k, s in self._symbols.items()},
+                missing_ids=sum(s.seq.missing_ids() for s in self._symbols.values()),
+                frontier={k: s.seq.frontier for k, s in self._symbols.items()},
                 persisted={k: s.persisted for k, s in self._symbols.items()},
             )
 
-    def open_holes(self) -> dict[str, list[tuple[int, int]]]:
-        """Missing id ranges per symbol (empty when the stream is whole)."""
+    def open_holes(self) -> dict[str, list[tuple[int | None, int]]]:
+        """Missing id ranges per symbol (empty when the stream is whole). A range starting at
+        None runs from the first trade at/after the record's anchor, not known yet."""
         with self._lock:
-            return {k: [(h.lo, h.hi) for h in s.holes if h.hi is not None] for k, s in self._symbols.items() if s.holes}
+            return {k: s.seq.open_holes() for k, s in self._symbols.items() if s.seq.holes}
 
 
 class _RecordFactory:

@@ -195,14 +195,21 @@ def test_records_equal_the_constructors_and_bad_trades_are_refused_but_accounted
     assert stats.rejected == 2 and stats.frontier == {"BTC/USD": 6} and live.open_holes() == {}
 
 
-def test_a_writer_failing_midway_leaves_the_rest_to_be_fetched() -> None:
-    class FailingWriter(MemoryWriter):
-        def write_trade(self, record: TradeRecord) -> None:
-            if record.trade_id == 5:
-                raise RuntimeError("writer is stopping")
-            super().write_trade(record)
+class FailingWriter(MemoryWriter):
+    """Fails on one trade id, as a writer that is stopping does."""
 
-    writer = FailingWriter()
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.fail_on = fail_on
+
+    def write_trade(self, record: TradeRecord) -> None:
+        if record.trade_id == self.fail_on:
+            raise RuntimeError("writer is stopping")
+        super().write_trade(record)
+
+
+def test_a_writer_failing_midway_leaves_the_rest_to_be_fetched() -> None:
+    writer = FailingWriter(fail_on=5)
     live = WebSocketDBIntegration(writer, db_url="unused")
     live.on_trade(message(1, 2))
     with pytest.raises(RuntimeError):
@@ -210,6 +217,18 @@ def test_a_writer_failing_midway_leaves_the_rest_to_be_fetched() -> None:
     assert writer.ids() == [1, 2, 3, 4] and live.stats().frontier == {"BTC/USD": 4}
     live.on_trade(message(7))
     assert live.open_holes() == {"BTC/USD": [(5, 6)]}
+
+
+def test_a_writer_failing_midway_through_a_frame_placed_id_by_id_accounts_only_for_what_it_took() -> None:
+    writer = FailingWriter(fail_on=7)
+    live = WebSocketDBIntegration(writer, db_url="unused")
+    live.on_trade(message(1, 2))
+    with pytest.raises(RuntimeError):
+        live.on_trade(message(2, 5, 6, 7, 8))  # not a plain continuation (a replay, a jump): id by id
+    assert writer.ids() == [1, 2, 5, 6]
+    assert live.open_holes() == {"BTC/USD": [(3, 4)]} and live.stats().frontier == {"BTC/USD": 2}
+    live.on_trade(message(9))
+    assert live.open_holes() == {"BTC/USD": [(3, 4), (7, 8)]}  # 7 and 8 are fetched again
 
 
 def _fields(t: HistoricalTrade) -> dict:

@@ -13,6 +13,7 @@ PREFIX = "KRAKEN_HIST_"
 DEFAULT_REST_URL = "https://api.kraken.com"
 DEFAULT_WS_URL = "wss://ws.kraken.com/v2"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REST_LIMITERS = ("auto", "redis", "process")
 
 
 def default_data_dir() -> Path:
@@ -40,6 +41,13 @@ class Settings:
     gap_fill_every: float = 300.0  # seconds between beat-scheduled gap fills
     refresh_every: float = 60.0  # seconds between beat-scheduled aggregate refreshes
     backfill_every: float = 900.0  # seconds between beat-scheduled catch-up backfills
+    # The REST rate limit: "auto" shares it through Redis at redis_url when that answers (else
+    # per process), "redis" always shares it, "process" never does.
+    rest_limiter: str = "auto"
+    # Who Kraken sees: processes with the same egress id (the same public IP) share one limit.
+    egress_id: str = "default"
+    rest_pair_min_interval: float | None = None  # seconds between Trades/OHLC calls of one pair (None: rest_min_interval)
+    metrics_port: int | None = None  # Prometheus /metrics and /healthz of stream and workers (None: off)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -75,7 +83,23 @@ def _convert(name: str, raw: str) -> object:
             raise ConfigurationError(f"{variable}: {exc}") from None
     if name == "data_dir":
         return Path(raw).expanduser()
-    if name in ("rest_min_interval", "gap_fill_every", "refresh_every", "backfill_every"):
+    if name == "rest_limiter":
+        if raw.lower() not in REST_LIMITERS:
+            raise ConfigurationError(f"{variable} must be one of {', '.join(REST_LIMITERS)}, got {raw!r}")
+        return raw.lower()
+    if name == "egress_id":
+        if not raw.replace("-", "").replace("_", "").replace(".", "").replace(":", "").isalnum():
+            raise ConfigurationError(f"{variable} must be letters, digits, '.', ':', '-' or '_', got {raw!r}")
+        return raw
+    if name == "metrics_port":
+        try:
+            port = int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{variable} must be a TCP port number, got {raw!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigurationError(f"{variable} must be a TCP port number (0-65535), got {raw!r}")
+        return port
+    if name in ("rest_min_interval", "rest_pair_min_interval", "gap_fill_every", "refresh_every", "backfill_every"):
         try:
             number = float(raw)
         except ValueError:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -227,7 +227,8 @@ class GapFiller:
 
                 settings = self._settings if self._settings is not None else Settings.from_env()
                 pace = settings.rest_min_interval if self._explicit_settings else self.rate_limit_delay
-                self._client = KrakenRestClient(settings.rest_url, min_interval=pace, max_retries=self.max_retries)
+                self._client = KrakenRestClient.from_settings(replace(settings, rest_min_interval=pace),
+                                                              max_retries=self.max_retries)
         return self
 
     def _close_backfills(self) -> None:

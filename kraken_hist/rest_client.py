@@ -34,7 +34,8 @@ from .parsing import (
     parse_system_status,
     parse_trades_result,
 )
-from .ratelimit import RateLimiter, process_limiter
+from . import metrics
+from .ratelimit import Limiter, limiter_for, process_limiter
 from .timeutils import check_aware, to_unix_ns, to_unix_seconds
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class KrakenRestClient:
         min_interval: float = 1.0,
         timeout: tuple[float, float] = (3.05, 30.0),
         max_retries: int = 6,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         session: requests.Session | None = None,
         retry_base_delay: float = 1.0,
         registry: PairRegistry | None = None,
@@ -161,9 +162,12 @@ class KrakenRestClient:
 
     @classmethod
     def from_settings(cls, settings: "Settings", **overrides: Any) -> "KrakenRestClient":
-        """The client the settings describe: base URL and the process-wide pace."""
+        """The client the settings describe: base URL, and the rate limit shared through Redis
+        (``rest_limiter``, ``egress_id``) or the process-wide one, at the configured pace."""
         options: dict[str, Any] = {"min_interval": settings.rest_min_interval}
         options.update(overrides)
+        if "limiter" not in options:
+            options["limiter"] = limiter_for(settings)
         return cls(settings.rest_url, **options)
 
     def close(self) -> None:
@@ -187,17 +191,18 @@ class KrakenRestClient:
 
     # --- the one request path ---------------------------------------------------------------
 
-    def request(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+    def request(self, method: str, params: Mapping[str, Any] | None = None, *, pair: str | None = None) -> Any:
         """GET ``/0/public/<method>``, paced and retried; returns the unwrapped ``result``.
 
         Transient failures are retried up to ``max_retries`` times (a throttle answer also
-        blocks every thread of the process through the limiter); permanent ones raise at once.
+        blocks every caller sharing the limiter); permanent ones raise at once. `pair` (the
+        canonical symbol of a Trades/OHLC call) takes that pair's slot of the limit too.
         """
         url = f"{self.base_url}/0/public/{method}"
         what = f"{method} {dict(params or {})}"
         attempt = 0
         while True:
-            self.limiter.acquire()
+            self.limiter.acquire(pair)
             self._bump("_calls")
             try:
                 try:
@@ -209,15 +214,19 @@ class KrakenRestClient:
                 result = unwrap(response.status_code, response.content, what)
             except ExchangeThrottledError as exc:
                 self._bump("_throttled")
-                self.limiter.throttled()
+                metrics.rest_call(method, "throttled")
+                self.limiter.throttled(pair)
                 error: ExchangeTransientError = exc
             except ExchangeTransientError as exc:
+                metrics.rest_call(method, "transient")
                 error = exc
             except ExchangePermanentError:
+                metrics.rest_call(method, "permanent")
                 self._bump("_failures")
                 raise
             else:
-                self.limiter.succeeded()
+                metrics.rest_call(method, "ok")
+                self.limiter.succeeded(pair)
                 return result
             attempt += 1
             if attempt > self.max_retries:
@@ -242,7 +251,7 @@ class KrakenRestClient:
         params: dict[str, Any] = {"pair": name, "count": count}
         if since is not None:
             params["since"] = str(to_unix_ns(check_aware(since))) if isinstance(since, datetime) else str(since)
-        result = self.request("Trades", params)
+        result = self.request("Trades", params, pair=canonical)
         try:
             return parse_trades_result(result, canonical, since=params.get("since"))
         except ParseError as exc:
@@ -257,7 +266,7 @@ class KrakenRestClient:
         params: dict[str, Any] = {"pair": name, "interval": interval}
         if since is not None:
             params["since"] = to_unix_seconds(since) if isinstance(since, datetime) else int(since)
-        result = self.request("OHLC", params)
+        result = self.request("OHLC", params, pair=canonical)
         try:
             return parse_ohlc_result(result, canonical, interval)
         except ParseError as exc:

@@ -129,7 +129,8 @@ def test_endpoints(fake: FakeKrakenREST, history: list) -> None:
 
 
 def test_from_settings_uses_the_base_url_and_the_process_pace(fake: FakeKrakenREST) -> None:
-    client = KrakenRestClient.from_settings(Settings(rest_url=fake.url + "/", rest_min_interval=0.0))
+    client = KrakenRestClient.from_settings(Settings(rest_url=fake.url + "/", rest_min_interval=0.0,
+                                                     rest_limiter="process"))
     try:
         assert client.base_url == fake.url and client.limiter is process_limiter()
         assert process_limiter().min_interval == 0.0

@@ -30,7 +30,7 @@ from decimal import Decimal
 from operator import attrgetter
 from typing import Any, Iterable, Protocol
 
-from . import store
+from . import ownership, store
 from .db import connect, translate_errors
 from .errors import DatabaseUnavailableError, ExchangePermanentError, KrakenHistError, TransientError
 from .pairs import DEFAULT_REGISTRY
@@ -729,7 +729,7 @@ class WebSocketDBIntegration:
         with translate_errors(), connect(self.db_url) as conn:
             for symbol, (frontier, when, covered_from) in todo.items():
                 with conn.transaction():
-                    store.lock_symbol(conn, "sync_status", symbol)
+                    ownership.lock_symbol(conn, symbol)  # its coverage claims seconds: the one symbol lock
                     current = store.read_sync_status(conn, symbol, "trades")
                     stored_id = current["last_trade_id"] if current else None
                     stored_time = current["last_time"] if current else None

@@ -257,3 +257,46 @@ def test_import_and_backfill_killed_at_random_moments_while_both_run(db_url, fak
         assert detected_gaps(db_url, fake, clock) == []
         assert_exact(db_url, between(history, START, NOW))
     assert kills >= 2
+
+
+def test_stream_import_backfill_and_gap_fill_all_at_once(db_url, settings, tmp_path):
+    """The four paths together on one symbol: a fresh stream (with its REST catch-up) while an
+    archive of the past hour is imported and a backfill runs, new trades arriving, then gap fill."""
+    from kraken_hist.testing.fake_ws import FakeKrakenWS
+    from kraken_hist.timeutils import floor_minute, utcnow
+
+    from .test_live_start import streaming, wait_for
+
+    now = utcnow()
+    start = floor_minute(now - 60 * M)
+    market = FakeMarket({SYMBOL: generate_trades(SYMBOL, start, now, seed=31, trades_per_minute=30)})
+    archive = write_csv(tmp_path / "XBTUSD.csv", market.trades(SYMBOL, start, now - 2 * M))
+    errors: list[BaseException] = []
+
+    def run(job) -> None:
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    with FakeKrakenREST(market) as rest, FakeKrakenWS(market, heartbeat_interval=0.2) as ws:
+        with streaming(db_url, settings, rest.url, ws.url, SYMBOL):
+            ws.wait_for_subscribers("trade", [SYMBOL])
+            jobs = [lambda: BulkCSVImporter(db_url, chunk_size=250).import_csv_file(archive),
+                    lambda: backfill(db_url, rest, since=start + 20 * M)]
+            threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+            for thread in threads:
+                thread.start()
+            for _ in range(5):
+                ws.publish_new(SYMBOL, 20)
+            for thread in threads:
+                thread.join(timeout=120)
+            truth = market.trades(SYMBOL, start, None)
+            wait_for(lambda: sum(stored_per_second(db_url).values()) >= len(truth), what="the stream")
+    assert not errors, errors
+    assert stored_per_second(db_url) - expected_per_second(truth) == Counter()
+    with FakeKrakenREST(market) as rest:
+        with GapFiller(db_url, client=client(rest), clock=utcnow, sleep=lambda s: None) as filler:
+            assert filler.fill_all_gaps(min_gap_minutes=0).failed == 0
+            assert filler.detect_gaps(min_gap_minutes=0) == []
+    assert_exact(db_url, market.trades(SYMBOL, start, None))

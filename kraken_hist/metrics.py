@@ -165,6 +165,9 @@ class StreamCollector:
         self.writer, self.client, self.integration, self.tracker = writer, client, integration, tracker
         self.symbols = list(symbols)
 
+    def describe(self) -> list[Any]:
+        return []  # registered without a trial scrape
+
     def collect(self) -> Iterator[Any]:
         counter, gauge = _families()
         counts, ages = self.tracker.snapshot()
@@ -230,6 +233,9 @@ class DatabaseCollector:
                 self._provider = HistoricalDataProvider(self.db_url, 0, 1, settings=self.settings)
             return self._provider.health_check()
 
+    def describe(self) -> list[Any]:
+        return []  # registered without a trial scrape
+
     def collect(self) -> Iterator[Any]:
         _, gauge = _families()
         try:
@@ -264,6 +270,9 @@ class LimiterCollector:
 
     def __init__(self, limiter: Any) -> None:
         self.limiter = limiter
+
+    def describe(self) -> list[Any]:
+        return []  # registered without a trial scrape
 
     def collect(self) -> Iterator[Any]:
         _, gauge = _families()

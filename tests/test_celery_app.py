@@ -122,3 +122,12 @@ def test_module_app_is_built_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert app.conf.broker_url == "redis://10.1.2.3:6379/5"
     assert app.conf.beat_schedule["refresh-aggregates"]["schedule"] == 42.0
     assert app.conf.kraken_hist_settings.redis_url == "redis://10.1.2.3:6379/5"
+
+
+def test_beat_keeps_its_schedule_file_in_the_data_dir(tmp_path) -> None:
+    app = celery_app.create_app(Settings(data_dir=tmp_path / "kh"))
+    assert app.conf.beat_schedule_filename == str(tmp_path / "kh" / "celerybeat-schedule")
+    assert app.conf.beat_scheduler == "celery_app:DataDirScheduler"
+    scheduler = celery_app.DataDirScheduler(app, schedule_filename=app.conf.beat_schedule_filename)
+    scheduler.close()
+    assert list((tmp_path / "kh").glob("celerybeat-schedule*"))  # the directory was made for it

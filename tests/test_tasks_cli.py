@@ -115,11 +115,12 @@ def test_readme_worker_with_beat_runs_the_scheduled_refresh(db_url: str, redis_u
         "KRAKEN_HIST_GAP_FILL_EVERY": "0",
         "KRAKEN_HIST_BACKFILL_EVERY": "0",
     }
-    # cwd: beat keeps its schedule file (celerybeat-schedule) in the working directory.
     log = tmp_path / "worker.log"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
     with log.open("w") as output:
         worker = subprocess.Popen(
-            celery_command(README_WORKER), cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+            celery_command(README_WORKER), cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT
         )
     try:
         deadline = time.monotonic() + 30
@@ -139,3 +140,11 @@ def test_readme_worker_with_beat_runs_the_scheduled_refresh(db_url: str, redis_u
             worker.kill()
             worker.wait()
     assert worker.returncode == 0, log.read_text()  # a clean warm shutdown
+    # beat's schedule file lives in the data directory, not wherever the worker was started
+    assert list(workdir.iterdir()) == []
+    assert list((tmp_path / "data").glob("celerybeat-schedule*"))
+    # task activity shows in the log at the default level (no --loglevel given)
+    text = log.read_text()
+    assert "Scheduler: Sending due task refresh-aggregates" in text
+    assert "Task kraken_hist.tasks.refresh_aggregates[" in text and "succeeded in" in text
+    assert "kraken_hist.tasks.refresh_aggregates {" in text and "finished: ok" in text

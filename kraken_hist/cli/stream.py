@@ -22,6 +22,7 @@ import click
 from ..backfill import KrakenTradesBackfill
 from ..errors import UnknownSymbolError
 from ..live import WebSocketDBIntegration
+from ..metrics import StreamCollector, TradeTracker, stream_health
 from ..migrate import prepare_database
 from ..pairs import DEFAULT_REGISTRY
 from ..rest_client import KrakenRestClient
@@ -51,6 +52,9 @@ _PROGRESS_FLUSH_TIMEOUT = 2.0
               help="Reconnect when nothing arrives for this many seconds.")
 @click.option("--refresh-every", type=float, default=None,
               help="Seconds between refreshes of the 5m…1w relations [default: KRAKEN_HIST_REFRESH_EVERY; 0: never].")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus /metrics and /healthz on this port [default: KRAKEN_HIST_METRICS_PORT; "
+                   "unset: none].")
 @click.option("--adopt-unlabelled-spool", is_flag=True,
               help="Replay a spool left by an older version (which did not record its database) into this "
                    "database; only if it was written for it.")
@@ -58,7 +62,7 @@ _PROGRESS_FLUSH_TIMEOUT = 2.0
 @friendly_errors
 def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[int, ...], no_ohlc: bool,
            flush_interval: float, buffer_size: int, status_interval: float, heartbeat_timeout: float,
-           refresh_every: float | None, adopt_unlabelled_spool: bool) -> None:
+           refresh_every: float | None, metrics_port: int | None, adopt_unlabelled_spool: bool) -> None:
     """Stream live trades (and 1-minute candles) of SYMBOLS into the database until Ctrl-C/SIGTERM.
 
     Symbols may be given in any Kraken name (BTC/USD, XBTUSD, XXBTZUSD); default: the
@@ -83,12 +87,22 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
     integration = WebSocketDBIntegration(writer, db_url=db_url, rest=backfill, symbols=canonical,
                                          progress_interval=max(1.0, flush_interval),
                                          flush_timeout=_PROGRESS_FLUSH_TIMEOUT)
+    tracker = TradeTracker()
+    callbacks = integration.callbacks()
+    callbacks["on_trade"] = tracker.wrap(callbacks["on_trade"])
     client = KrakenWSClient.from_settings(
         settings, canonical, ohlc_intervals=() if no_ohlc else ohlc_intervals,
-        heartbeat_timeout=heartbeat_timeout, **integration.callbacks(),
+        heartbeat_timeout=heartbeat_timeout, **callbacks,
     )
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    exporter = None if port is None else StreamMetrics(
+        port, settings, db_url, StreamCollector(writer=writer, client=client, integration=integration,
+                                                tracker=tracker, symbols=canonical), rest,
+        stream_health(client, writer))
     clean = False
     try:
+        if exporter is not None:
+            exporter.start()
         integration.start()
         client.start()
         click.echo(f"streaming {', '.join(canonical)} from {settings.ws_url} (Ctrl-C to stop)", err=True)
@@ -102,6 +116,8 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
             refresher.run()
         backfill.close()
         rest.close()
+        if exporter is not None:
+            exporter.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     stats = writer.get_stats()
@@ -112,6 +128,36 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
     )
     if not clean:
         sys.exit(1)
+
+
+class StreamMetrics:
+    """The stream's Prometheus endpoint: its REST calls (recorded as they happen), the state of
+    its WebSocket client, integration and writer, the shared rate limit and the database's
+    aggregate lag (read at each scrape)."""
+
+    def __init__(self, port: int, settings: Any, db_url: str, collector: StreamCollector, rest: KrakenRestClient,
+                 health: Any) -> None:
+        from prometheus_client import REGISTRY
+
+        from ..metrics import DatabaseCollector, LimiterCollector, MetricsServer
+
+        self.registry = REGISTRY
+        self.collectors = [collector, DatabaseCollector(db_url, settings), LimiterCollector(rest.limiter)]
+        self.server = MetricsServer(port, self.registry, health=health)
+
+    def start(self) -> None:
+        for collector in self.collectors:
+            self.registry.register(collector)
+        self.server.start()
+        click.echo(f"metrics on http://127.0.0.1:{self.server.port}/metrics (health: /healthz)", err=True)
+
+    def stop(self) -> None:
+        self.server.stop()
+        for collector in self.collectors:
+            self.registry.unregister(collector)
+            close = getattr(collector, "close", None)
+            if callable(close):
+                close()
 
 
 class PeriodicRefresh:

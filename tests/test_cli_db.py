@@ -30,3 +30,16 @@ def test_unreachable_database_is_a_clear_error():
     result = CliRunner().invoke(cli, ["db", "status"], env={"KRAKEN_HIST_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/x?connect_timeout=2"})
     assert result.exit_code == 1
     assert "PostgreSQL is unavailable" in result.output
+
+
+def test_upgrade_waits_for_a_database_that_is_not_up_yet(empty_db_url):
+    """The compose `migrate` service starts with the database: it retries, then says why it gave up."""
+    import time
+
+    down = "postgresql://postgres@127.0.0.1:9/x?connect_timeout=1"
+    began = time.monotonic()
+    result = CliRunner().invoke(cli, ["db", "upgrade", "--wait", "1.5"], env={"KRAKEN_HIST_DATABASE_URL": down})
+    assert result.exit_code == 1 and "PostgreSQL is unavailable" in result.output
+    assert "waiting for the database" in result.output and time.monotonic() - began >= 1.5
+    upgraded = CliRunner().invoke(cli, ["db", "upgrade", "--wait", "30"], env={"KRAKEN_HIST_DATABASE_URL": empty_db_url})
+    assert upgraded.exit_code == 0, upgraded.output

@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from .. import migrate
 from ..config import mask_password
 from ..db import is_embedded_url, resolve_database_url
+from ..embedded import embedded_pgdata, is_running, start_embedded, stop_embedded
+from ..errors import DatabaseUnavailableError
 from .common import friendly_errors, settings_from
 
 
 @click.group()
 def db() -> None:
-    """Database schema: upgrade and status."""
+    """Database schema (upgrade, status) and the embedded server (start, stop, path)."""
 
 
 @db.command()
 @click.option("--revision", default="head", show_default=True, help="Target Alembic revision.")
+@click.option("--wait", "wait_seconds", type=float, default=0.0, show_default=True,
+              help="Seconds to keep retrying while the database does not answer (a container starting).")
 @click.pass_context
 @friendly_errors
-def upgrade(ctx: click.Context, revision: str) -> None:
+def upgrade(ctx: click.Context, revision: str, wait_seconds: float) -> None:
     """Apply the schema migrations (safe to run again: at head it changes nothing)."""
     settings = settings_from(ctx)
     url = resolve_database_url(None, settings)
-    migrate.upgrade(url, revision)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            migrate.upgrade(url, revision)
+            break
+        except DatabaseUnavailableError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            click.echo(f"waiting for the database: {exc}", err=True)
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
     status = migrate.read_schema_status(url)
     click.echo(f"database {mask_password(url)} at revision {status.revision} "
                f"({'TimescaleDB' if status.timescaledb else 'plain PostgreSQL'})")
@@ -50,3 +65,41 @@ def status(ctx: click.Context) -> None:
         width = max(len(name) for name in info.row_counts)
         for name, count in info.row_counts.items():
             click.echo(f"  {name:<{width}}  {count:>12,}")
+
+
+def _not_in_use(settings: object) -> str:
+    return " (not in use: KRAKEN_HIST_DATABASE_URL is set)" if getattr(settings, "database_url", None) else ""
+
+
+@db.command()
+@click.pass_context
+@friendly_errors
+def path(ctx: click.Context) -> None:
+    """Print the embedded PostgreSQL's data folder (to remove it: `db stop`, then delete it)."""
+    click.echo(str(embedded_pgdata(settings_from(ctx).data_dir)))
+
+
+@db.command()
+@click.pass_context
+@friendly_errors
+def start(ctx: click.Context) -> None:
+    """Start the embedded PostgreSQL (created on first use) and print its URL."""
+    settings = settings_from(ctx)
+    url = start_embedded(settings.data_dir)
+    migrate.ensure_schema(url, auto_upgrade=True)
+    click.echo(f"embedded PostgreSQL running: {url}{_not_in_use(settings)}")
+
+
+@db.command()
+@click.pass_context
+@friendly_errors
+def stop(ctx: click.Context) -> None:
+    """Stop the embedded PostgreSQL (the next command that needs it starts it again)."""
+    settings = settings_from(ctx)
+    pgdata = embedded_pgdata(settings.data_dir)
+    if not is_running(settings.data_dir):
+        click.echo(f"embedded PostgreSQL in {pgdata} is not running{_not_in_use(settings)}")
+        return
+    if not stop_embedded(settings.data_dir):
+        raise click.ClickException(f"could not stop the embedded PostgreSQL in {pgdata}")
+    click.echo(f"embedded PostgreSQL in {pgdata} stopped{_not_in_use(settings)}")

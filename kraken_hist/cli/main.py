@@ -14,6 +14,7 @@ from .db import db
 from .gaps import gaps
 from .imports import import_command
 from .stream import stream
+from .tasks import task
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +34,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-for command in (db, backfill, stream, import_command, gaps, candles, refresh):
+for command in (db, backfill, stream, import_command, gaps, candles, refresh, task):
     cli.add_command(command)
 
 

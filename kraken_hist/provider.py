@@ -34,15 +34,17 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Engine
 
+from . import bars as bars_module
 from . import refresh as refresh_module
+from . import trades_out
 from .config import Settings
 from .db import connect, create_engine, has_timescaledb, libpq_url, translate_errors
 from .errors import ConfigurationError, KrakenHistError, PermanentError
 from .intervals import INTERVAL_RELATIONS, Interval
-from .pairs import normalize_symbol
+from .pairs import DEFAULT_REGISTRY, normalize_symbol
 from .schema import candle_changes, candles, interval_tables, sync_status
-from .timeutils import ONE_MINUTE, UTC, check_aware, floor_minute, parse_time, utcnow
-from .types import HistoricalCandle
+from .timeutils import EPOCH, ONE_MINUTE, UTC, check_aware, floor_minute, parse_time, utcnow
+from .types import HistoricalCandle, HistoricalTrade
 
 log = logging.getLogger(__name__)
 
@@ -630,6 +632,83 @@ class HistoricalDataProvider:
                 yield from _iter_candles(rows, minutes)
             finally:
                 rows.close()  # cancels the query if the caller stopped early
+
+    # --- trades and information bars (kraken_hist.trades_out, kraken_hist.bars) -------------
+
+    def _trade_window(self, start: TimeArg, end: TimeArg) -> tuple[datetime, datetime]:
+        """``[start, min(now, end))``: a trade is known from its own time on."""
+        if self._url is None:
+            self.connect()
+        lo = _time(start, "start")
+        return (lo if lo is not None else EPOCH), self._cutoff(_time(end, "end"))[0]
+
+    def get_trades(self, symbol: str, start: TimeArg = None, end: TimeArg = None, *,
+                   batch_size: int = 10_000) -> Iterator[HistoricalTrade]:
+        """Stored trades with ``start <= time < min(now, end)`` in (time, id) order, streamed
+        with constant memory on a connection of their own (closed with the iterator)."""
+        name, (lo, hi) = normalize_symbol(symbol), self._trade_window(start, end)
+        assert self._url is not None
+        return trades_out.read_trades(self._url, name, lo, hi, batch_size=batch_size)
+
+    def iter_trades_df(self, symbol: str, start: TimeArg = None, end: TimeArg = None, *,
+                       chunk_rows: int = 100_000, exact: bool = False) -> Iterator[pd.DataFrame]:
+        """``get_trades`` as DataFrames of at most `chunk_rows` rows (constant memory)."""
+        name, (lo, hi) = normalize_symbol(symbol), self._trade_window(start, end)
+        assert self._url is not None
+        return trades_out.read_trade_frames(self._url, name, lo, hi, chunk_rows=chunk_rows, exact=exact)
+
+    def get_trades_df(self, symbol: str, start: TimeArg = None, end: TimeArg = None, *,
+                      exact: bool = False) -> pd.DataFrame:
+        """``get_trades`` as one DataFrame: UTC index ``time``, columns trade_id, price, volume,
+        side, ord_type; float64 prices and volumes unless ``exact=True`` (Decimals)."""
+        return trades_out.concat_frames(self.iter_trades_df(symbol, start, end, exact=exact),
+                                        normalize_symbol(symbol), exact)
+
+    def replay_trades(self, symbol: str | Sequence[str], start: TimeArg = None, end: TimeArg = None,
+                      speed: float = 0.0, *, batch_size: int = 10_000,
+                      sleep: Callable[[float], None] = time.sleep) -> Iterator[HistoricalTrade]:
+        """Trades of one or several symbols merged in (time, id, symbol) order, each released
+        when its time comes on the replay clock (`speed` as in ``replay_candles``; the clock
+        starts at `start` or the first trade). Nothing after ``min(now, end)``."""
+        if speed < 0:
+            raise ValueError(f"speed must not be negative, got {speed}")
+        names = [normalize_symbol(symbol)] if isinstance(symbol, str) else [normalize_symbol(s) for s in symbol]
+        if not names:
+            raise ValueError("replay needs at least one symbol")
+        lo, hi = self._trade_window(start, end)
+        assert self._url is not None
+        streams = [trades_out.read_trades(self._url, name, lo, hi, batch_size=batch_size) for name in names]
+        try:
+            yield from trades_out.pace(trades_out.merge(streams), _time(start, "start"), speed, sleep)
+        finally:
+            for stream in streams:  # closes their connections now, also when the caller stops early
+                stream.close()
+
+    def get_bars(self, symbol: str, kind: bars_module.BarKind | str, size: Decimal | int | str,
+                 start: TimeArg = None, end: TimeArg = None, *, include_forming: bool = False,
+                 from_trades: bool = False) -> list[bars_module.InformationBar]:
+        """Tick, volume or value bars of the trades in ``[start, min(now, end))``, counted from
+        `start` (default: the first stored trade); complete bars only unless `include_forming`.
+        See ``kraken_hist.bars`` for the rule."""
+        name, (lo, hi) = normalize_symbol(symbol), self._trade_window(start, end)
+        assert self._url is not None
+        decimals = DEFAULT_REGISTRY.get(name).price_decimals
+        with connect(self._url, autocommit=True, options="-c TimeZone=UTC") as conn, translate_errors():
+            if lo == EPOCH:
+                first = conn.execute("SELECT min(time) FROM trades WHERE symbol = %s", (name,)).fetchone()
+                if first is None or first[0] is None:
+                    return []
+                lo = first[0]
+            return bars_module.read_bars(conn, name, bars_module.BarKind(kind), bars_module.check_size(kind, size),
+                                         lo, hi, price_decimals=decimals, from_trades=from_trades,
+                                         include_forming=include_forming)
+
+    def get_bars_df(self, symbol: str, kind: bars_module.BarKind | str, size: Decimal | int | str,
+                    start: TimeArg = None, end: TimeArg = None, *, include_forming: bool = False,
+                    from_trades: bool = False, exact: bool = False) -> pd.DataFrame:
+        """``get_bars`` as a DataFrame (see ``bars.bars_to_frame``)."""
+        return bars_module.bars_to_frame(self.get_bars(symbol, kind, size, start, end, include_forming=include_forming,
+                                                       from_trades=from_trades), exact=exact)
 
     # --- metadata -------------------------------------------------------------------------
 

@@ -1,0 +1,141 @@
+"""Information bars (tick, volume, value) in SQL against a plain-Python reference over the same trades."""
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
+from itertools import groupby
+from math import floor
+
+import pytest
+
+from kraken_hist.bars import BarKind, bars_to_frame, check_size
+from kraken_hist.provider import HistoricalDataProvider
+from kraken_hist.testing.history import generate_trades
+from kraken_hist.types import HistoricalTrade
+
+from .trade_data import by_time_and_id, store_trades
+
+UTC = timezone.utc
+T0 = datetime(2025, 2, 3, tzinfo=UTC)
+
+
+def reference_bars(trades, kind, size, decimals, lo, hi):
+    """The rule of kraken_hist.bars, trade by trade: bar k = floor(total before the trade / size);
+    vwap weights a minute that crosses no threshold by its truncated 1-minute vwap, other trades
+    by their own price. Returns dicts, complete ones flagged."""
+    ordered = [t for t in sorted(trades, key=lambda t: (t.time, t.trade_id)) if lo <= t.time < hi]
+    measure = {"tick": lambda t: Fraction(1), "volume": lambda t: Fraction(t.volume),
+               "value": lambda t: Fraction(t.price) * Fraction(t.volume)}[kind]
+    size = Fraction(size)
+    total = Fraction(0)
+    numbered = []  # (bar, trade, whole-minute weight or None)
+    for _minute, group in groupby(ordered, key=lambda t: t.time.replace(second=0, microsecond=0)):
+        minute_trades = list(group)
+        before = total
+        after = before + sum(measure(t) for t in minute_trades)
+        whole = floor(before / size) == floor(after / size)
+        volume = sum(Fraction(t.volume) for t in minute_trades)
+        truncated = Fraction(floor(sum(Fraction(t.price) * Fraction(t.volume) for t in minute_trades) / volume
+                                   * 10 ** decimals), 10 ** decimals)
+        for t in minute_trades:
+            weight = truncated * Fraction(t.volume) if whole else Fraction(t.price) * Fraction(t.volume)
+            numbered.append((floor(total / size), t, weight))
+            total += measure(t)
+    bars = []
+    for number, group in groupby(numbered, key=lambda item: item[0]):
+        items = list(group)
+        members = [t for _n, t, _w in items]
+        volume = sum((t.volume for t in members), Decimal(0))
+        bars.append(dict(
+            number=number, time=members[0].time, end_time=members[-1].time, open=members[0].price,
+            high=max(t.price for t in members), low=min(t.price for t in members), close=members[-1].price,
+            volume=volume, vwap=sum(w for _n, _t, w in items) / Fraction(volume), trades=len(members),
+            first_trade_id=members[0].trade_id, last_trade_id=members[-1].trade_id,
+            complete=floor(total / size) > number,
+        ))
+    return bars
+
+
+def assert_bars(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        got = {k: getattr(a, k) for k in e if k != "vwap"}
+        assert got == {k: v for k, v in e.items() if k != "vwap"}, e["number"]
+        assert abs(Fraction(a.vwap) - e["vwap"]) <= e["vwap"] * Fraction(1, 10 ** 12), e["number"]
+
+
+@pytest.fixture
+def history(db_url, conn):
+    trades = generate_trades("BTC/USD", T0, T0 + timedelta(hours=3), seed=4, trades_per_minute=12)
+    # an id-less archive trade (negative synthetic id) sharing a second with id-bearing ones:
+    # order is (time, id), whatever the source
+    burst = trades[100]
+    trades.append(HistoricalTrade(symbol="BTC/USD", trade_id=-(10 ** 15) + 7, time=burst.time,
+                                  price=burst.price, volume=Decimal("0.5")))
+    store_trades(conn, trades)
+    return trades
+
+
+CASES = [("tick", Decimal(37)), ("volume", Decimal("2.5")), ("value", Decimal("180000.5"))]
+
+
+@pytest.mark.parametrize("kind,size", CASES)
+def test_bars_equal_the_reference_from_candles_and_from_trades(db_url, history, kind, size):
+    lo = T0 + timedelta(minutes=7, seconds=13, microseconds=5)  # both ends inside a minute
+    hi = T0 + timedelta(hours=2, minutes=51, seconds=40)
+    expected = reference_bars(history, kind, size, 1, lo, hi)
+    assert len(expected) > 10 and all(e["complete"] for e in expected[:-1])
+    with HistoricalDataProvider(db_url) as provider:
+        forming = provider.get_bars("XBTUSD", kind, size, lo, hi, include_forming=True)
+        assert_bars(forming, expected)
+        assert_bars(provider.get_bars("BTC/USD", kind, size, lo, hi), [e for e in expected if e["complete"]])
+        assert_bars(provider.get_bars("BTC/USD", kind, size, lo, hi, include_forming=True, from_trades=True),
+                    expected)
+        # whole-minute bounds (no minute cut at either end) take the candle index alone
+        whole = provider.get_bars("BTC/USD", kind, size, T0 + timedelta(minutes=5), T0 + timedelta(hours=2),
+                                  include_forming=True)
+        assert_bars(whole, reference_bars(history, kind, size, 1, T0 + timedelta(minutes=5), T0 + timedelta(hours=2)))
+    if kind == "tick":
+        assert all(b.trades == 37 for b in forming[:-1]) and not forming[-1].complete
+
+
+def test_a_trade_is_never_split_and_a_big_one_closes_one_bar(db_url, conn):
+    p = Decimal("100.0")
+    volumes = ["0.4", "0.4", "3.5", "0.3", "0.9", "0.1", "1"]
+    trades = [HistoricalTrade(symbol="BTC/USD", trade_id=i + 1, time=T0 + timedelta(seconds=20 * i), price=p + i,
+                              volume=Decimal(v)) for i, v in enumerate(volumes)]
+    store_trades(conn, trades)
+    with HistoricalDataProvider(db_url) as provider:
+        bars = provider.get_bars("BTC/USD", BarKind.VOLUME, 1, T0, T0 + timedelta(hours=1), include_forming=True)
+    # running totals before each trade: 0, .4, .8, 4.3, 4.6, 5.5, 5.6 (end 6.6)
+    assert [(b.number, b.first_trade_id, b.last_trade_id, b.volume, b.complete) for b in bars] == [
+        (0, 1, 3, Decimal("4.3"), True), (4, 4, 5, Decimal("1.2"), True), (5, 6, 7, Decimal("1.1"), True)]
+    assert_bars(bars, reference_bars(trades, "volume", 1, 1, T0, T0 + timedelta(hours=1)))
+
+
+def test_start_defaults_to_the_first_trade_and_nothing_after_now(db_url, history):
+    now = T0 + timedelta(hours=1, seconds=30)
+    with HistoricalDataProvider(db_url, clock=lambda: now) as provider:
+        bars = provider.get_bars("BTC/USD", "tick", 10, include_forming=True)
+        frame = provider.get_bars_df("BTC/USD", "tick", 10)
+        assert provider.get_bars("ETH/USD", "tick", 10) == []
+    first = min(history, key=lambda t: (t.time, t.trade_id))
+    assert bars[0].first_trade_id == first.trade_id
+    assert bars[-1].end_time < now
+    assert_bars(bars, reference_bars(history, "tick", 10, 1, first.time, now))
+    assert list(frame.index) == [b.time for b in bars if b.complete]
+    assert frame["trades"].tolist() == [10] * len(frame) and frame["open"].dtype == "float64"
+
+
+@pytest.mark.parametrize("kind,size,message", [
+    ("tick", "2.5", "whole number"), ("volume", "0", "positive"), ("volume", 1.5, "never float"),
+    ("value", "x", "not a number"),
+])
+def test_bad_sizes_are_refused(kind, size, message):
+    with pytest.raises(ValueError, match=message):
+        check_size(BarKind(kind), size)
+
+
+def test_bars_frame_is_empty_and_typed_without_bars():
+    frame = bars_to_frame([])
+    assert frame.empty and str(frame.index.tz) == "UTC" and "first_trade_id" in frame.columns

@@ -10,7 +10,9 @@ from ..errors import KrakenHistError
 from .common import setup_logging
 from .backfill import backfill
 from .candles import candles, refresh
+from .charts import chart, coverage
 from .db import db
+from .export import export_command
 from .gaps import gaps
 from .imports import import_command
 from .stream import stream
@@ -34,7 +36,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-for command in (db, backfill, stream, import_command, gaps, candles, refresh, task):
+for command in (db, backfill, stream, import_command, gaps, candles, refresh, export_command, chart, coverage, task):
     cli.add_command(command)
 
 

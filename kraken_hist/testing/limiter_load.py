@@ -39,7 +39,7 @@ class LoadReport:
     seconds: float  # first call sent to last call sent
     rate: float  # calls per second over that span
     max_in_window: int  # most calls sent within any one second
-    sent: tuple[float, ...]  # send times (wall clock), sorted
+    sent: tuple[float, ...]  # arrival times at the exchange (or send times), sorted
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__ if name != "sent"}  # type: ignore[attr-defined]
@@ -136,13 +136,28 @@ def run_load(rest_url: str, *, processes: int, interval: float, calls: int, limi
         return [json.loads(out.read_text()) for out in outs]
 
 
-def summarize(results: list[dict[str, Any]], *, limit_per_second: float, throttled: int) -> LoadReport:
-    """Combined figures of the children's results (`throttled`: as the exchange counted)."""
-    sent = sorted(t for r in results for t in r["sent"])
+def record_arrivals(fake: Any) -> list[float]:
+    """Note when each request reaches `fake` (a FakeKrakenREST): the times its limit judges."""
+    arrivals: list[float] = []
+    handle = fake.handle
+
+    def noted(path: str, query: dict[str, list[str]], ip: str) -> Any:
+        arrivals.append(time.time())
+        return handle(path, query, ip)
+
+    fake.handle = noted
+    return arrivals
+
+
+def summarize(results: list[dict[str, Any]], *, limit_per_second: float, throttled: int,
+              arrivals: list[float] | None = None) -> LoadReport:
+    """Combined figures: of `arrivals` at the exchange when given, else of the children's send
+    times (`throttled`: as the exchange counted)."""
+    sent = sorted(arrivals if arrivals is not None else (t for r in results for t in r["sent"]))
     span = sent[-1] - sent[0] if len(sent) > 1 else 0.0
     most, j = 0, 0
     for i, t in enumerate(sent):
-        while sent[j] <= t - 1.0:
+        while sent[j] < t - 1.0:
             j += 1
         most = max(most, i - j + 1)
     return LoadReport(processes=len(results), limit_per_second=limit_per_second, calls=len(sent),
@@ -188,10 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     market = FakeMarket({p: generate_trades(p, start, start + timedelta(minutes=30), seed=i)
                          for i, p in enumerate(PAIRS)})
     with FakeKrakenREST(market, rate_limit_per_second=args.rate, burst=2.0) as fake:
+        arrivals = record_arrivals(fake)
         results = run_load(fake.url, processes=args.processes, interval=1.0 / args.rate, calls=10**9,
                            limiter=args.limiter, redis_url=args.redis_url, seconds=args.seconds,
                            namespace=f"kraken_hist:ratelimit:load-{uuid.uuid4().hex[:8]}")
-        report = summarize(results, limit_per_second=args.rate, throttled=fake.calls["throttled"])
+        report = summarize(results, limit_per_second=args.rate, throttled=fake.calls["throttled"],
+                           arrivals=arrivals)
     print(json.dumps(report.to_dict(), indent=2))
 
 

@@ -75,19 +75,19 @@ def stamps_of(limiters: list[RedisRateLimiter], calls: int, pair: str | None = N
 
 
 def test_callers_with_their_own_connections_share_one_pace(redis_url: str, namespace: str) -> None:
-    limiters = [shared(redis_url, namespace, 0.05) for _ in range(4)]
+    limiters = [shared(redis_url, namespace, 0.1) for _ in range(4)]
     stamps = stamps_of(limiters, 4)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert len(stamps) == 16
-    # never two slots closer than the interval, whoever asked (less the jitter of waking up here:
-    # the slots themselves are exact on Redis' clock)
-    assert min(gaps) >= 0.035
-    assert stamps[-1] - stamps[0] == pytest.approx(15 * 0.05, abs=0.05)  # and no slot wasted
+    # never two slots closer than the interval, whoever asked (less the jitter of threads waking
+    # up on a busy machine: the slots themselves are exact on Redis' clock)
+    assert min(gaps) >= 0.05
+    assert stamps[-1] - stamps[0] == pytest.approx(15 * 0.1, abs=0.1)  # and no slot wasted
 
 
 def test_pairs_have_their_own_pace_inside_the_egress_pace(redis_url: str, namespace: str) -> None:
-    btc = [shared(redis_url, namespace, 0.01, pair_interval=0.1) for _ in range(2)]
-    eth = shared(redis_url, namespace, 0.01, pair_interval=0.1)
+    btc = [shared(redis_url, namespace, 0.01, pair_interval=0.2) for _ in range(2)]
+    eth = shared(redis_url, namespace, 0.01, pair_interval=0.2)
     done: dict[str, list[float]] = {}
 
     def run(name: str, limiters: list[RedisRateLimiter], pair: str) -> None:
@@ -100,10 +100,10 @@ def test_pairs_have_their_own_pace_inside_the_egress_pace(redis_url: str, namesp
     for t in threads:
         t.join()
     btc_gaps = [b - a for a, b in zip(done["btc"], done["btc"][1:])]
-    assert len(done["btc"]) == 6 and min(btc_gaps) >= 0.085  # one pair: 0.1 s apart, across callers
-    assert done["eth"][-1] - done["eth"][0] < 0.3  # another pair is not held up by BTC/USD's pace
-    merged = sorted(done["btc"] + done["eth"])
-    assert len(merged) == 9 and merged[-1] - merged[0] >= 0.5 - 0.02  # BTC/USD's 6 slots
+    assert len(done["btc"]) == 6 and min(btc_gaps) >= 0.15  # one pair: 0.2 s apart, across callers
+    assert done["btc"][-1] - done["btc"][0] >= 1.0 - 0.05
+    # another pair is not held up behind BTC/USD's queue: its 3 slots take 0.4 s, not 1.0 s
+    assert done["eth"][-1] - done["eth"][0] < 0.7
 
 
 def test_a_throttle_answer_blocks_every_process_and_the_back_off_is_shared(redis_url: str, namespace: str) -> None:
@@ -164,15 +164,15 @@ def test_limiter_for_follows_the_settings(redis_url: str) -> None:
 
 def test_the_client_takes_the_pair_slot_for_trades_and_ohlc(redis_url: str, namespace: str,
                                                               market: FakeMarket) -> None:
-    limiter = shared(redis_url, namespace, 0.0, pair_interval=0.2)
+    limiter = shared(redis_url, namespace, 0.0, pair_interval=0.3)
     with FakeKrakenREST(market) as fake, KrakenRestClient(fake.url, limiter=limiter) as client:
         began = time.monotonic()
         client.get_server_time()
         client.get_trades("BTC/USD", count=5)
-        client.get_ohlc("BTC/USD")  # same pair: 0.2 s after the Trades call
+        client.get_ohlc("BTC/USD")  # same pair: 0.3 s after the Trades call
         client.get_trades("ETH/USD", count=5)  # another pair: at once
         client.get_system_status()
-        assert 0.2 <= time.monotonic() - began < 0.4
+        assert 0.3 <= time.monotonic() - began < 0.55
     assert limiter.stats().calls == 5
 
 
@@ -225,9 +225,7 @@ def test_a_throttle_answer_to_one_process_pauses_all_of_them(redis_url: str, nam
 
 
 def test_process_limiter_paces_pairs_too() -> None:
-    limiter = RateLimiter(0.0, pair_interval=0.05)
-    began = time.monotonic()
-    for _ in range(3):
-        limiter.acquire("BTC/USD")
-    limiter.acquire("ETH/USD")
-    assert 0.1 - 0.01 <= time.monotonic() - began < 0.14
+    limiter = RateLimiter(0.0, pair_interval=0.2)
+    assert [limiter.acquire("BTC/USD") for _ in range(3)][0] == 0
+    assert limiter.stats().waited_seconds == pytest.approx(0.4, abs=0.05)  # 0.2 s apart
+    assert limiter.acquire("ETH/USD") == 0  # another pair: at once

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -32,9 +33,10 @@ from . import ownership, store
 from .db import connect, translate_errors
 from .errors import ExchangePermanentError, ExchangeTransientError
 from .pairs import DEFAULT_REGISTRY
+from .bounds import unix_seconds_problem
 from .parsing import TradesPage
-from .timeutils import check_aware, floor_minute, since_cursor, utcnow
-from .types import HistoricalTrade, TradeRecord, TradeSource
+from .timeutils import check_aware, floor_minute, since_cursor, to_unix_ns, utcnow
+from .types import HistoricalTrade, Refused, TradeRecord, TradeSource
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -49,6 +51,9 @@ PAGE_SIZE = 1000
 MAX_SAME_TIMESTAMP = 17  # the most real trades seen sharing one timestamp (KRAKEN.md)
 #: How far the cursor steps back (ns) to repair a break in the trade ids, tried in order.
 REPAIR_STEPS = (1, 1_000, 1_000_000, 1_000_000_000, 60_000_000_000)
+#: Pages in a row that bring no new trade id before paging is given up as not advancing (a
+#: cursor that moves a nanosecond a page over the same trades would otherwise loop forever).
+MAX_IDLE_PAGES = 3
 LOG_EVERY_SECONDS = 10.0
 
 Trade = HistoricalTrade | TradeRecord
@@ -79,6 +84,9 @@ class BackfillPage:
     covered: tuple[datetime, datetime] | None
     reached_until: bool = False
     repaired: int = 0
+    #: Trades of this page refused for an impossible value (``bounds``): their ids are
+    #: accounted for, recorded in ``refused_trades`` with the page.
+    refused: tuple[Refused, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,17 +236,30 @@ class KrakenTradesBackfill:
             cursor = str(since)
         expected = after_id + 1 if after_id is not None else None
         cover_start = covered_from
+        idle = 0  # pages in a row without a new trade id
         while True:
             page = self.fetch_trades_page(canonical, cursor)
             trades, repaired, page = self._continue_from(canonical, cursor, page, expected)
+            trades, refused, jump = _contiguous_part(trades, page.refused, expected)
             if not trades:
                 if not (page.trades or page.refused) or int(page.last) <= int(cursor):
                     logger.debug("%s caught up at cursor %s", canonical, cursor)
                     return
-                if page.last_seen_id is not None and (expected is None or page.last_seen_id >= expected):
-                    expected = page.last_seen_id + 1  # a page of refused trades only: seen all the same
-                cursor = page.last  # a page of overlap only: move on
+                if refused:  # a page of refused trades only: seen all the same
+                    if until is None or refused[0].time is None or refused[0].time < until:
+                        self._record_refused(canonical, refused)
+                    expected = max(r.trade_id for r in refused) + 1  # type: ignore[type-var]
+                    idle = 0
+                else:
+                    idle += 1  # a page of overlap only: move on, but not for ever
+                    if idle >= MAX_IDLE_PAGES:
+                        raise ExchangeTransientError(
+                            f"{canonical}: Trades paging does not advance: {idle} pages in a row after cursor "
+                            f"{cursor} brought no new trade (last={page.last})")
+                if jump is None:  # (after a jump: the same cursor again, and the break is repaired)
+                    cursor = _possible_cursor(canonical, page.last, None)
                 continue
+            idle = 0
             reached_until = False
             if until is not None and trades[-1].time >= until:
                 trades = [t for t in trades if t.time < until]
@@ -246,8 +267,19 @@ class KrakenTradesBackfill:
             if reached_until:
                 next_cursor = since_cursor(until)  # type: ignore[arg-type]
                 cover_end = until
+                refused = tuple(r for r in refused if r.time is None or r.time < until)
+            elif jump is not None:
+                # Ids jump inside the page: it is cut there, as if the page ended with the last
+                # trade before the jump, and the next page continues from just before that
+                # trade's time: the break between pages then goes through the same repair (step
+                # back and refetch; a hole Kraken itself has is logged and stays a gap)
+                logger.warning("%s: trade ids jump from %d to %d inside the page after cursor %s; "
+                               "refetching from trade %d", canonical, jump[0], jump[1], cursor, jump[0],
+                               extra={"event": "backfill_id_jump"})
+                next_cursor = str(max(int(cursor) + 1, to_unix_ns(trades[-1].time) - 1))
+                cover_end = trades[-1].time
             else:
-                next_cursor = page.last
+                next_cursor = _possible_cursor(canonical, page.last, trades[-1].time)
                 cover_end = trades[-1].time
             if cover_start is None and trades:
                 # from the pair's first trade ("0"): nothing traded earlier in its minute either
@@ -261,14 +293,17 @@ class KrakenTradesBackfill:
                     covered=covered,
                     reached_until=reached_until,
                     repaired=repaired,
+                    refused=refused,
                 )
             if reached_until:
                 return
-            if int(page.last) <= int(cursor):
-                return  # last did not advance
-            expected = max(trades[-1].trade_id, page.last_seen_id or 0) + 1  # refused trades count as seen
+            if int(next_cursor) <= int(cursor):
+                raise ExchangeTransientError(
+                    f"{canonical}: Trades cursor did not advance past {cursor} (last={page.last}) "
+                    f"although the page held trades up to id {trades[-1].trade_id}")
+            expected = max([trades[-1].trade_id] + [r.trade_id for r in refused]) + 1  # type: ignore[operator]
             cover_start = cover_end
-            cursor = page.last
+            cursor = next_cursor
 
     def _continue_from(
         self, symbol: str, cursor: str, page: TradesPage, expected: int | None
@@ -304,6 +339,12 @@ class KrakenTradesBackfill:
             "and stepping back did not recover the missing trades"
         )
 
+    def _record_refused(self, symbol: str, refused: Sequence[Refused]) -> None:
+        """Record the refused trades of a page that has nothing else to store."""
+        conn = self._connection()
+        with translate_errors(), conn.transaction():
+            store.write_refused_trades(conn, symbol, refused, COVERAGE_SOURCE)
+
     # --- storage --------------------------------------------------------------------------
 
     def store_trades(
@@ -315,11 +356,13 @@ class KrakenTradesBackfill:
         cursor: str | None = None,
         covered: tuple[datetime, datetime] | None = None,
         resume_time: datetime | None = None,
+        refused: Sequence[Refused] = (),
     ) -> int:
         """Store `trades` idempotently and, in the same transaction, rebuild the candles of the
         minutes they touch, add `covered` (default: first to last trade time) to the
-        source's coverage and, when `cursor` is given, advance the resume point (never
-        backwards). Returns the number of trades that were new."""
+        source's coverage, record the `refused` trades of the page (their ids are accounted
+        for) and, when `cursor` is given, advance the resume point (never backwards). Returns
+        the number of trades that were new."""
         canonical = DEFAULT_REGISTRY.normalize(symbol)
         batch = list(trades)
         _check_batch(canonical, batch)
@@ -334,6 +377,8 @@ class KrakenTradesBackfill:
                 store.rebuild_candles(conn, canonical, min(times), max(times) + timedelta(microseconds=1))
             if covered is not None:
                 store.add_coverage(conn, canonical, TradeSource(source).value, covered[0], covered[1])
+            if refused:
+                store.write_refused_trades(conn, canonical, refused, TradeSource(source).value)
             if cursor is not None:
                 last_time = resume_time or (covered[1] if covered else batch[-1].time if batch else None)
                 last_id = max((t.trade_id for t in batch), default=None)
@@ -540,6 +585,7 @@ class KrakenTradesBackfill:
                 cursor=page.last if resume else None,
                 covered=page.covered,
                 resume_time=page.covered[1] if page.covered else None,
+                refused=page.refused,
             )
             phase_pages += 1
             phase_trades += len(page.trades)
@@ -615,6 +661,36 @@ def _check_batch(symbol: str, batch: list[Trade]) -> None:
             raise ValueError(f"trade {t.trade_id} is for {t.symbol}, not {symbol}")
         if t.price <= 0 or t.volume < 0:
             raise ValueError(f"trade {t.trade_id} of {symbol} has price {t.price} and volume {t.volume}")
+
+
+def _contiguous_part(
+    trades: list[HistoricalTrade], refused: Sequence[Refused], expected: int | None
+) -> tuple[list[HistoricalTrade], tuple[Refused, ...], tuple[int, int] | None]:
+    """The part of a page whose ids run on without a gap (refused trades count as seen), from
+    its first id at least `expected`; and the jump (last id before it, first id after it) where
+    the page stops being contiguous, or None."""
+    valid = [r for r in refused if r.trade_id is not None and (expected is None or r.trade_id >= expected)
+             and 0 < r.trade_id <= 2**63 - 1]
+    ids = sorted([t.trade_id for t in trades] + [r.trade_id for r in valid])  # type: ignore[misc]
+    jump = next(((a, b) for a, b in zip(ids, ids[1:]) if b > a + 1), None)
+    if jump is None:
+        return trades, tuple(valid), None
+    return ([t for t in trades if t.trade_id <= jump[0]],
+            tuple(r for r in valid if r.trade_id <= jump[0]), jump)  # type: ignore[operator]
+
+
+def _possible_cursor(symbol: str, last: str, fallback: datetime | None) -> str:
+    """Kraken's ``last`` cursor when it is a possible time (``bounds``); else a cursor just
+    before `fallback` (the newest trade accepted from the page: trades sharing its time are
+    fetched again and dropped by id), or an error when there is none."""
+    problem = unix_seconds_problem(Decimal(int(last)).scaleb(-9), utcnow(), "last cursor")
+    if problem is None:
+        return last
+    if fallback is None:
+        raise ExchangeTransientError(f"{symbol}: Trades page refused: {problem}")
+    logger.warning("%s: %s; continuing from the newest accepted trade (%s)", symbol, problem, fallback.isoformat(),
+                   extra={"event": "backfill_bad_cursor"})
+    return str(to_unix_ns(fallback) - 1)
 
 
 def merge_ranges(ranges: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:

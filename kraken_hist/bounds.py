@@ -21,6 +21,9 @@ The rules:
   trade).
 * **Trade ids** from the exchange are positive and fit PostgreSQL's bigint (ids <= 0 are the
   range of the CSV archive's synthetic ids).
+* **Trade counts** of a candle are whole numbers that fit the candle tables' ``integer``
+  column (``[0, 2**31 - 1]``); the interval relations sum them as ``bigint`` (revision 0004),
+  so no sum of possible counts overflows an aggregate refresh.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ MAX_TRADE_ID = 2**63 - 1
 MAX_WHOLE_DIGITS = 20
 #: Digits a price or volume may have after the decimal point, as written.
 MAX_PLACES = 20
+#: The largest trade count of one candle: PostgreSQL's ``integer``, the candle tables' column.
+MAX_TRADE_COUNT = 2**31 - 1
 
 _FIRST_SECOND = (KRAKEN_FIRST_TRADE - _EPOCH) // timedelta(seconds=1)
 
@@ -170,4 +175,16 @@ def trade_id_problem(value: Any, field: str = "trade_id") -> str | None:
         return f"{field} must be positive, got {value}"
     if value > MAX_TRADE_ID:
         return f"{field} {value} does not fit a bigint (at most {MAX_TRADE_ID})"
+    return None
+
+
+def count_problem(value: Any, field: str = "trades") -> str | None:
+    """A candle's trade count: an int in ``[0, MAX_TRADE_COUNT]`` (callers that need a
+    trading candle refuse 0 themselves)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{field} must be a whole number, got {value!r}"
+    if value < 0:
+        return f"{field} must not be negative, got {value}"
+    if value > MAX_TRADE_COUNT:
+        return f"{field} {value} does not fit a candle's count (at most {MAX_TRADE_COUNT})"
     return None

@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from .bounds import price_problem, trade_id_problem, unix_seconds_bounds, unix_seconds_problem, volume_problem
+from .bounds import (
+    count_problem, price_problem, trade_id_problem, unix_seconds_bounds, unix_seconds_problem, volume_problem,
+)
 from .errors import PermanentError
 from .timeutils import EPOCH, check_aware, utcnow
 
@@ -838,8 +840,11 @@ def _check_ohlc_cells(cells: list[bytes], index: dict[str, int], step: int,
         if problem is not None:
             return "vwap", problem
     count = cells[index["trades"]]
-    if not count.isdigit() or int(count) >= 2**31:
+    if not count.isdigit():
         return "trades", f"trade count {count.decode('utf-8', 'replace')!r} is not a whole number"
+    problem = count_problem(int(count))
+    if problem is not None:
+        return "trades", problem
     if int(count) < 1:
         return "trades", "trade count is 0: not a trading interval"
     return second

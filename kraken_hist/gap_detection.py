@@ -11,6 +11,10 @@ Three kinds of gap (``GapKind``):
 * ``CANDLES`` — minutes whose stored trades disagree with the stored 1-minute candle
   (missing, stale, or an exchange candle where trades are stored); repaired locally.
 
+Ids in ``refused_trades`` (trades the exchange sent with impossible values, ``bounds``) are
+accounted for: they are no ``TRADE_IDS`` gap, and are listed apart (``SymbolScan.refused``,
+kind ``REFUSED``) so that they are seen as refused, never fetched again.
+
 Speed comes from checking cheap totals first and looking closer only where they disagree:
 per symbol, the count of positive ids against ``max - min + 1`` (an index-only scan) and
 the trade count against the candles' summed trade counts (outside trade-id holes); then per
@@ -26,7 +30,7 @@ day is examined for another reason.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import psycopg
@@ -149,6 +153,7 @@ class SymbolScan:
     symbol: str
     gaps: list[DataGap]
     newest_time: datetime | None  # newest stored trade or covered instant
+    refused: list[DataGap] = field(default_factory=list)  # kind REFUSED: accounted for, not missing
 
 
 def read_symbol_gaps(
@@ -180,6 +185,9 @@ def read_symbol_gaps(
     if first is not None and last is not None and n_pos < last[0] - first[0] + 1:
         id_gaps = _read_id_holes(conn, symbol, lo, first[0], last[0])
     id_gaps.extend(_tail_hole(conn, symbol, last))
+    refused: list[DataGap] = []
+    if id_gaps:
+        id_gaps, refused = _without_refused(conn, symbol, id_gaps)
     if id_gaps:
         id_gaps = _without_archive_jumps(conn, symbol, id_gaps)
 
@@ -197,7 +205,7 @@ def read_symbol_gaps(
         candle_gaps = _read_candle_gaps(conn, symbol, lo, id_gaps)
 
     uncovered, newest = _read_uncovered(conn, symbol, lo, first, last, id_gaps, min_gap_minutes)
-    return SymbolScan(symbol=symbol, gaps=id_gaps + uncovered + candle_gaps, newest_time=newest)
+    return SymbolScan(symbol=symbol, gaps=id_gaps + uncovered + candle_gaps, newest_time=newest, refused=refused)
 
 
 def _read_id_holes(conn: psycopg.Connection, symbol: str, since: datetime, lo: int, hi: int) -> list[DataGap]:
@@ -209,6 +217,42 @@ def _read_id_holes(conn: psycopg.Connection, symbol: str, since: datetime, lo: i
                 first_missing_id=first_missing, last_missing_id=last_missing)
         for first_missing, last_missing, prev_time, next_time in rows
     ]
+
+
+def _without_refused(conn: psycopg.Connection, symbol: str,
+                     id_gaps: list[DataGap]) -> tuple[list[DataGap], list[DataGap]]:
+    """Split id holes by the refused ids inside them: (what is still missing, runs of refused ids)."""
+    missing: list[DataGap] = []
+    refused: list[DataGap] = []
+    for gap in id_gaps:
+        lo, hi = gap.first_missing_id, gap.last_missing_id
+        assert lo is not None and hi is not None
+        ids = store.read_refused_ids(conn, symbol, lo, hi)
+        if not ids:
+            missing.append(gap)
+            continue
+        for kind, (a, b) in _id_runs(lo, hi, ids):
+            refused_or_missing = refused if kind is GapKind.REFUSED else missing
+            refused_or_missing.append(DataGap(symbol=symbol, kind=kind, start=gap.start, end=gap.end,
+                                              first_missing_id=a, last_missing_id=b))
+    return missing, refused
+
+
+def _id_runs(lo: int, hi: int, refused: list[int]) -> list[tuple[GapKind, tuple[int, int]]]:
+    """``lo..hi`` cut into runs of refused ids (sorted, inside it) and runs of missing ones."""
+    runs: list[tuple[GapKind, tuple[int, int]]] = []
+    position = lo
+    for trade_id in refused:
+        if trade_id > position:
+            runs.append((GapKind.TRADE_IDS, (position, trade_id - 1)))
+        if runs and runs[-1][0] is GapKind.REFUSED and runs[-1][1][1] == trade_id - 1:
+            runs[-1] = (GapKind.REFUSED, (runs[-1][1][0], trade_id))
+        else:
+            runs.append((GapKind.REFUSED, (trade_id, trade_id)))
+        position = trade_id + 1
+    if position <= hi:
+        runs.append((GapKind.TRADE_IDS, (position, hi)))
+    return runs
 
 
 def _without_archive_jumps(conn: psycopg.Connection, symbol: str, id_gaps: list[DataGap]) -> list[DataGap]:

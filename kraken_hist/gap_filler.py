@@ -433,7 +433,8 @@ class GapFiller:
             if gap.kind is GapKind.TRADE_IDS:
                 # keep the stored neighbours' coverage as it is; only the missing ids matter
                 trades = [t for t in trades if gap.first_missing_id <= t.trade_id <= gap.last_missing_id]  # type: ignore[operator]
-            stored += backfill.store_trades(gap.symbol, trades, source=TradeSource.REST, covered=page.covered)
+            stored += backfill.store_trades(gap.symbol, trades, source=TradeSource.REST, covered=page.covered,
+                                            refused=page.refused)
             reached_end = reached_end or page.reached_until
         candles = backfill.build_candles_from_trades(gap.symbol, gap.start, until)
         if gap.kind is GapKind.TRADE_IDS:
@@ -529,6 +530,9 @@ class GapFiller:
                 (gap.symbol, gap.first_missing_id, gap.last_missing_id),
             ).fetchone()
             missing = (gap.missing_ids or 0) - int(row[0])  # type: ignore[index]
+            if missing:  # a refused id is accounted for: fetching it again gives the same refusal
+                missing -= len(store.read_refused_ids(conn, gap.symbol, gap.first_missing_id,  # type: ignore[arg-type]
+                                                      gap.last_missing_id))  # type: ignore[arg-type]
             if missing:
                 archive = store.read_coverage(conn, gap.symbol, ownership.ARCHIVE_SOURCE)
                 by_id = ranges.union(*(store.read_coverage(conn, gap.symbol, s) for s in ownership.ID_SOURCES))

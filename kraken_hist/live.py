@@ -14,6 +14,10 @@ starts at the first trade of the minute the first live trade falls in, fetched b
 that minute's candle is built from all of its trades. Until REST has said where the record
 starts, live trades are still handed over, but nothing is written down as done.
 
+A trade the exchange sent with an impossible value (``bounds``: a WebSocket item or a REST row
+it refused) takes its place in the sequence without being written: its id is accounted for,
+recorded in ``refused_trades`` by the progress step that vouches for it, and never fetched again.
+
 Only the contiguous part is ever recorded as done: once the writer has made it durable,
 ``sync_status(symbol, 'trades')`` and coverage ``'ws'`` advance to the frontier, never past a
 hole — so a crash at any moment resumes from a correct point.
@@ -33,10 +37,11 @@ from typing import Any, Iterable, Protocol
 from . import ownership, store
 from .db import connect, translate_errors
 from .errors import DatabaseUnavailableError, ExchangePermanentError, KrakenHistError, TransientError
+from .bounds import trade_id_problem
 from .pairs import DEFAULT_REGISTRY
 from .parsing import TradesPage
 from .timeutils import UTC, floor_minute, to_unix_ns
-from .types import CandleRecord, CandleSource, HistoricalTrade, TradeRecord, TradeSource
+from .types import CandleRecord, CandleSource, HistoricalTrade, Refused, TradeRecord, TradeSource
 from .ws_parsing import OhlcMessage, TradeMessage, WsTrade
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,18 @@ Trade = HistoricalTrade | WsTrade  # what REST pages and WebSocket frames carry
 #: REST fetches start this much before the last trade we hold: the same trade's time may
 #: differ by a microsecond between REST and WebSocket, and duplicates are dropped by id anyway.
 REST_MARGIN_NS = 1_000_000
+#: REST pages in a row that bring no new trade id before a catch-up gives up for this turn.
+MAX_IDLE_PAGES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _RefusedTrade:
+    """A refused trade placed in the id sequence like any other, but never written."""
+
+    symbol: str
+    trade_id: int
+    time: datetime
+    refused: Refused
 
 
 class TradeWriter(Protocol):
@@ -332,6 +349,7 @@ class LiveStats:
     candles: int
     candles_skipped: int
     rejected: int
+    refused: int  # trades the exchange sent with impossible values: accounted for, recorded, not written
     frontier: dict[str, int | None]  # None: nothing yet, or the first id after the anchor not known yet
     persisted: dict[str, int | None]
 
@@ -378,8 +396,9 @@ class WebSocketDBIntegration:
         self._connections = 0
         self._counts = dict.fromkeys(
             ("ws_trades", "duplicates", "before_start", "rest_trades", "rest_calls", "holes_opened",
-             "candles", "candles_skipped", "rejected"), 0
+             "candles", "candles_skipped", "rejected", "refused"), 0
         )
+        self._refused_todo: dict[str, list[tuple[Refused, TradeSource]]] = {}  # for the next progress step
         self._initial = [DEFAULT_REGISTRY.normalize(s) for s in symbols]
         self._record = _RecordFactory()
 
@@ -484,8 +503,8 @@ class WebSocketDBIntegration:
             logger.error("%s: %s", self.name, error)
 
     def on_trade(self, message: TradeMessage) -> None:
-        """Hand new trades to the writer; drop replays; open holes on jumps."""
-        self._accept(message.trades, TradeSource.WEBSOCKET)
+        """Hand new trades to the writer; drop replays; open holes on jumps; place refused items."""
+        self._accept(self._with_refused(message.trades, message.refused, None), TradeSource.WEBSOCKET)
 
     def on_ohlc(self, message: OhlcMessage) -> None:
         """1-minute exchange candles for minutes our trades do not cover (the writer never lets
@@ -551,6 +570,39 @@ class WebSocketDBIntegration:
                     fresh += self._accept_each(seq, group, source, counter, fixes_start)
         return fresh
 
+    def _with_refused(self, trades: Iterable[Trade], refused: Iterable[Refused], symbol: str | None) -> list[Any]:
+        """`trades` and the refused items with a valid id, placed in time: their own time when it
+        is possible, else the time of the trade just before them (so a REST fetch from there
+        starts early enough), else they are left out (a later REST page places them)."""
+        batch: list[Any] = list(trades)
+        extra = []
+        for item in refused:
+            if item.trade_id is None or trade_id_problem(item.trade_id) is not None:
+                continue
+            try:
+                name = DEFAULT_REGISTRY.normalize(item.symbol) if item.symbol else symbol
+            except ValueError:
+                name = None
+            if name is None:
+                continue
+            when = item.time
+            if when is None:
+                before = [t.time for t in batch if t.symbol == name and t.trade_id < item.trade_id]
+                if before:
+                    when = max(before)
+                else:
+                    with self._lock:
+                        state = self._symbols.get(name)
+                        when = state.seq.max_seen_time if state is not None else None
+            if when is not None:
+                extra.append(_RefusedTrade(name, item.trade_id, when, item))
+        return batch + extra if extra else batch
+
+    def _note_refused(self, trade: "_RefusedTrade", source: TradeSource) -> None:
+        """A refused trade took its place in the sequence: record it with the next progress step."""
+        self._refused_todo.setdefault(trade.symbol, []).append((trade.refused, source))
+        self._counts["refused"] += 1
+
     def _append_run(self, seq: IdSequence, run: list[Trade], source: TradeSource, counter: str) -> int:
         """Hand over ids ``max_seen + 1 ..`` with no gap (caller holds the lock); ``max_seen``
         follows the last one handed over, even if the writer fails midway."""
@@ -559,6 +611,10 @@ class WebSocketDBIntegration:
         written = 0
         try:
             for trade in run:
+                if trade.__class__ is _RefusedTrade:
+                    self._note_refused(trade, source)  # type: ignore[arg-type]
+                    handed = trade
+                    continue
                 try:
                     write(record(trade, source))
                 except ValueError as exc:  # the id is still accounted for: REST cannot do better
@@ -587,6 +643,10 @@ class WebSocketDBIntegration:
                     if verdict == OPENED:
                         opened = True
                         self._opened(trade.symbol, seq.holes[-1])
+                    if trade.__class__ is _RefusedTrade:
+                        self._note_refused(trade, source)  # type: ignore[arg-type]
+                        placed += 1
+                        continue
                     try:
                         write(record(trade, source))
                     except ValueError as exc:
@@ -666,17 +726,29 @@ class WebSocketDBIntegration:
         since = str(job.since)
         fixes_start = job.lo is None  # the pages run on from the anchor: their first trade at/after it starts the record
         page_size = int(getattr(self.rest, "page_size", 1000))
+        idle = 0  # pages in a row that placed no new id
         for _ in range(self.pages_per_turn):
             if self._stop.is_set():
                 return
             page = self.rest.fetch_trades_page(symbol, since)
             self._counts["rest_calls"] += 1
-            self._accept(page.trades, TradeSource.REST, fixes_start)
+            with self._lock:
+                before = self._progress_mark(symbol)
+            self._accept(self._with_refused(page.trades, page.refused, symbol), TradeSource.REST, fixes_start)
+            with self._lock:
+                idle = idle + 1 if self._progress_mark(symbol) == before else 0
+            rows = len(page.trades) + len(page.refused)  # a refused row is a row of the page all the same
             if job.hi is None:
-                if len(page.trades) < page_size or page.last == since:
+                if rows < page_size or page.last == since:
                     return  # caught up with what REST knows
+                if int(page.last) <= int(since) or idle >= MAX_IDLE_PAGES:
+                    raise _NotYetError(f"REST paging of {symbol} does not advance: {idle} full pages in a row "
+                                       f"brought no new trade (since {since}, last {page.last})")
                 since = page.last
                 continue
+            if idle >= MAX_IDLE_PAGES:
+                raise _NotYetError(f"REST paging of {symbol} does not advance: {idle} pages in a row brought "
+                                   f"none of the missing ids (since {since}, last {page.last})")
             with self._lock:
                 seq = self._symbols[symbol].seq
                 still_open = seq.still_missing(job.lo, job.hi)
@@ -700,6 +772,13 @@ class WebSocketDBIntegration:
             if job.hi is None:
                 state.seq.tail_check = True
 
+    def _progress_mark(self, symbol: str) -> tuple[Any, ...]:
+        """What a page that places a new id changes (caller holds the lock)."""
+        state = self._symbols.get(symbol)
+        if state is None:
+            return ()
+        return state.seq.pending, state.seq.max_seen, tuple(state.seq.open_holes())
+
     # --- durable progress -----------------------------------------------------------------
 
     def _progress_loop(self) -> None:
@@ -720,16 +799,32 @@ class WebSocketDBIntegration:
                 frontier, when = seq.frontier, seq.frontier_time
                 if frontier is not None and when is not None and frontier >= 0 and frontier != state.persisted:
                     todo[symbol] = (frontier, when, seq.covered_from)
-        if not todo:
+            refused, self._refused_todo = self._refused_todo, {}
+        if not todo and not refused:
             return 0
+        try:
+            return self._persist(todo, refused, flush_timeout)
+        except BaseException:
+            with self._lock:  # recorded next time
+                for symbol, items in refused.items():
+                    self._refused_todo.setdefault(symbol, [])[:0] = items
+            raise
+
+    def _persist(self, todo: dict[str, tuple[int, datetime, datetime | None]],
+                 refused: dict[str, list[tuple[Refused, TradeSource]]], flush_timeout: float | None) -> int:
         timeout = self.flush_timeout if flush_timeout is None else flush_timeout
         if not self.writer.flush(timeout=timeout):  # is everything accepted so far durable?
             raise DatabaseUnavailableError(f"writer did not commit within {timeout}s; resume point not advanced")
         advanced = 0
         with translate_errors(), connect(self.db_url) as conn:
+            for symbol, items in refused.items():  # before the resume point that passes them
+                if symbol not in todo:
+                    with conn.transaction():
+                        self._write_refused(conn, symbol, items)
             for symbol, (frontier, when, covered_from) in todo.items():
                 with conn.transaction():
                     ownership.lock_symbol(conn, symbol)  # its coverage claims seconds: the one symbol lock
+                    self._write_refused(conn, symbol, refused.get(symbol, ()))
                     current = store.read_sync_status(conn, symbol, "trades")
                     stored_id = current["last_trade_id"] if current else None
                     stored_time = current["last_time"] if current else None
@@ -745,6 +840,14 @@ class WebSocketDBIntegration:
                     self._symbols[symbol].persisted = frontier
                 advanced += newer
         return advanced
+
+    @staticmethod
+    def _write_refused(conn: Any, symbol: str, items: Iterable[tuple[Refused, TradeSource]]) -> None:
+        by_source: dict[TradeSource, list[Refused]] = {}
+        for item, source in items:
+            by_source.setdefault(source, []).append(item)
+        for source, group in by_source.items():
+            store.write_refused_trades(conn, symbol, group, source.value)
 
     # --- state ----------------------------------------------------------------------------
 

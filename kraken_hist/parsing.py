@@ -16,7 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from .bounds import plain_decimal_text, price_problem, trade_id_problem, unix_seconds_problem, volume_problem
+from .bounds import count_problem, plain_decimal_text, price_problem, trade_id_problem, unix_seconds_problem, volume_problem
 from .pairs import PairRegistry
 from .timeutils import EPOCH, check_aware, from_unix_decimal, parse_rfc3339, utcnow
 from .types import CandleRecord, CandleSource, HistoricalCandle, HistoricalTrade, Refused
@@ -36,10 +36,11 @@ class RefusedRow(ParseError):
     """A row of Kraken's shape holding a value that cannot be right (``bounds``): a page
     parser leaves it out and records it as :class:`~kraken_hist.types.Refused`."""
 
-    def __init__(self, problem: str, trade_id: int | None = None) -> None:
+    def __init__(self, problem: str, trade_id: int | None = None, time: datetime | None = None) -> None:
         super().__init__(problem)
         self.problem = problem
         self.trade_id = trade_id
+        self.time = time
 
 
 def loads(text: str | bytes) -> Any:
@@ -208,12 +209,17 @@ def parse_trade(
     if problem is not None:
         raise RefusedRow(problem, trade_id)
     now = utcnow() if now is None else now
-    price_value = _checked(price, "price", trade_id, price_problem)
-    volume_value = _checked(volume, "volume", trade_id, volume_problem)
+    time = _trade_time(when, _times, now, trade_id)
+    try:
+        price_value = _checked(price, "price", trade_id, price_problem)
+        volume_value = _checked(volume, "volume", trade_id, volume_problem)
+    except RefusedRow as exc:
+        exc.time = time  # possible: a refused trade is placed in time all the same
+        raise
     return HistoricalTrade(
         symbol=symbol,
         trade_id=trade_id,
-        time=_trade_time(when, _times, now, trade_id),
+        time=time,
         price=price_value,
         volume=volume_value,
         side=side if side in _SIDES else None,
@@ -258,7 +264,7 @@ def _parse_rows(rows: list[Any], parse: Callable[[Any], T], where: str) -> tuple
             parsed.append(parse(row))
         except RefusedRow as exc:
             item = f"{where} row {number}{'' if exc.trade_id is None else f' (trade {exc.trade_id})'}"
-            refused.append(Refused(exc.trade_id, f"{item}: {exc.problem}"))
+            refused.append(Refused(exc.trade_id, f"{item}: {exc.problem}", exc.time))
             logger.warning("refused %s", refused[-1].reason, extra={"event": "refused_row"})
     return parsed, tuple(refused)
 
@@ -321,6 +327,9 @@ def parse_ohlc_row(symbol: str, interval: int, row: Sequence[Any], *, now: datet
         raise RefusedRow(found)
     if isinstance(count, bool) or not isinstance(count, (int, str)) or not str(count).isdigit():
         raise RefusedRow(f"count {count!r} is not a whole number")
+    problem = count_problem(int(count), "count")
+    if problem is not None:
+        raise RefusedRow(problem)
     return OhlcRow(
         symbol=symbol,
         interval=interval,

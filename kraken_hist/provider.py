@@ -146,7 +146,7 @@ def _aggregate_columns(p: sa.FromClause) -> list[sa.ColumnElement[Any]]:
         sa.func.array_agg(aggregate_order_by(p.c.close, p.c.time.desc()))[1].label("close"),
         sa.func.sum(p.c.volume).label("volume"),
         (weighted_sum / sa.func.nullif(weight_sum, 0)).label("vwap"),
-        sa.cast(sa.func.sum(p.c.trades), sa.Integer).label("trades"),
+        sa.cast(sa.func.sum(p.c.trades), sa.BigInteger).label("trades"),
     ]
 
 

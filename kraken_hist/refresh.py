@@ -47,7 +47,7 @@ AGGREGATE_COLUMNS = """
     min(p.low)                                    AS low,
     (array_agg(p.close ORDER BY p.time DESC))[1]  AS close,
     sum(p.volume)                                 AS volume,
-    sum(p.trades)::integer                        AS trades,
+    sum(p.trades)::bigint                         AS trades,
     {weights}
 """
 
@@ -125,6 +125,9 @@ class RefreshResult:
     written: dict[int, int] = field(default_factory=dict)
     deleted: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Symbols whose refresh failed (plain PostgreSQL), with the one-line reason: their changes
+    #: stay queued and the other symbols were refreshed all the same.
+    failed: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +139,7 @@ class RefreshResult:
             },
             "written": {str(k): v for k, v in self.written.items()},
             "deleted": {str(k): v for k, v in self.deleted.items()},
+            "failed": dict(self.failed),
             "seconds": round(self.seconds, 6),
         }
 
@@ -208,6 +212,7 @@ def refresh_aggregates(
         written=result.written,
         deleted=result.deleted,
         seconds=time.monotonic() - began,
+        failed=result.failed,
     )
     log.info(
         "aggregates refreshed: %d symbols, %d change rows, %d buckets written, %d deleted in %.3fs",
@@ -226,25 +231,43 @@ def _refresh_plain(
     written = {m: 0 for m in refresh_order()}
     deleted = dict.fromkeys(written, 0)
     windows_by_symbol: dict[str, list[Window]] = {}
+    failed: dict[str, str] = {}
     consumed = 0
     with connect(db_url) as conn:
         symbols = [symbol] if symbol else _symbols_to_refresh(conn, explicit)
         conn.rollback()
         for name in symbols:
-            with conn.transaction():
-                lock_symbol(conn, "refresh", name)
-                if explicit:
-                    windows = _explicit_window(conn, name, start, end)
-                else:
-                    rows = conn.execute(
-                        "DELETE FROM candle_changes WHERE symbol = %s RETURNING start_time, end_time", (name,)
-                    ).fetchall()
-                    consumed += len(rows)
-                    windows = merge_windows((row[0], row[1]) for row in rows)
-                if not windows:
-                    continue
-                windows_by_symbol[name] = windows
-                _refresh_levels(conn, name, windows, written, deleted)
+            mine_written, mine_deleted = dict.fromkeys(written, 0), dict.fromkeys(deleted, 0)
+            try:
+                with conn.transaction():
+                    lock_symbol(conn, "refresh", name)
+                    if explicit:
+                        windows = _explicit_window(conn, name, start, end)
+                    else:
+                        rows = conn.execute(
+                            "DELETE FROM candle_changes WHERE symbol = %s RETURNING start_time, end_time", (name,)
+                        ).fetchall()
+                        windows = merge_windows((row[0], row[1]) for row in rows)
+                    if windows:
+                        _refresh_levels(conn, name, windows, mine_written, mine_deleted)
+            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+                if conn.broken:
+                    raise
+                # this symbol's data cannot be aggregated (its transaction rolled back, so its
+                # changes stay queued): the others are refreshed all the same. A missing table,
+                # an outage and the like are everyone's problem and are raised.
+                failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                log.error("aggregate refresh of %s failed: %s", name, failed[name],
+                          extra={"event": "refresh.symbol_failed"})
+                continue
+            if not explicit:
+                consumed += len(rows)
+            if not windows:
+                continue
+            windows_by_symbol[name] = windows
+            for minutes in written:
+                written[minutes] += mine_written[minutes]
+                deleted[minutes] += mine_deleted[minutes]
     return RefreshResult(
         timescaledb=False,
         symbols=tuple(windows_by_symbol),
@@ -252,6 +275,7 @@ def _refresh_plain(
         windows=windows_by_symbol,
         written=written,
         deleted=deleted,
+        failed=failed,
     )
 
 

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import requests
+import urllib3
 
 from .config import DEFAULT_REST_URL
 from .errors import ExchangePermanentError, ExchangeTransientError
@@ -63,6 +64,12 @@ TRANSIENT_ERRORS = THROTTLE_ERRORS | {
     "EDatabase:Internal error",
 }
 OHLC_INTERVALS = (1, 5, 15, 30, 60, 240, 1440, 10080, 21600)
+#: The largest answer read (bytes, after decompression). A full Trades page is about 100 KB and
+#: AssetPairs of every pair about 1 MB: anything far bigger is not Kraken talking.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+#: Seconds one HTTP attempt may take in total, however the server paces its bytes.
+ANSWER_DEADLINE = 60.0
+_READ_SIZE = 1 << 16
 
 
 class ExchangeThrottledError(ExchangeTransientError):
@@ -146,9 +153,15 @@ class KrakenRestClient:
         retry_base_delay: float = 1.0,
         registry: PairRegistry | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        deadline: float = ANSWER_DEADLINE,
     ) -> None:
+        if max_answer_bytes < 1 or not deadline > 0:
+            raise ValueError(f"max_answer_bytes and deadline must be positive, got {max_answer_bytes}, {deadline}")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.max_answer_bytes = max_answer_bytes
+        self.deadline = deadline
         self.max_retries = max_retries
         self.retry_base_delay = retry_base_delay
         self.limiter = limiter if limiter is not None else process_limiter(min_interval)
@@ -205,13 +218,8 @@ class KrakenRestClient:
             self.limiter.acquire(pair)
             self._bump("_calls")
             try:
-                try:
-                    response = self._session.get(url, params=params, timeout=self.timeout)
-                except requests.Timeout as exc:
-                    raise ExchangeTransientError(f"{what}: timed out ({exc.__class__.__name__})") from exc
-                except requests.ConnectionError as exc:
-                    raise ExchangeTransientError(f"{what}: connection failed ({exc})") from exc
-                result = unwrap(response.status_code, response.content, what)
+                status, body = self._get(url, params, what)
+                result = unwrap(status, body, what)
             except ExchangeThrottledError as exc:
                 self._bump("_throttled")
                 metrics.rest_call(method, "throttled")
@@ -237,6 +245,42 @@ class KrakenRestClient:
                 delay = retry_delay(attempt, self.retry_base_delay)
                 logger.info("%s; retry %d/%d in %.2f s", error, attempt, self.max_retries, delay)
                 self._sleep(delay)
+
+    def _get(self, url: str, params: Mapping[str, Any] | None, what: str) -> tuple[int, bytes]:
+        """One HTTP attempt → (status, body), the body streamed under a size cap and the whole
+        attempt under a deadline: a 240 MB answer or one trickled a byte at a time is an error
+        after at most ``max_answer_bytes`` of memory and about ``deadline`` seconds (plus one
+        read timeout), never a hang. Too big is permanent (it is not Kraken), too slow transient."""
+        started = time.monotonic()
+        try:
+            response = self._session.get(url, params=params, timeout=self.timeout, stream=True)
+        except requests.Timeout as exc:
+            raise ExchangeTransientError(f"{what}: timed out ({exc.__class__.__name__})") from exc
+        except requests.ConnectionError as exc:
+            raise ExchangeTransientError(f"{what}: connection failed ({exc})") from exc
+        with response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_answer_bytes:
+                raise ExchangePermanentError(
+                    f"{what}: answer of {int(declared):,} bytes is larger than the {self.max_answer_bytes:,} allowed")
+            pieces: list[bytes] = []
+            size = 0
+            try:
+                while True:
+                    if time.monotonic() - started > self.deadline:
+                        raise ExchangeTransientError(
+                            f"{what}: no complete answer within {self.deadline:g} s ({size:,} bytes received)")
+                    piece = response.raw.read1(_READ_SIZE, decode_content=True)
+                    if not piece:
+                        break
+                    size += len(piece)
+                    if size > self.max_answer_bytes:
+                        raise ExchangePermanentError(
+                            f"{what}: answer larger than the {self.max_answer_bytes:,} bytes allowed")
+                    pieces.append(piece)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise ExchangeTransientError(f"{what}: reading the answer failed ({exc.__class__.__name__})") from exc
+            return response.status_code, b"".join(pieces)
 
     def _pair_name(self, symbol: str) -> tuple[str, str]:
         pair = self.registry.get(symbol)

@@ -27,7 +27,7 @@ trades = sa.Table(
 )
 
 
-def _candle_columns() -> list[sa.Column]:
+def _candle_columns(count: type[sa.types.TypeEngine] = sa.Integer) -> list[sa.Column]:
     return [
         sa.Column("symbol", sa.Text, primary_key=True),
         sa.Column("time", sa.DateTime(timezone=True), primary_key=True),
@@ -37,7 +37,7 @@ def _candle_columns() -> list[sa.Column]:
         sa.Column("close", sa.Numeric, nullable=False),
         sa.Column("vwap", sa.Numeric),
         sa.Column("volume", sa.Numeric, nullable=False),
-        sa.Column("trades", sa.Integer, nullable=False),
+        sa.Column("trades", count, nullable=False),
     ]
 
 
@@ -56,7 +56,7 @@ interval_tables: dict[int, sa.Table] = {1: candles}
 for _minutes, _name in INTERVAL_RELATIONS.items():
     if _minutes != 1:
         interval_tables[_minutes] = sa.Table(
-            _name, metadata, *_candle_columns(), sa.Column("vwap_volume", sa.Numeric)
+            _name, metadata, *_candle_columns(sa.BigInteger), sa.Column("vwap_volume", sa.Numeric)
         )
 
 sync_status = sa.Table(
@@ -96,4 +96,17 @@ exchange_candles = sa.Table(
     *_candle_columns(),
     sa.Column("interval", sa.Integer, primary_key=True),
     sa.Column("source", sa.Text, nullable=False),
+)
+
+#: Trades the exchange sent with an impossible value (``bounds``): their ids are accounted for
+#: (refused, not missing), so gap detection and the live stream never fetch them again.
+refused_trades = sa.Table(
+    "refused_trades",
+    metadata,
+    sa.Column("symbol", sa.Text, primary_key=True),
+    sa.Column("trade_id", sa.BigInteger, primary_key=True),
+    sa.Column("time", sa.DateTime(timezone=True)),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
 )

@@ -7,6 +7,7 @@ resume point atomically. Nothing here commits.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,6 +15,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from . import ownership
+from .bounds import trade_id_problem
 from .pairs import DEFAULT_REGISTRY
 from .timeutils import check_aware, floor_minute
 
@@ -199,3 +201,27 @@ def read_sync_status(conn: psycopg.Connection, symbol: str, data_type: str) -> d
 def lock_symbol(conn: psycopg.Connection, purpose: str, symbol: str) -> None:
     """Serialise `purpose` work on `symbol` across processes until this transaction ends."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{purpose}:{symbol}",))
+
+
+def write_refused_trades(conn: psycopg.Connection, symbol: str, refused: Iterable[Any], source: str) -> int:
+    """Record trades the exchange sent with impossible values (``types.Refused`` with a valid
+    id): their ids are accounted for, refused rather than missing. Idempotent (the first
+    sighting is kept); returns how many were new."""
+    rows = [(symbol, r.trade_id, r.time, source, r.reason) for r in refused
+            if r.trade_id is not None and trade_id_problem(r.trade_id) is None]
+    if not rows:
+        return 0
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO refused_trades (symbol, trade_id, time, source, reason) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (symbol, trade_id) DO NOTHING",
+            rows,
+        )
+        return cur.rowcount if cur.rowcount >= 0 else len(rows)
+
+
+def read_refused_ids(conn: psycopg.Connection, symbol: str, lo: int, hi: int) -> list[int]:
+    """Refused trade ids of `symbol` in ``[lo, hi]``, sorted."""
+    return [row[0] for row in conn.execute(
+        "SELECT trade_id FROM refused_trades WHERE symbol = %s AND trade_id BETWEEN %s AND %s ORDER BY 1",
+        (symbol, lo, hi))]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from .bounds import KRAKEN_FIRST_TRADE, MAX_CLOCK_SKEW, MAX_TRADE_ID, time_problem
+from .bounds import KRAKEN_FIRST_TRADE, MAX_CLOCK_SKEW, MAX_TRADE_ID, count_problem, time_problem
 from .pairs import DEFAULT_REGISTRY
 from .timeutils import UTC, check_aware, utcnow
 
@@ -36,6 +36,7 @@ class CandleSource(str, enum.Enum):
 
 class GapKind(str, enum.Enum):
     TRADE_IDS = "trade_ids"  # a jump in the contiguous trade-id sequence
+    REFUSED = "refused"  # ids the exchange sent with impossible values: accounted for, never fetched
     UNCOVERED = "uncovered"  # a time range no source has covered
     CANDLES = "candles"  # trades stored but their minute's candle missing or stale
 
@@ -105,10 +106,14 @@ class Refused:
     """Something an exchange answer held that cannot be right (``bounds``): left out of what
     the parser returns, and recorded with it. ``trade_id`` is the item's id when it could be
     read (a refused trade's id is still "seen": the id sequence has no hole there);
-    ``reason`` is one line naming the field and where the item was."""
+    ``reason`` is one line naming the field and where the item was; ``time`` is the item's time
+    when that is possible (its price or volume was the problem), ``symbol`` its pair when the
+    item named one (a WebSocket frame may mix pairs)."""
 
     trade_id: int | None
     reason: str
+    time: datetime | None = None
+    symbol: str | None = None
 
     def __str__(self) -> str:
         return self.reason
@@ -235,8 +240,9 @@ class CandleRecord:
         object.__setattr__(self, "volume", _non_negative(self.volume, "volume"))
         if self.vwap is not None:
             object.__setattr__(self, "vwap", _non_negative(self.vwap, "vwap"))
-        if not isinstance(self.trades, int) or isinstance(self.trades, bool) or self.trades < 0:
-            raise ValueError(f"trades must be a non-negative int, got {self.trades!r}")
+        problem = count_problem(self.trades)
+        if problem is not None:
+            raise ValueError(problem)
         _check_ohlc(self.open, self.high, self.low, self.close)
         object.__setattr__(self, "source", CandleSource(self.source))
 

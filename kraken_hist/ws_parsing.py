@@ -28,7 +28,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Mapping, NamedTuple, Union
 
-from .bounds import price_problem, time_problem, time_window, trade_id_problem, volume_problem
+from .bounds import count_problem, price_problem, time_problem, time_window, trade_id_problem, volume_problem
 from .timeutils import UTC, check_aware, parse_rfc3339, utcnow
 from .types import HistoricalCandle, HistoricalTrade, Refused
 
@@ -188,8 +188,19 @@ def _items(parse: Any, obj: Mapping[str, Any], what: str, now: datetime | None) 
         except RefusedItem as exc:
             name = item.get("symbol")
             ident = "" if exc.trade_id is None else f" trade {exc.trade_id}"
-            refused.append(Refused(exc.trade_id, f"{what} frame item {number} ({name}{ident}): {exc.problem}"))
+            refused.append(Refused(exc.trade_id, f"{what} frame item {number} ({name}{ident}): {exc.problem}",
+                                   _possible_time(item, now), name if isinstance(name, str) else None))
     return tuple(parsed), tuple(refused)
+
+
+def _possible_time(item: Mapping[str, Any], now: datetime) -> datetime | None:
+    """A refused trade item's ``timestamp`` when it is readable and possible, else None."""
+    stamp = item.get("timestamp")
+    try:
+        when = parse_timestamp(stamp) if isinstance(stamp, str) else None
+    except ValueError:
+        return None
+    return when if when is not None and time_problem(when, now) is None else None
 
 
 def parse_trade(item: Mapping[str, Any], now: datetime | None = None, *,
@@ -279,8 +290,9 @@ def parse_candle(item: Mapping[str, Any], now: datetime | None = None, *,
     volume = _wire_number(item, "volume")
     vwap = _wire_number(item, "vwap") if item.get("vwap") is not None else None
     _check_time(when, "interval_begin", window, now)
-    if trades < 0:
-        raise RefusedItem(f"trades must not be negative, got {trades}")
+    problem = count_problem(trades)
+    if problem is not None:
+        raise RefusedItem(problem)
     o, h, low, c = (_checked(value, key) for value, key in zip(prices, ("open", "high", "low", "close")))
     return HistoricalCandle(
         symbol=symbol,

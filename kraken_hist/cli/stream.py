@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import click
+import psycopg
 
 from ..backfill import KrakenTradesBackfill
 from ..errors import UnknownSymbolError
@@ -184,9 +185,14 @@ class PeriodicRefresh:
 
         self._due = time.monotonic() + self.every
         try:
-            refresh_aggregates(self.db_url)
-        except (KrakenHistError, OSError, RuntimeError) as exc:
+            result = refresh_aggregates(self.db_url)
+        except (KrakenHistError, psycopg.Error, OSError, RuntimeError) as exc:
+            # the stream goes on: the changes stay queued in candle_changes for the next run
             logger.warning("aggregate refresh failed (%s); retrying in %.0f s", exc, self.every,
+                           extra={"event": "stream_refresh_failed"})
+            return
+        for symbol, reason in result.failed.items():
+            logger.warning("aggregate refresh of %s failed (%s); retrying in %.0f s", symbol, reason, self.every,
                            extra={"event": "stream_refresh_failed"})
 
 

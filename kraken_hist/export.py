@@ -14,17 +14,18 @@ digits) is rounded to 18 decimals on the server, in CSV and Parquet alike.
 from __future__ import annotations
 
 import enum
-import io
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy.dialects import postgresql
 
+from .copy_out import copy_blocks, count_rows, has_pyarrow, parse_block
 from .db import connect, translate_errors
 from .errors import ConfigurationError
 from .intervals import Interval
@@ -32,7 +33,6 @@ from .timeutils import UTC
 
 #: Parquet's exact decimal type for prices, volumes and vwap.
 DECIMAL = (38, 18)
-BLOCK_BYTES = 32 * 1024 * 1024  # rows parsed (and written as one row group) at a time
 
 
 class ExportKind(str, enum.Enum):
@@ -127,29 +127,11 @@ def candles_query(interval: Interval) -> tuple[str, dict[str, Any]]:
     return query, dict(inner.params)
 
 
-def copy_statement(kind: ExportKind, interval: Interval | None) -> tuple[str, dict[str, Any]]:
+def copy_statement(kind: ExportKind | str, interval: Interval | None) -> tuple[str, dict[str, Any]]:
     """``COPY (query) TO STDOUT`` for `kind` and its fixed parameters; symbol, lo and hi are
     added per file (psycopg binds COPY parameters client-side)."""
-    query, params = (_TRADES_QUERY, {}) if kind is ExportKind.TRADES else candles_query(interval or Interval(1))
+    query, params = (_TRADES_QUERY, {}) if ExportKind(kind) is ExportKind.TRADES else candles_query(interval or Interval(1))
     return f"COPY ({query.strip()}) TO STDOUT (FORMAT csv)", params
-
-
-def copy_blocks(conn: psycopg.Connection[Any], statement: str, params: dict[str, Any],
-                block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
-    """The COPY's output in blocks of whole rows of about `block_bytes` each."""
-    buffer = bytearray()
-    with conn.cursor().copy(statement, params) as copy:
-        for data in copy:
-            buffer += data
-            if len(buffer) >= block_bytes:
-                yield bytes(buffer)
-                buffer.clear()
-    if buffer:
-        yield bytes(buffer)
-
-
-def _count_rows(block: bytes) -> int:
-    return block.count(b"\n")
 
 
 class _ParquetSink:
@@ -164,14 +146,9 @@ class _ParquetSink:
         self.writer: Any = None
 
     def write(self, block: bytes) -> None:
-        import pyarrow.csv as pcsv
         import pyarrow.parquet as pq
 
-        table = pcsv.read_csv(
-            io.BytesIO(block),
-            read_options=pcsv.ReadOptions(column_names=list(self.columns.names)),
-            convert_options=pcsv.ConvertOptions(column_types=self.columns.types, strings_can_be_null=True),
-        )
+        table = parse_block(block, self.columns.names, self.columns.types)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
         self.writer.write_table(table)
@@ -244,11 +221,8 @@ def export(
 
     `on_progress(piece, rows)` is called as blocks are written. Returns what was written."""
     kind, fmt = ExportKind(kind), ExportFormat(fmt)
-    if fmt is ExportFormat.PARQUET:
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - pyarrow is a dependency of the 'export' extra
-            raise ConfigurationError("Parquet export needs pyarrow: pip install 'kraken-hist[export]'") from exc
+    if fmt is ExportFormat.PARQUET and not has_pyarrow():  # pragma: no cover - the 'export' extra brings it
+        raise ConfigurationError("Parquet export needs pyarrow: pip install 'kraken-hist[export]'")
     pieces = plan_pieces(lo, hi, partition)
     target = Path(out)
     single = pieces[0].label is None
@@ -260,18 +234,28 @@ def export(
     statement, fixed = copy_statement(kind, interval)
     result = ExportResult()
     began = time.perf_counter()
-    with connect(url, autocommit=True, options="-c TimeZone=UTC") as conn, translate_errors():
+    # Blocks are parsed and written on a thread of their own (pyarrow releases the GIL) while
+    # the next ones arrive; at most two wait, so memory stays at a few blocks.
+    with connect(url, autocommit=True, options="-c TimeZone=UTC") as conn, translate_errors(), \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-writer") as writer:
         for piece in pieces:
             path = target if single else target / f"{piece.label}.{fmt.value}"
             sink = _ParquetSink(path, columns) if fmt is ExportFormat.PARQUET else _CsvSink(path, columns)
+            pending: deque[Future[None]] = deque()
             try:
                 for block in copy_blocks(conn, statement, fixed | {"symbol": symbol, "lo": piece.lo, "hi": piece.hi}):
-                    sink.write(block)
-                    rows = _count_rows(block)
+                    pending.append(writer.submit(sink.write, block))
+                    while len(pending) > 2:
+                        pending.popleft().result()
+                    rows = count_rows(block)
                     result.rows += rows
                     if on_progress is not None:
                         on_progress(piece, rows)
+                while pending:
+                    pending.popleft().result()
             finally:
+                for future in pending:  # after a failure: let queued writes finish before closing
+                    future.exception()
                 written = sink.close(always=single)
             if written:
                 result.files.append(path)
@@ -280,18 +264,5 @@ def export(
     return result
 
 
-def raw_copy(url: str, statement: str, params_list: Iterable[dict[str, Any]]) -> tuple[int, int]:
-    """The limit an export is measured against: the same COPY statements, their bytes read and
-    dropped. Returns (rows, bytes)."""
-    rows = size = 0
-    with connect(url, autocommit=True, options="-c TimeZone=UTC") as conn:
-        for params in params_list:
-            with conn.cursor().copy(statement, params) as copy:
-                for data in copy:
-                    size += len(data)
-                    rows += 1
-    return rows, size
-
-
 __all__ = ["ExportFormat", "ExportKind", "ExportResult", "Partition", "Piece", "copy_statement", "export",
-           "plan_pieces", "raw_copy"]
+           "plan_pieces"]

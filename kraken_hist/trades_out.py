@@ -16,11 +16,13 @@ import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import pandas as pd
 import psycopg
 
+from .copy_out import BLOCK_BYTES, copy_blocks, has_pyarrow, parse_block
 from .db import connect, translate_errors
 from .timeutils import UTC
 from .types import HistoricalTrade
@@ -114,10 +116,53 @@ def _frame(rows: list[tuple[Any, ...]], symbol: str, exact: bool) -> pd.DataFram
 def read_trade_frames(url: str, symbol: str, lo: datetime, hi: datetime, *, chunk_rows: int = 100_000,
                       exact: bool = False) -> Iterator[pd.DataFrame]:
     """`symbol`'s trades in ``[lo, hi)`` as DataFrames of at most `chunk_rows` rows each, in
-    order: float64 prices and volumes (converted by the server), or Decimals if `exact`."""
+    order: float64 prices and volumes, or Decimals if `exact`.
+
+    With pyarrow (the ``export`` extra) rows come by COPY and are parsed in C++
+    (``copy_out``); without it, as tuples from a stream."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    rows = stream_rows(url, FRAME_SQL[exact], {"symbol": symbol, "lo": lo, "hi": hi}, min(chunk_rows, 10_000))
+    params = {"symbol": symbol, "lo": lo, "hi": hi}
+    if not has_pyarrow():
+        yield from _tuple_frames(stream_rows(url, FRAME_SQL[exact], params, min(chunk_rows, 10_000)), symbol,
+                                 chunk_rows, exact)
+        return
+    import pyarrow as pa
+
+    names = ("time", "trade_id", "price", "volume", "side", "ord_type")
+    number = pa.string() if exact else pa.float64()
+    types = {"time": pa.timestamp("us", tz="UTC"), "trade_id": pa.int64(), "price": number, "volume": number,
+             "side": pa.string(), "ord_type": pa.string()}
+    statement = f"COPY ({FRAME_SQL[True].strip()}) TO STDOUT (FORMAT csv)"
+    pending: list[Any] = []  # tables not handed out yet
+    with connect(url, autocommit=True, options="-c TimeZone=UTC") as conn, translate_errors():
+        for block in copy_blocks(conn, statement, params, block_bytes=min(BLOCK_BYTES, 64 * chunk_rows)):
+            pending.append(parse_block(block, names, types))
+            table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            while table.num_rows >= chunk_rows:
+                yield _arrow_frame(table.slice(0, chunk_rows), symbol, exact)
+                table = table.slice(chunk_rows)
+            pending = [table] if table.num_rows else []
+    if pending:
+        yield _arrow_frame(pending[0], symbol, exact)
+
+
+def _arrow_frame(table: Any, symbol: str, exact: bool) -> pd.DataFrame:
+    """A trade DataFrame from an Arrow table (time, trade_id, price, volume, side, ord_type);
+    exact prices and volumes arrive as text and become Decimals with the stored digits."""
+    decimals = {name: list(map(Decimal, table.column(name).to_pylist())) for name in ("price", "volume")} if exact \
+        else {}
+    frame = table.to_pandas().set_index("time")
+    frame.index = pd.DatetimeIndex(frame.index, name="time")
+    for name, values in decimals.items():
+        frame[name] = pd.Series(values, index=frame.index, dtype=object)
+    for name in ("side", "ord_type"):
+        frame[name] = frame[name].astype(object)
+    frame.attrs["symbol"] = symbol
+    return frame
+
+
+def _tuple_frames(rows: Iterator[tuple[Any, ...]], symbol: str, chunk_rows: int, exact: bool) -> Iterator[pd.DataFrame]:
     try:
         chunk: list[tuple[Any, ...]] = []
         for row in rows:
@@ -128,7 +173,7 @@ def read_trade_frames(url: str, symbol: str, lo: datetime, hi: datetime, *, chun
         if chunk:
             yield _frame(chunk, symbol, exact)
     finally:
-        rows.close()
+        rows.close()  # type: ignore[attr-defined]
 
 
 def concat_frames(frames: Iterable[pd.DataFrame], symbol: str, exact: bool) -> pd.DataFrame:

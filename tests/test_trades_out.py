@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+from kraken_hist import trades_out
 from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.types import HistoricalTrade
@@ -53,7 +54,9 @@ def test_nothing_after_now(db_url, market):
     assert replayed and max(t.time for t in replayed) < now
 
 
-def test_frames_float_and_exact(db_url, market):
+@pytest.mark.parametrize("arrow", [True, False], ids=["copy+pyarrow", "tuples"])
+def test_frames_float_and_exact(db_url, market, monkeypatch, arrow):
+    monkeypatch.setattr(trades_out, "has_pyarrow", lambda: arrow)
     expected = by_time_and_id(market["SOL/USD"])
     with HistoricalDataProvider(db_url) as provider:
         frame = provider.get_trades_df("SOL/USD")
@@ -66,7 +69,8 @@ def test_frames_float_and_exact(db_url, market):
     assert frame["trade_id"].tolist() == [t.trade_id for t in expected]
     assert frame["price"].dtype == "float64" and frame["price"].tolist() == [float(t.price) for t in expected]
     assert frame["volume"].tolist() == [float(t.volume) for t in expected]
-    assert exact["price"].tolist() == [t.price for t in expected] and exact["volume"].tolist() == [t.volume for t in expected]
+    assert [str(v) for v in exact["price"]] == [str(t.price) for t in expected]  # the stored digits, exactly
+    assert [str(v) for v in exact["volume"]] == [str(t.volume) for t in expected]
     assert frame["side"].tolist() == [t.side for t in expected]
     assert [len(c) for c in chunks] == [100] * (len(expected) // 100) + ([len(expected) % 100] if len(expected) % 100 else [])
     assert empty.empty and list(empty.columns) == list(frame.columns)

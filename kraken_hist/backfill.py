@@ -163,6 +163,10 @@ class KrakenTradesBackfill:
             from .migrate import prepare_database
 
             db_url = prepare_database(settings=self.settings)
+        else:
+            from .pair_store import load_known_pairs
+
+            load_known_pairs(db_url)
         self.db_url = db_url
         self._owns_client = client is None
         if client is None:
@@ -404,7 +408,7 @@ class KrakenTradesBackfill:
             # (symbol, trade_id) is a trade's identity; on TimescaleDB the key also holds time,
             # so duplicates are recognised here and not by ON CONFLICT alone. Seconds the
             # archive owns are left to it (ownership.py).
-            cur.execute(_MERGE_STAGED)
+            cur.execute(_MERGE_STAGED, store.identity_window(min(t.time for t in batch), max(t.time for t in batch)))
             inserted = cur.rowcount
             cur.execute("TRUNCATE trades_staging")
         return inserted

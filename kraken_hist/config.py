@@ -48,6 +48,7 @@ class Settings:
     egress_id: str = "default"
     rest_pair_min_interval: float | None = None  # seconds between Trades/OHLC calls of one pair (None: rest_min_interval)
     metrics_port: int | None = None  # Prometheus /metrics and /healthz of stream and workers (None: off)
+    pairs_max_age: float = 86_400.0  # seconds before the pair table is refreshed from Kraken's AssetPairs
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -75,12 +76,12 @@ class Settings:
 def _convert(name: str, raw: str) -> object:
     variable = PREFIX + name.upper()
     if name == "symbols":
-        from .pairs import normalize_symbol
-
-        try:
-            return tuple(normalize_symbol(s) for s in raw.split(",") if s.strip())
-        except ValueError as exc:
-            raise ConfigurationError(f"{variable}: {exc}") from None
+        # Names, patterns (``*/USD``) or ``all``: resolved against the pair table where they are
+        # used (pair_store.PairResolver), which may have to ask Kraken first.
+        names = tuple(dict.fromkeys(s.strip() for s in raw.split(",") if s.strip()))
+        if not names:
+            raise ConfigurationError(f"{variable} names no symbol")
+        return names
     if name == "data_dir":
         return Path(raw).expanduser()
     if name == "rest_limiter":
@@ -99,7 +100,8 @@ def _convert(name: str, raw: str) -> object:
         if not 0 <= port <= 65535:
             raise ConfigurationError(f"{variable} must be a TCP port number (0-65535), got {raw!r}")
         return port
-    if name in ("rest_min_interval", "rest_pair_min_interval", "gap_fill_every", "refresh_every", "backfill_every"):
+    if name in ("rest_min_interval", "rest_pair_min_interval", "gap_fill_every", "refresh_every", "backfill_every",
+                "pairs_max_age"):
         try:
             number = float(raw)
         except ValueError:

@@ -71,7 +71,8 @@ from .csv_vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
 from .db import connect
 from .errors import PermanentError, UnknownSymbolError
 from .intervals import INTERVAL_RELATIONS
-from .pairs import DEFAULT_REGISTRY, PairRegistry
+from .pair_store import PairResolver
+from .pairs import DEFAULT_REGISTRY, Pair, PairRegistry, parse_csv_filename, symbol_from_wsname
 from .timeutils import EPOCH, floor_minute, since_cursor
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,26 @@ class _Source:
     name: str  # the file name the pair and interval are read from
     size: int
     opener: Callable[[], IO[bytes]]
+
+
+_DECIMALS_SAMPLE = 1 << 16  # bytes read to infer a pair's price decimals from its prices
+
+
+def _price_decimals_of(source: _Source) -> int:
+    """The most decimal places among the prices of the file's first lines (the price is the
+    second field in Time and Sales and the first OHLC field in OHLCVT): what the pair quotes
+    prices in, as far as the file shows it, for pairs Kraken no longer lists."""
+    with source.opener() as stream:
+        sample = stream.read(_DECIMALS_SAMPLE)
+    places = 0
+    for line in sample.splitlines()[:-1] or sample.splitlines():
+        fields = line.split(b",")
+        if len(fields) < 3 or not fields[0].strip().isdigit():
+            continue
+        price = fields[1].strip()
+        if b"." in price and b"e" not in price.lower():
+            places = max(places, len(price.split(b".", 1)[1]))
+    return min(places, 12)
 
 
 def _file_source(path: Path) -> _Source:
@@ -413,6 +434,7 @@ class BulkCSVImporter:
         settings: Settings | None = None,
         strict: bool = False,
         registry: PairRegistry | None = None,
+        resolver: PairResolver | None = None,
         max_examples: int = 20,
         refresh: bool = True,
         progress: ProgressCallback | None = None,
@@ -428,7 +450,8 @@ class BulkCSVImporter:
         self._db_url: str | None = None
         self.chunk_size = chunk_size
         self.strict = strict
-        self.registry = registry or DEFAULT_REGISTRY
+        self.registry = registry or (resolver.registry if resolver is not None else DEFAULT_REGISTRY)
+        self.resolver = resolver  # names → pairs; given by entry points so unknown names are looked up at Kraken
         self.max_examples = max_examples
         self.refresh = refresh
         self.progress = progress
@@ -514,17 +537,45 @@ class BulkCSVImporter:
             return ImportResult(file=source.label, status="failed", reason=str(exc))
 
     def _resolve_symbol(self, source: _Source, symbol: str | None) -> str:
+        """The pair of a file: `symbol`, else its file name — through the pair table and
+        Kraken's AssetPairs; a pair neither knows (delisted) is recorded from the file name,
+        its price decimals read off the file's own prices."""
+        resolver = self._pair_resolver()
         try:
-            if symbol:
-                return self.registry.normalize(symbol)
-            pair, _interval = self.registry.from_csv_filename(source.name)
-            return pair.symbol
+            stem = symbol or parse_csv_filename(source.name)[0]
+        except UnknownSymbolError:
+            raise ImportRefusedError(
+                f"{source.label}: cannot tell the pair from the file name {source.name!r}; name the file "
+                "<ALTNAME>.csv or <ALTNAME>_<minutes>.csv (e.g. XBTUSD.csv) or pass the symbol") from None
+        try:
+            return resolver.resolve(stem).symbol
         except UnknownSymbolError as exc:
+            unknown = exc
+        decimals = _price_decimals_of(source)
+        try:
+            if symbol and "/" in symbol:  # --symbol BASE/QUOTE names a pair Kraken no longer lists
+                base, quote = symbol.strip().upper().split("/", 1)
+                inferred = Pair(symbol=symbol_from_wsname(f"{base}/{quote}"), altname=f"{base}{quote}",
+                                rest_key=f"{base}{quote}", price_decimals=decimals, status="inferred",
+                                origin="file_name", decimals_inferred=True)
+            else:
+                inferred = resolver.registry.infer_from_stem(stem, price_decimals=decimals)
+        except UnknownSymbolError:
             how = f"symbol {symbol!r} is unknown" if symbol else f"cannot tell the pair from the file name {source.name!r}"
             raise ImportRefusedError(
-                f"{source.label}: {how}; name the file <ALTNAME>.csv or <ALTNAME>_<minutes>.csv "
-                f"(e.g. XBTUSD.csv) or pass the symbol; known: {', '.join(exc.known)}"
-            ) from None
+                f"{source.label}: {how} ({unknown}); name the file <ALTNAME>.csv or <ALTNAME>_<minutes>.csv "
+                "(e.g. XBTUSD.csv) or pass --symbol BASE/QUOTE") from None
+        pair = resolver.record_inferred(inferred)
+        log.warning("csv import %s: %s is not listed by Kraken; recorded from the file name as %s "
+                    "(price decimals %d read off the file; `kraken-hist pairs --search %s` shows it)",
+                    source.label, stem, pair.symbol, pair.price_decimals, pair.altname,
+                    extra={"event": "csv_import_inferred_pair"})
+        return pair.symbol
+
+    def _pair_resolver(self) -> PairResolver:
+        if self.resolver is None:  # offline: the database's table (and what is inferred here)
+            self.resolver = PairResolver(self.db_url, registry=self.registry)
+        return self.resolver
 
     def _import_source(self, source: _Source, symbol: str | None) -> ImportResult:
         started = time.monotonic()
@@ -773,7 +824,8 @@ class BulkCSVImporter:
         left = 0
         if id_owned and not has_ids:
             left = conn.execute(_DROP_STAGED_IN, ([a for a, _ in id_owned], [b for _, b in id_owned])).rowcount
-        inserted = conn.execute(_MERGE_ID_TRADES if has_ids else _MERGE_TRADES).rowcount
+        inserted = conn.execute(_MERGE_ID_TRADES if has_ids else _MERGE_TRADES,
+                                store.identity_window(chunk.first_time, chunk.last_time)).rowcount
         candles = store.rebuild_candles(conn, symbol, chunk.first_time, chunk.last_time + ONE_SECOND) if inserted else 0
         return inserted, chunk.rows - inserted - left, candles, left
 

@@ -22,12 +22,14 @@ class ConfigurationError(PermanentError):
 class UnknownSymbolError(PermanentError, ValueError):
     """A symbol that is not in the pair registry."""
 
-    def __init__(self, symbol: str, known: list[str]) -> None:
+    def __init__(self, symbol: str, known: list[str], *, unchecked: str | None = None) -> None:
         self.symbol = symbol
         self.known = known
+        hint = f"closest known: {', '.join(known)}; " if known else ""
+        why = (f"not in the stored pair table, and Kraken's pair list could not be fetched ({unchecked})"
+               if unchecked else "Kraken lists no such pair")
         super().__init__(
-            f"unknown symbol {symbol!r}; known symbols: {', '.join(known)} "
-            "(add others with PairRegistry.update_from_asset_pairs)"
+            f"unknown symbol {symbol!r}: {why}; {hint}`kraken-hist pairs --search TEXT` lists the known pairs"
         )
 
 

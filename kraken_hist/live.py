@@ -399,7 +399,7 @@ class WebSocketDBIntegration:
              "candles", "candles_skipped", "rejected", "refused"), 0
         )
         self._refused_todo: dict[str, list[tuple[Refused, TradeSource]]] = {}  # for the next progress step
-        self._initial = [DEFAULT_REGISTRY.normalize(s) for s in symbols]
+        self._initial = list(symbols)  # normalized at start, once the database's pairs are known
         self._record = _RecordFactory()
 
     def callbacks(self) -> dict[str, Any]:
@@ -411,8 +411,11 @@ class WebSocketDBIntegration:
 
     def start(self) -> "WebSocketDBIntegration":
         """Read where each symbol's stored sequence ends; start the REST and progress threads."""
+        from .pair_store import load_known_pairs
+
+        load_known_pairs(self.db_url)
         if self._initial:
-            self.load_positions(self._initial)
+            self.load_positions([DEFAULT_REGISTRY.normalize(s) for s in self._initial])
         self._stop.clear()
         targets = [(f"{self.name}-progress", self._progress_loop)]
         if self.rest is not None:

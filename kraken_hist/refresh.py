@@ -6,16 +6,19 @@
   from 5m, …, 1w from 1d), and buckets left without data are deleted. Change rows are
   consumed in the same transaction as the recompute, so a crash loses nothing and rows
   committed by a concurrent writer after that delete stay for the next run.
-* TimescaleDB: the relations are continuous aggregates; ``refresh_continuous_aggregate``
-  runs over the changed window. It refuses to run inside a transaction block, so that path
-  uses an autocommit connection and deletes the change rows it covered only afterwards.
+* TimescaleDB: the relations are hierarchical continuous aggregates (the same parents);
+  ``refresh_continuous_aggregate`` recomputes what TimescaleDB logged as changed, up to the
+  bucket in progress and never into it (see ``_refresh_timescaledb``). It refuses to run
+  inside a transaction block, so that path uses an autocommit connection and deletes the
+  change rows it covered only afterwards.
 
 The aggregation is the SQL twin of ``aggregates.resample`` over 1-minute candles and of the
-continuous aggregate in migration 0001: first open, max high, min low, last close, summed
+continuous aggregates of migration 0003: first open, max high, min low, last close, summed
 volume and trades, vwap = Σ(vwap·volume)/Σvolume over the 1-minute rows that have a vwap
-(NULL when that volume is 0). Each level carries ``vwap_volume`` (that volume), so a level
-built from the one below weights each child's vwap by its own vwap-bearing volume and gets
-the direct 1-minute vwap even where minutes with and without vwap mix (OHLCVT imports).
+(NULL when that volume is 0). Each level carries both sums exactly (``vwap_notional``,
+``vwap_volume``), so a level built from the one below divides the very numbers the direct
+1-minute weighting divides — even where minutes with and without vwap mix (OHLCVT
+imports) — and both backends give the same digits.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .db import connect, has_timescaledb
 from .intervals import INTERVAL_RELATIONS, REFRESH_PARENT, Interval
 from .pairs import normalize_symbol
 from .store import lock_symbol
+from .timescale import compress_due_chunks
 from .timeutils import check_aware
 
 log = logging.getLogger(__name__)
@@ -51,17 +55,19 @@ AGGREGATE_COLUMNS = """
     {weights}
 """
 
-#: vwap and its weight from 1-minute candles (which have no vwap_volume column).
+#: vwap and its exact sums from 1-minute candles (which have no vwap_notional/vwap_volume).
 MINUTE_WEIGHTS = """
     sum(p.vwap * p.volume) / NULLIF(sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL), 0) AS vwap,
-    sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL) AS vwap_volume
+    sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL) AS vwap_volume,
+    sum(p.vwap * p.volume) AS vwap_notional
 """
 
-#: vwap and its weight from buckets that carry vwap_volume: Σ(vwap·vwap_volume)/Σvwap_volume
-#: is the direct 1-minute weighting (up to numeric division's 16+ significant digits).
+#: vwap and its exact sums from buckets that carry them: Σvwap_notional/Σvwap_volume divides
+#: the very numbers the direct 1-minute weighting divides (sums of numerics are exact).
 BUCKET_WEIGHTS = """
-    sum(p.vwap * p.vwap_volume) / NULLIF(sum(p.vwap_volume), 0) AS vwap,
-    sum(p.vwap_volume) AS vwap_volume
+    sum(p.vwap_notional) / NULLIF(sum(p.vwap_volume), 0) AS vwap,
+    sum(p.vwap_volume) AS vwap_volume,
+    sum(p.vwap_notional) AS vwap_notional
 """
 
 
@@ -95,16 +101,18 @@ WITH win (lo, hi) AS (
           SELECT bucket FROM built))
     RETURNING 1
 ), written AS (
-    INSERT INTO {target} AS t (symbol, time, open, high, low, close, vwap, volume, trades, vwap_volume)
-    SELECT %(symbol)s, bucket, open, high, low, close, vwap, volume, trades, vwap_volume FROM built
+    INSERT INTO {target} AS t (symbol, time, open, high, low, close, vwap, volume, trades, vwap_volume,
+                               vwap_notional)
+    SELECT %(symbol)s, bucket, open, high, low, close, vwap, volume, trades, vwap_volume, vwap_notional
+    FROM built
     ON CONFLICT (symbol, time) DO UPDATE
     SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
         vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades,
-        vwap_volume = EXCLUDED.vwap_volume
-    WHERE (t.open, t.high, t.low, t.close, t.vwap, t.volume, t.trades, t.vwap_volume)
+        vwap_volume = EXCLUDED.vwap_volume, vwap_notional = EXCLUDED.vwap_notional
+    WHERE (t.open, t.high, t.low, t.close, t.vwap, t.volume, t.trades, t.vwap_volume, t.vwap_notional)
           IS DISTINCT FROM
           (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
-           EXCLUDED.volume, EXCLUDED.trades, EXCLUDED.vwap_volume)
+           EXCLUDED.volume, EXCLUDED.trades, EXCLUDED.vwap_volume, EXCLUDED.vwap_notional)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM stale), (SELECT count(*) FROM written)
@@ -128,6 +136,7 @@ class RefreshResult:
     #: Symbols whose refresh failed (plain PostgreSQL), with the one-line reason: their changes
     #: stay queued and the other symbols were refreshed all the same.
     failed: dict[str, str] = field(default_factory=dict)
+    chunks_compressed: int = 0  # TimescaleDB: chunks past the configured age compressed by this run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +148,7 @@ class RefreshResult:
             },
             "written": {str(k): v for k, v in self.written.items()},
             "deleted": {str(k): v for k, v in self.deleted.items()},
+            "chunks_compressed": self.chunks_compressed,
             "failed": dict(self.failed),
             "seconds": round(self.seconds, 6),
         }
@@ -191,6 +201,10 @@ def refresh_aggregates(
     advisory lock, and every write is an idempotent upsert.
     """
     began = time.monotonic()
+    if symbol is not None:
+        from .pair_store import load_known_pairs
+
+        load_known_pairs(db_url)
     canonical = normalize_symbol(symbol) if symbol is not None else None
     lo = check_aware(start, "start") if start is not None else None
     hi = check_aware(end, "end") if end is not None else None
@@ -213,6 +227,7 @@ def refresh_aggregates(
         deleted=result.deleted,
         seconds=time.monotonic() - began,
         failed=result.failed,
+        chunks_compressed=result.chunks_compressed,
     )
     log.info(
         "aggregates refreshed: %d symbols, %d change rows, %d buckets written, %d deleted in %.3fs",
@@ -349,50 +364,114 @@ def _refresh_levels(
 
 # --- TimescaleDB ----------------------------------------------------------------------------
 
+#: How long a refresh waits, in total, for a concurrent refresh of the same aggregate (a
+#: TimescaleDB policy job, say) to finish before it gives up.
+CONCURRENT_REFRESH_WAIT = 60.0
+#: Seconds a periodic refresh may spend starting to compress chunks past the configured age.
+COMPRESS_BUDGET = 30.0
+
 
 def _refresh_timescaledb(
     db_url: str, symbol: str | None, start: datetime | None, end: datetime | None, explicit: bool
 ) -> RefreshResult:
-    """CALL refresh_continuous_aggregate over the changed window (autocommit: it cannot run in
-    a transaction block). Change rows are deleted by id only after the refresh succeeded."""
+    """Materialize every level, parents first, up to the start of its bucket in progress.
+
+    TimescaleDB logs every change to ``candles`` (and to each aggregate's materialization)
+    itself, so ``refresh_continuous_aggregate(rel, NULL, <bucket in progress>)`` recomputes
+    exactly the invalidated buckets, wherever they are, and moves the watermark no further
+    than the bucket in progress: that bucket is never materialized, real-time aggregation
+    keeps it current. An explicit window is then recomputed whatever was logged (``force``).
+    ``candle_changes`` rows (kept for plain PostgreSQL) are consumed by id after success.
+    A periodic refresh (no window, all symbols) also compresses chunks past the configured age.
+    Runs on an autocommit connection: refresh_continuous_aggregate refuses transaction blocks.
+    """
+    compressed = 0
     with connect(db_url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(hashtextextended('refresh:timescaledb', 0))")
         try:
             ids: list[int] = []
+            windows_by_symbol: dict[str, list[Window]] = {}
             if explicit:
-                if start is None or end is None:
-                    first, last = conn.execute(
-                        "SELECT min(time), max(time) FROM candles WHERE %s::text IS NULL OR symbol = %s",
-                        (symbol, symbol),
-                    ).fetchone() or (None, None)
-                    if first is None:
-                        return RefreshResult(timescaledb=True, symbols=(), changes_consumed=0)
-                    start = start if start is not None else first
-                    end = end if end is not None else last + timedelta(minutes=1)
-                window: Window | None = (start, end)
+                for name in [symbol] if symbol else _symbols_to_refresh(conn, True):
+                    windows = _explicit_window(conn, name, start, end)
+                    if windows:
+                        windows_by_symbol[name] = windows
             else:
                 rows = conn.execute(
-                    "SELECT id, start_time, end_time FROM candle_changes "
+                    "SELECT id, symbol, start_time, end_time FROM candle_changes "
                     "WHERE %s::text IS NULL OR symbol = %s",
                     (symbol, symbol),
                 ).fetchall()
                 ids = [r[0] for r in rows]
-                window = (min(r[1] for r in rows), max(r[2] for r in rows)) if rows else None
-            if window is None:
-                return RefreshResult(timescaledb=True, symbols=(), changes_consumed=0)
+                by_symbol: dict[str, list[Window]] = {}
+                for _id, name, lo, hi in rows:
+                    by_symbol.setdefault(name, []).append((lo, hi))
+                windows_by_symbol = {name: merge_windows(ws) for name, ws in sorted(by_symbol.items())}
+            forced = merge_windows(w for ws in windows_by_symbol.values() for w in ws) if explicit else []
+            now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
             for minutes in refresh_order():
                 interval = Interval(minutes)
-                lo, hi = interval.bucket_start(window[0]), interval.bucket_end(window[1] - _MICRO)
-                conn.execute(
-                    sql.SQL("CALL refresh_continuous_aggregate({}, {}, {})").format(
-                        sql.Literal(INTERVAL_RELATIONS[minutes]), sql.Literal(lo), sql.Literal(hi)
-                    )
-                )
+                relation = INTERVAL_RELATIONS[minutes]
+                in_progress = interval.bucket_start(now)
+                if forced:
+                    # Recompute what is materialized already (below the watermark) whatever was
+                    # logged; what lies beyond it the refresh below materializes the first time.
+                    # Never past the watermark: that would hide the unmaterialized data before it.
+                    watermark = min(_watermark(conn, relation), in_progress)
+                    for lo, hi in widen_windows(forced, interval):
+                        if lo < min(hi, watermark):
+                            _refresh_cagg(conn, relation, lo, min(hi, watermark), force=True)
+                _refresh_cagg(conn, relation, None, in_progress)
             if ids:
                 conn.execute("DELETE FROM candle_changes WHERE id = ANY(%s)", (ids,))
+            if not explicit and symbol is None:
+                busy = merge_windows(
+                    [w for ws in windows_by_symbol.values() for w in ws]
+                    + [(r[0], r[1]) for r in conn.execute("SELECT start_time, end_time FROM candle_changes")]
+                )
+                compressed = compress_due_chunks(conn, budget=COMPRESS_BUDGET, busy=busy)
         finally:
             conn.execute("SELECT pg_advisory_unlock(hashtextextended('refresh:timescaledb', 0))")
-    label = symbol or "*"
     return RefreshResult(
-        timescaledb=True, symbols=(label,), changes_consumed=len(ids), windows={label: [window]}
+        timescaledb=True, symbols=tuple(windows_by_symbol), changes_consumed=len(ids),
+        windows=windows_by_symbol, chunks_compressed=compressed,
     )
+
+
+_WATERMARK = """
+SELECT _timescaledb_functions.to_timestamp(_timescaledb_functions.cagg_watermark(mat_hypertable_id))
+FROM _timescaledb_catalog.continuous_agg
+WHERE user_view_schema = current_schema() AND user_view_name = %s
+"""
+
+
+def _watermark(conn: psycopg.Connection, relation: str) -> datetime:
+    """Where `relation`'s materialized data ends (real-time aggregation serves what follows)."""
+    row = conn.execute(_WATERMARK, (relation,)).fetchone()
+    if row is None:
+        raise psycopg.errors.UndefinedTable(f'continuous aggregate "{relation}" does not exist')
+    return row[0]
+
+
+def _refresh_cagg(
+    conn: psycopg.Connection, relation: str, lo: datetime | None, hi: datetime, *, force: bool = False
+) -> None:
+    """CALL refresh_continuous_aggregate in one pass (a manual refresh otherwise works in
+    batches of 10 buckets: ~900 statements for a month of 5-minute buckets), waiting out a
+    concurrent refresh of the same aggregate (TimescaleDB refuses overlapping ones at once
+    rather than queueing them)."""
+    statement = sql.SQL(
+        "CALL refresh_continuous_aggregate({}, {}, {}, force => {}, options => '{{\"buckets_per_batch\": 0}}')"
+    ).format(sql.Literal(relation), sql.Literal(lo), sql.Literal(hi), sql.Literal(force))
+    deadline = time.monotonic() + CONCURRENT_REFRESH_WAIT
+    pause = 0.05
+    while True:
+        try:
+            conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.info("refresh of %s waits for a concurrent refresh", relation, extra={"event": "refresh.wait"})
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)

@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import time
+import zipfile
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +26,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 from .config import Settings
 from .errors import TransientError
 from .locks import DEFAULT_TTL, hold, lock_name
-from .pairs import normalize_symbol
 from .timeutils import parse_time
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,15 @@ def _run_locked(
     return to_json(result)
 
 
+def _resolve(settings: Settings, names: list[str] | tuple[str, ...]) -> list[str]:
+    """Task arguments in any Kraken spelling, patterns or ``all`` → canonical symbols (the
+    database's pair table, Kraken's AssetPairs for names it does not know yet)."""
+    from .migrate import prepare_database
+    from .pair_store import resolver_for
+
+    return resolver_for(settings, prepare_database(settings=settings)).expand(names)
+
+
 @shared_task(name="kraken_hist.tasks.backfill_symbol", soft_time_limit=3300, time_limit=3600, **_TASK_OPTIONS)
 def backfill_symbol(self: Task, symbol: str, since: str | None = None, until: str | None = None) -> dict[str, Any]:
     """Fetch one symbol's trades from Kraken REST and store them (resumes from the stored cursor).
@@ -141,21 +150,22 @@ def backfill_symbol(self: Task, symbol: str, since: str | None = None, until: st
     A run cut off by its time limit keeps what it stored; the next run (the beat catch-up
     backfill, or the same call again) continues from there.
     """
-    canonical = normalize_symbol(symbol)
-    start, end = _time_arg("since", since), _time_arg("until", until)
     settings = Settings.from_env()
-    report = {"symbol": canonical, "since": _iso(start), "until": _iso(end)}
+    wanted = _resolve(settings, [symbol])  # a name, or a pattern / 'all' (KRAKEN_HIST_SYMBOLS=all on beat)
+    start, end = _time_arg("since", since), _time_arg("until", until)
+    report = {"symbol": wanted[0] if len(wanted) == 1 else symbol, "since": _iso(start), "until": _iso(end)}
 
-    def work(_: list[str | None]) -> Any:
+    def work(mine: list[str | None]) -> Any:
         from .backfill import KrakenTradesBackfill
 
         service = KrakenTradesBackfill(settings=settings)
         try:
-            return service.backfill_symbol(canonical, since=start, until=end)
+            results = [service.backfill_symbol(name, since=start, until=end) for name in mine if name]
+            return results[0] if len(wanted) == 1 and results else {"symbols": results}
         finally:
             _close(service)
 
-    return _run_locked(self, settings, [canonical], work, report)
+    return _run_locked(self, settings, wanted, work, report)
 
 
 @shared_task(name="kraken_hist.tasks.fill_gaps", soft_time_limit=1500, time_limit=1800, **_TASK_OPTIONS)
@@ -165,7 +175,7 @@ def fill_gaps(self: Task, symbols: list[str] | None = None) -> dict[str, Any]:
     Symbols whose gap fill is already running elsewhere are skipped and listed.
     """
     settings = Settings.from_env()
-    wanted = [normalize_symbol(s) for s in symbols] if symbols else list(settings.symbols)
+    wanted = _resolve(settings, symbols or settings.symbols)
     report: dict[str, Any] = {"symbols": wanted}
 
     def work(mine: list[str | None]) -> Any:
@@ -185,9 +195,9 @@ def refresh_aggregates(
     self: Task, symbol: str | None = None, start: str | None = None, end: str | None = None
 ) -> dict[str, Any]:
     """Bring the 5m…1w candle relations up to date with the changed 1-minute candles."""
-    canonical = normalize_symbol(symbol) if symbol else None
-    lo, hi = _time_arg("start", start), _time_arg("end", end)
     settings = Settings.from_env()
+    canonical = _resolve(settings, [symbol])[0] if symbol else None
+    lo, hi = _time_arg("start", start), _time_arg("end", end)
     report = {"symbol": canonical, "start": _iso(lo), "end": _iso(hi)}
 
     def work(_: list[str | None]) -> Any:
@@ -210,17 +220,23 @@ def import_csv(self: Task, path: str, symbol: str | None = None) -> dict[str, An
     target = Path(path).expanduser().resolve()
     if not target.exists():
         raise FileNotFoundError(f"import_csv: no file or directory {str(target)!r} on this worker")
-    canonical = normalize_symbol(symbol) if symbol else None
     settings = Settings.from_env()
+    canonical = _resolve(settings, [symbol])[0] if symbol else None
     report = {"path": str(target), "symbol": canonical}
 
     def work(_: list[str | None]) -> Any:
         from .csv_import import BulkCSVImporter
 
-        importer = BulkCSVImporter(settings=settings)
+        from .migrate import prepare_database
+        from .pair_store import resolver_for
+
+        url = prepare_database(settings=settings)
+        importer = BulkCSVImporter(url, settings=settings, resolver=resolver_for(settings, url))
         try:
             if target.is_dir():
                 return {"files": importer.import_directory(target)}
+            if zipfile.is_zipfile(target):  # a whole archive: every member, every pair
+                return {"files": importer.import_archive(target, symbol=canonical)}
             return importer.import_csv_file(target, symbol=canonical)
         finally:
             _close(importer)

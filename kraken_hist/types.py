@@ -8,12 +8,13 @@ and validated on construction so a bad record never reaches a batch.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 from .bounds import KRAKEN_FIRST_TRADE, MAX_CLOCK_SKEW, MAX_TRADE_ID, count_problem, time_problem
-from .pairs import DEFAULT_REGISTRY
+from .pairs import DEFAULT_REGISTRY, symbol_from_wsname
 from .timeutils import UTC, check_aware, utcnow
 
 
@@ -70,7 +71,17 @@ def _non_negative(value: object, field: str) -> Decimal:
     return result
 
 
+_SYMBOL_SHAPE = re.compile(r"^[A-Z0-9.]{1,16}/[A-Z0-9.]{1,16}$")
+
+
 def _symbol(value: str) -> str:
+    """A canonical ``BASE/QUOTE`` name as given (legacy asset names mapped: ``XBT/USD`` →
+    ``BTC/USD``); other names (``XBTUSD``) through the built-in table. Whether the pair is
+    one we store is for the writer to say, with the registry it was given."""
+    if isinstance(value, str) and "/" in value:
+        upper = value.strip().upper()
+        if _SYMBOL_SHAPE.match(upper):
+            return symbol_from_wsname(upper)
     return DEFAULT_REGISTRY.normalize(value)
 
 

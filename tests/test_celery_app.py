@@ -82,7 +82,8 @@ def test_schedule_follows_the_environment() -> None:
     )
     schedule = celery_app.beat_schedule(settings)
     assert set(schedule) == {"fill-gaps", "refresh-aggregates"}  # 0 switches the backfill off
-    assert schedule["fill-gaps"]["kwargs"] == {"symbols": ["BTC/USD", "SOL/USD"]}
+    # names as configured (patterns and 'all' too); the task resolves them through the pair table
+    assert schedule["fill-gaps"]["kwargs"] == {"symbols": ["XBTUSD", "SOLUSD"]}
     assert schedule["fill-gaps"]["schedule"] == 90.0 and schedule["refresh-aggregates"]["schedule"] == 15.0
 
 

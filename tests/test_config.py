@@ -33,7 +33,8 @@ def test_every_variable_is_read():
     assert settings.redis_url == "redis://cache:6379/1"
     assert settings.rest_url == "http://127.0.0.1:8080"
     assert settings.ws_url == "ws://127.0.0.1:8081/v2"
-    assert settings.symbols == ("BTC/USD", "ETH/USD", "DOGE/USD")
+    # names as given (a pattern or 'all' too): resolved through the pair table where used
+    assert settings.symbols == ("xbtusd", "ETH/USD", "XDGUSD")
     assert settings.data_dir == Path("/tmp/kh")
     assert settings.rest_min_interval == 0.5
     assert settings.gap_fill_every == 120.0
@@ -49,7 +50,7 @@ def test_empty_variables_keep_defaults():
         ("KRAKEN_HIST_DATABASE_URL", "mysql://x", "KRAKEN_HIST_DATABASE_URL must be a postgresql://"),
         ("KRAKEN_HIST_REST_MIN_INTERVAL", "fast", "must be a number of seconds"),
         ("KRAKEN_HIST_REST_MIN_INTERVAL", "-1", "must not be negative"),
-        ("KRAKEN_HIST_SYMBOLS", "BTC/USD,NOPE/USD", "unknown symbol 'NOPE/USD'"),
+        ("KRAKEN_HIST_SYMBOLS", " , ", "KRAKEN_HIST_SYMBOLS names no symbol"),
         ("KRAKEN_HIST_REDIS_URL", "localhost:6379", "KRAKEN_HIST_REDIS_URL must be a redis://"),
     ],
 )

@@ -27,11 +27,14 @@ def test_every_name_maps_to_the_canonical_symbol(symbol, altname, rest_key, deci
     assert PAIR_MAP[symbol] is not None
 
 
-def test_unknown_symbol_names_it_and_the_known_ones():
+def test_the_legacy_wsname_is_one_of_the_names_and_an_unknown_name_gets_the_closest_known():
+    assert normalize_symbol("XBT/USD") == "BTC/USD"  # AssetPairs' wsname: ours to map, never sent to v2
+    assert normalize_symbol("xdg/usd") == "DOGE/USD" and normalize_symbol("BTCUSD") == "BTC/USD"
     with pytest.raises(UnknownSymbolError) as info:
-        normalize_symbol("XBT/USD")  # the AssetPairs wsname, refused by WebSocket v2
+        normalize_symbol("XBTUSX")
     message = str(info.value)
-    assert "'XBT/USD'" in message and "BTC/USD" in message and "DOGE/USD" in message
+    assert "'XBTUSX'" in message and "BTC/USD" in message
+    assert info.value.known[0] in ("BTC/USD", "BTC/USDT")
     assert isinstance(info.value, ValueError)
 
 
@@ -58,7 +61,8 @@ def test_registry_extends_from_a_real_asset_pairs_answer(samples_dir):
     assert registry.normalize("XDGUSD") == "DOGE/USD"
     assert registry.normalize("XETHXXBT") == "ETH/BTC"
     assert registry.get("ETH/BTC").price_decimals == 5
-    assert not registry.is_known("XBT/USD")
+    assert registry.normalize("XBT/USD") == "BTC/USD"  # the wsname, mapped through the asset aliases
+    assert registry.normalize("XXRPZEUR") == "XRP/EUR" and registry.get("XRP/EUR").status == "online"
 
 
 def test_registry_extends_from_a_synthetic_entry():
@@ -67,5 +71,23 @@ def test_registry_extends_from_a_synthetic_entry():
         {"ADAUSD": {"altname": "ADAUSD", "wsname": "ADA/USD", "pair_decimals": 6, "lot_decimals": 8},
          "XXBTZUSD.d": {"altname": "XBTUSD.d", "wsname": "XBT/USD"}}
     )
-    assert registry.get("ada/usd") == Pair(symbol="ADA/USD", altname="ADAUSD", rest_key="ADAUSD", price_decimals=6)
+    assert registry.get("ada/usd") == Pair(symbol="ADA/USD", altname="ADAUSD", rest_key="ADAUSD", price_decimals=6,
+                                           wsname="ADA/USD", origin="asset_pairs")
     assert registry.symbols() == ["ADA/USD"]
+
+
+def test_pairs_kraken_no_longer_lists_are_inferred_from_archive_file_stems():
+    registry = PairRegistry()
+    assert registry.infer_from_stem("XRPUSD", price_decimals=5).symbol == "XRP/USD"
+    legacy = registry.infer_from_stem("XXRPZEUR", price_decimals=5)  # X/Z-prefixed legacy codes
+    assert (legacy.symbol, legacy.status, legacy.origin, legacy.decimals_inferred) == ("XRP/EUR", "inferred", "file_name", True)
+    assert registry.infer_from_stem("ADAXBT", price_decimals=8).symbol == "ADA/BTC"
+    with pytest.raises(UnknownSymbolError):
+        registry.infer_from_stem("FOOBAR", price_decimals=2)
+
+
+def test_patterns_select_pairs_by_any_name():
+    registry = PairRegistry()
+    assert registry.match("*/USD") == ["BTC/USD", "DOGE/USD", "ETH/USD", "SOL/USD"]
+    assert registry.match("XBT*") == ["BTC/EUR", "BTC/USD", "BTC/USDT"]
+    assert registry.match("all") == registry.symbols()

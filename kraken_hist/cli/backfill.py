@@ -10,10 +10,9 @@ from tqdm import tqdm
 
 from ..backfill import BackfillProgress, BackfillResult, KrakenTradesBackfill
 from ..migrate import prepare_database
-from ..pairs import normalize_symbol
 from ..rest_client import KrakenRestClient
 from ..timeutils import parse_time
-from .common import friendly_errors, settings_from
+from .common import friendly_errors, resolve_symbols, settings_from
 
 
 class _Bars:
@@ -63,7 +62,7 @@ def _summary(result: BackfillResult) -> str:
 
 
 @click.command()
-@click.argument("symbols", nargs=-1, required=True)
+@click.argument("symbols", nargs=-1)
 @click.option("--since", help="Start here when the symbol has no stored data, or extend stored data back to here "
               "(ISO date/time, UTC, or unix seconds). Default: the pair's first trade.")
 @click.option("--until", help="Stop before this time (exclusive). Default: catch up with the exchange.")
@@ -74,6 +73,9 @@ def _summary(result: BackfillResult) -> str:
 def backfill(ctx: click.Context, symbols: tuple[str, ...], since: str | None, until: str | None,
              as_json: bool, progress: bool) -> None:
     """Backfill trades (and their 1-minute candles) of SYMBOL... from Kraken's REST API.
+
+    SYMBOL is any of Kraken's names (BTC/USD, XBTUSD, XXBTZUSD), a pattern (\'*/USD\') or
+    'all'; without one, KRAKEN_HIST_SYMBOLS (default BTC/USD).
 
     Resumes by default: a run that was interrupted, or a later run, continues from the
     stored cursor without losing or doubling a trade. Calls are paced by
@@ -86,10 +88,10 @@ def backfill(ctx: click.Context, symbols: tuple[str, ...], since: str | None, un
         end = parse_time(until) if until else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    canonical = [normalize_symbol(s) for s in symbols]
     url = prepare_database(settings=settings)
-    bars = _Bars(progress)
+    canonical = resolve_symbols(settings, url, symbols or settings.symbols)
     client = KrakenRestClient.from_settings(settings)
+    bars = _Bars(progress)
     with KrakenTradesBackfill(url, client, settings=settings, progress=bars) as job:
         try:
             for symbol in canonical:

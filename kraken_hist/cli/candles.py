@@ -34,7 +34,7 @@ def _vwap_text(vwap: Decimal | None, price_decimals: int) -> str:
 
 
 def _row(candle: HistoricalCandle) -> list[str]:
-    decimals = DEFAULT_REGISTRY.get(candle.symbol).price_decimals
+    decimals = DEFAULT_REGISTRY.get(candle.symbol).price_decimals if DEFAULT_REGISTRY.is_known(candle.symbol) else 8
     return [
         candle.time.isoformat(), str(candle.open), str(candle.high), str(candle.low), str(candle.close),
         str(candle.volume), _vwap_text(candle.vwap, decimals), str(candle.trades),

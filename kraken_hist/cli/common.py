@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import click
 
@@ -26,6 +26,15 @@ def settings_from(ctx: click.Context) -> Settings:
     if not isinstance(obj, Settings):  # pragma: no cover - only when a command runs standalone
         obj = Settings.from_env()
     return obj
+
+
+def resolve_symbols(settings: Settings, db_url: str, names: Iterable[str], *, client: Any = None) -> list[str]:
+    """Names in any of Kraken's spellings, patterns (``*/USD``) or ``all`` → canonical symbols,
+    through the database's pair table; a name it does not know is looked up in Kraken's
+    AssetPairs once (and stored), so every listed pair works from every command."""
+    from ..pair_store import resolver_for
+
+    return resolver_for(settings, db_url, client=client).expand(names)
 
 
 def friendly_errors(func: F) -> F:

@@ -8,10 +8,10 @@ import click
 from tqdm import tqdm
 
 from ..gap_filler import GapFill, GapFiller, GapFillReport
-from ..pairs import normalize_symbol
+from ..migrate import prepare_database
 from ..timeutils import parse_time
 from ..types import DataGap, GapKind
-from .common import friendly_errors, settings_from
+from .common import friendly_errors, resolve_symbols, settings_from
 
 
 def _row(gap: DataGap) -> tuple[str, ...]:
@@ -59,7 +59,7 @@ def gaps(ctx: click.Context, symbols: tuple[str, ...], fill: bool, since: str | 
     minute whose candle disagrees with its stored trades. Quiet markets are not gaps.
     """
     settings = settings_from(ctx)
-    wanted = [normalize_symbol(s) for s in symbols] or None
+    wanted = resolve_symbols(settings, prepare_database(settings=settings), symbols) if symbols else None
     start = parse_time(since) if since else None
     with GapFiller(symbols=wanted, settings=settings) as service:
         found = service.detect_gaps(min_gap_minutes, since=start)

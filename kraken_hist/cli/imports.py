@@ -12,6 +12,8 @@ import click
 from tqdm import tqdm
 
 from ..csv_import import BulkCSVImporter, ImportResult
+from ..migrate import prepare_database
+from ..pair_store import resolver_for
 from .common import friendly_errors, settings_from
 
 SHOWN_BAD_LINES = 5
@@ -101,7 +103,11 @@ def import_command(ctx: click.Context, paths: tuple[Path, ...], symbol: str | No
         bar.set_postfix(rows=f"{rows:,}", refresh=False)
 
     try:
-        importer = BulkCSVImporter(None, chunk_size, settings=settings, strict=strict, progress=progress)
+        url = prepare_database(settings=settings)
+        # file names of pairs not in the table are looked up in Kraken's AssetPairs once;
+        # pairs Kraken no longer lists are recorded from their file names
+        importer = BulkCSVImporter(url, chunk_size, settings=settings, strict=strict, progress=progress,
+                                   resolver=resolver_for(settings, url))
         results = importer.import_paths(paths, symbol)
     finally:
         bar.close()

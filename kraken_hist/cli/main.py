@@ -15,6 +15,7 @@ from .db import db
 from .export import export_command
 from .gaps import gaps
 from .imports import import_command
+from .pairs import pairs
 from .stream import stream
 from .tasks import task
 
@@ -36,7 +37,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-for command in (db, backfill, stream, import_command, gaps, candles, refresh, export_command, chart, coverage, task):
+for command in (db, backfill, stream, import_command, gaps, candles, refresh, export_command, chart, coverage, task,
+                pairs):
     cli.add_command(command)
 
 

@@ -25,11 +25,10 @@ from ..errors import UnknownSymbolError
 from ..live import WebSocketDBIntegration
 from ..metrics import StreamCollector, TradeTracker, stream_health
 from ..migrate import prepare_database
-from ..pairs import DEFAULT_REGISTRY
 from ..rest_client import KrakenRestClient
 from ..writer import DatabaseWriter
 from ..ws_client import KrakenWSClient
-from .common import friendly_errors, settings_from
+from .common import friendly_errors, resolve_symbols, settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +69,11 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
     configured KRAKEN_HIST_SYMBOLS. Trades missed while disconnected are fetched through REST.
     """
     settings = settings_from(ctx)
-    names = symbols or settings.symbols
-    try:
-        canonical = list(dict.fromkeys(DEFAULT_REGISTRY.normalize(s) for s in names))
+    db_url = prepare_database(settings=settings)
+    try:  # any Kraken name, '*/USD' or 'all': hundreds of pairs share one connection
+        canonical = resolve_symbols(settings, db_url, symbols or settings.symbols)
     except UnknownSymbolError as exc:
         raise click.BadParameter(str(exc), param_hint="SYMBOLS") from None
-    db_url = prepare_database(settings=settings)
     refresher = PeriodicRefresh(db_url, settings.refresh_every if refresh_every is None else refresh_every)
 
     stop = threading.Event()

@@ -42,11 +42,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import UnknownSymbolError
-from ..pairs import ASSET_ALIASES, Pair, get_pair
 from ..timeutils import EPOCH, floor_minute, to_unix_ns, to_unix_seconds, utcnow
 from .history import format_trade_time, generate_trades
 from .market import FakeMarket
+from .universe import Listing, default_universe
 
 logger = logging.getLogger(__name__)
 
@@ -269,16 +268,13 @@ class FakeKrakenREST:
         except _ApiError as exc:
             return exc.status, _envelope_error(exc.message)
 
-    def _pair(self, params: dict[str, str]) -> tuple[Pair, str]:
-        """The pair asked for and the key its answer is filed under."""
+    def _pair(self, params: dict[str, str]) -> tuple[Listing, str]:
+        """The pair asked for (by altname, REST key or v2 name) and the key its answer is filed under."""
         name = params.get("pair", "").strip()
         if not name:
             raise _ApiError("EGeneral:Invalid arguments")
-        try:
-            pair = get_pair(name)
-        except UnknownSymbolError:
-            raise _ApiError("EQuery:Unknown asset pair") from None
-        if not self.market.has(pair.symbol):
+        pair = self.market.universe.find(name)
+        if pair is None or not pair.listed or not self.market.has(pair.symbol):
             raise _ApiError("EQuery:Unknown asset pair")
         key = name.upper() if "/" in name else pair.rest_key
         return pair, key
@@ -351,35 +347,18 @@ class FakeKrakenREST:
         return f'{{"error":[],"result":{{{json.dumps(key)}:[{",".join(parts)}],"last":{last_text}}}}}'.encode()
 
     def _asset_pairs(self, params: dict[str, str]) -> bytes:
+        """Every listed pair that has a history here (the whole market when it generates
+        histories), or the ones asked for; delisted pairs are absent, as on Kraken."""
         wanted = [name for name in params.get("pair", "").split(",") if name.strip()]
+        universe = self.market.universe
         if wanted:
-            try:
-                pairs = [get_pair(name) for name in wanted]
-            except UnknownSymbolError:
-                raise _ApiError("EQuery:Unknown asset pair") from None
-            if not all(self.market.has(p.symbol) for p in pairs):
+            found = [universe.find(name) for name in wanted]
+            if any(p is None or not p.listed or not self.market.has(p.symbol) for p in found):
                 raise _ApiError("EQuery:Unknown asset pair")
+            result = universe.asset_pairs([p.symbol for p in found if p is not None])
         else:
-            pairs = [get_pair(symbol) for symbol in self.market.symbols()]
-        legacy = {v: k for k, v in ASSET_ALIASES.items()}
-        result = {}
-        for pair in pairs:
-            base, quote = pair.symbol.split("/", 1)
-            result[pair.rest_key] = {
-                "altname": pair.altname,
-                "wsname": f"{legacy.get(base, base)}/{legacy.get(quote, quote)}",
-                "aclass_base": "currency",
-                "base": _ASSET_CODES.get(base, base),
-                "aclass_quote": "currency",
-                "quote": _ASSET_CODES.get(quote, quote),
-                "lot": "unit",
-                "cost_decimals": 5,
-                "pair_decimals": pair.price_decimals,
-                "lot_decimals": pair.lot_decimals,
-                "lot_multiplier": 1,
-                "ordermin": "0.0001",
-                "status": "online",
-            }
+            result = {key: entry for key, entry in universe.asset_pairs().items()
+                      if self.market.has(universe.find(key).symbol)}  # type: ignore[union-attr]
         return json.dumps({"error": [], "result": result}).encode()
 
     def _time(self, params: dict[str, str]) -> bytes:
@@ -392,9 +371,6 @@ class FakeKrakenREST:
         result = {"status": self.system_status, "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
         return json.dumps({"error": [], "result": result}).encode()
 
-
-# Kraken's legacy asset codes for the built-in pairs (AssetPairs ``base``/``quote``).
-_ASSET_CODES = {"BTC": "XXBT", "ETH": "XETH", "USD": "ZUSD", "EUR": "ZEUR", "DOGE": "XXDG"}
 
 
 def _envelope_error(message: str) -> bytes:
@@ -465,13 +441,19 @@ def demo_market(
     trades keep appearing as time passes (a live market to catch up with)."""
     centre = floor_minute(now or utcnow())
     span = timedelta(days=days)
-    histories = {
-        get_pair(s).symbol: generate_trades(
-            s, centre - span, centre + span, seed=seed, trades_per_minute=trades_per_minute
-        )
-        for s in symbols
-    }
-    return FakeMarket(histories)
+    universe = default_universe()
+
+    def history(symbol: str) -> list:
+        return generate_trades(symbol, centre - span, centre + span, seed=seed, trades_per_minute=trades_per_minute)
+
+    if any(s.strip().lower() == "all" for s in symbols):  # the whole market, each pair made when first asked for
+        return FakeMarket({}, universe=universe, generate=history)
+    names = [universe.find(s) for s in symbols]
+    unknown = [s for s, listing in zip(symbols, names) if listing is None]
+    if unknown:
+        raise ValueError(f"the fake exchange lists no pair {', '.join(unknown)}")
+    return FakeMarket({listing.symbol: history(listing.symbol) for listing in names if listing is not None},
+                      universe=universe)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -479,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A fake Kraken public REST API on loopback, for trying kraken-hist offline.")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--symbols", default="BTC/USD,ETH/USD", help="comma-separated pairs (default %(default)s)")
+    parser.add_argument("--symbols", default="BTC/USD,ETH/USD",
+                        help="comma-separated pairs, or 'all' for every listed pair (default %(default)s)")
     parser.add_argument("--days", type=float, default=1.0, help="days of history before now (default %(default)s)")
     parser.add_argument("--trades-per-minute", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)

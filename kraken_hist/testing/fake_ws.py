@@ -30,7 +30,6 @@ from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 from ..intervals import Interval
-from ..pairs import DEFAULT_REGISTRY, get_pair
 from ..timeutils import EPOCH, utcnow
 from ..types import HistoricalCandle, HistoricalTrade
 from .market import FakeMarket
@@ -105,7 +104,7 @@ def next_trades(
     rng: random.Random | None = None,
 ) -> list[HistoricalTrade]:
     """`count` new trades continuing `symbol`'s id sequence and price, at `when` (default now)."""
-    pair = get_pair(symbol)
+    pair = market.universe.get(market.canonical(symbol))
     rng = rng or random.Random()
     first_id = market.next_trade_id(pair.symbol)
     stamp = when or market.now()
@@ -248,7 +247,7 @@ class FakeKrakenWS:
 
     def publish(self, symbol: str, trades: Sequence[HistoricalTrade]) -> None:
         """Trades "happen": appended to the market, then sent to every trade/ohlc subscriber."""
-        canonical = get_pair(symbol).symbol
+        canonical = self.market.canonical(symbol)
         with self._lock:
             self.market.append(canonical, trades)
             self._broadcast_trades(canonical, trades)
@@ -440,7 +439,8 @@ class FakeKrakenWS:
             return False
         if self.market.has(symbol):
             return True
-        return DEFAULT_REGISTRY.is_known(symbol) and DEFAULT_REGISTRY.get(symbol).symbol == symbol
+        listing = self.market.universe.find(symbol)
+        return listing is not None and listing.symbol == symbol and listing.listed
 
     def _on_subscribe(self, conn: _Connection, method: str, params: dict, extra: dict, time_in: str) -> None:
         channel = params.get("channel")
@@ -517,7 +517,7 @@ class FakeKrakenWS:
 
     def _update_running(self, symbol: str, interval: int, trades: Sequence[HistoricalTrade]) -> list[HistoricalCandle]:
         """Running candles of the buckets `trades` touched (already appended to the market)."""
-        decimals = get_pair(symbol).price_decimals
+        decimals = self.market.universe.get(symbol).price_decimals
         seconds = interval * 60
         touched: list[HistoricalCandle] = []
         state = self._running.get((symbol, interval))
@@ -635,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m kraken_hist.testing.fake_ws --port 8081``: serve generated trades, live."""
     import argparse
 
-    from .history import generate_trades
+    from .fake_rest import demo_market
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8081)
@@ -643,8 +643,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=5.0, help="new trades per second per symbol")
     args = parser.parse_args(argv)
     now = utcnow()
-    symbols = [get_pair(s).symbol for s in args.symbols.split(",") if s.strip()]
-    market = FakeMarket({s: generate_trades(s, now - timedelta(hours=2), now) for s in symbols})
+    market = demo_market([s for s in args.symbols.split(",") if s.strip()], days=2 / 24, trades_per_minute=20.0,
+                         seed=1, now=now)
+    symbols = market.symbols()
     with FakeKrakenWS(market, port=args.port) as server:
         print(f"fake Kraken WebSocket v2 at {server.url}", flush=True)
         try:

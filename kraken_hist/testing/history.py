@@ -13,7 +13,7 @@ import random
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from ..pairs import get_pair
+from .universe import default_universe
 from ..timeutils import EPOCH, check_aware, floor_minute, to_unix_ns
 from ..types import HistoricalTrade
 
@@ -47,7 +47,9 @@ def generate_trades(
     The same arguments always give the same trades. `trades_per_minute` is the average over
     all minutes; a fraction `quiet_fraction` of minutes has no trade at all.
     """
-    pair = get_pair(symbol)
+    pair = default_universe().find(symbol)
+    if pair is None:
+        raise ValueError(f"the fake exchange lists no pair {symbol!r}")
     lo, hi = check_aware(start, "start"), check_aware(end, "end")
     if hi <= lo:
         return []

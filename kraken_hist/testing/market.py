@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from ..aggregates import kraken_vwap
-from ..pairs import get_pair
 from ..timeutils import EPOCH, check_aware, utcnow
 from ..types import HistoricalCandle, HistoricalTrade
 from .history import trade_time_ns
+from .universe import Universe, default_universe
 
 Clock = Callable[[], datetime]
 
@@ -81,12 +81,24 @@ class _Book:
 class FakeMarket:
     """Trade histories by canonical symbol, seen through an injected clock (default: real time)."""
 
-    def __init__(self, histories: Mapping[str, list[HistoricalTrade]], clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        histories: Mapping[str, list[HistoricalTrade]],
+        clock: Clock | None = None,
+        *,
+        universe: Universe | None = None,
+        generate: Callable[[str], list[HistoricalTrade]] | None = None,
+    ) -> None:
+        """`histories` by any name the fake lists; `generate` makes the history of any other
+        pair of `universe` the first time it is asked for (a whole market without building
+        hundreds of histories up front)."""
         self._lock = threading.Lock()
         self._clock: Clock = clock or utcnow
+        self.universe = universe or default_universe()
+        self._generate = generate
         self._books: dict[str, _Book] = {}
         for name, trades in histories.items():
-            symbol = get_pair(name).symbol
+            symbol = self.canonical(name)
             book = _Book()
             book.extend(symbol, trades)
             self._books[symbol] = book
@@ -97,33 +109,60 @@ class FakeMarket:
         """The market's current time (aware UTC)."""
         return check_aware(self._clock(), "clock()")
 
+    def canonical(self, name: str) -> str:
+        """The v2 name of any name the fake lists (KeyError for others)."""
+        listing = self.universe.find(name)
+        if listing is None:
+            raise KeyError(f"the fake exchange lists no pair {name!r}")
+        return listing.symbol
+
     def symbols(self) -> list[str]:
+        """Pairs with a history (every pair of the universe when histories are generated)."""
         with self._lock:
+            if self._generate is not None:
+                return sorted(set(self._books) | set(self.universe.symbols()))
             return sorted(self._books)
 
     def has(self, symbol: str) -> bool:
         with self._lock:
-            return symbol in self._books
+            return symbol in self._books or (self._generate is not None and symbol in self.universe.listings)
+
+    def has_history_source(self, symbol: str) -> bool:
+        """Whether the pair's past is generated on demand (its book must be made before appending)."""
+        return self._generate is not None and symbol in self.universe.listings
+
+    def _book(self, symbol: str) -> _Book:
+        """The pair's book (caller holds the lock), generated on first use when it can be."""
+        book = self._books.get(symbol)
+        if book is None:
+            if self._generate is None or symbol not in self.universe.listings:
+                raise KeyError(symbol)
+            book = self._books[symbol] = _Book()
+            book.extend(symbol, self._generate(symbol))
+        return book
 
     # --- trades ---------------------------------------------------------------------------
 
     def append(self, symbol: str, trades: Iterable[HistoricalTrade]) -> None:
         """Add newer trades (live trading); ids must continue the pair's sequence."""
-        canonical = get_pair(symbol).symbol
+        canonical = self.canonical(symbol)
         with self._lock:
-            book = self._books.setdefault(canonical, _Book())
+            if canonical not in self._books and not self.has_history_source(canonical):
+                self._books[canonical] = _Book()
+            book = self._book(canonical)
             book.extend(canonical, list(trades))
 
     def next_trade_id(self, symbol: str) -> int:
         """The id the pair's next trade gets."""
         with self._lock:
-            book = self._books.get(get_pair(symbol).symbol)
+            canonical = self.canonical(symbol)
+            book = self._book(canonical) if canonical in self._books or self._generate else None
             return book.trades[-1].trade_id + 1 if book and book.trades else 1
 
     def trades(self, symbol: str, start: datetime | None = None, end: datetime | None = None) -> list[HistoricalTrade]:
         """Visible trades (time <= now) in ``[start, end)``, oldest first."""
         with self._lock:
-            book = self._books[symbol]
+            book = self._book(symbol)
             hi = self._visible(book)
             lo = 0 if start is None else bisect_left(book.micros, _micros(check_aware(start)), 0, hi)
             if end is not None:
@@ -136,7 +175,7 @@ class FakeMarket:
         """Up to `count` visible trades with reported time > `since_ns` (>= when `inclusive`),
         each with its nanosecond time; with `since_ns` None the `count` most recent."""
         with self._lock:
-            book = self._books[symbol]
+            book = self._book(symbol)
             hi = self._visible(book)
             if since_ns is None:
                 lo = max(0, hi - count)
@@ -149,7 +188,7 @@ class FakeMarket:
     def last_trade_before(self, symbol: str, when: datetime) -> HistoricalTrade | None:
         """The newest visible trade strictly before `when`."""
         with self._lock:
-            book = self._books[symbol]
+            book = self._book(symbol)
             index = bisect_left(book.micros, _micros(check_aware(when)), 0, self._visible(book))
             return book.trades[index - 1] if index else None
 
@@ -163,7 +202,7 @@ class FakeMarket:
         Kraken's rule (vwap rounded down to the pair's decimals). Buckets are aligned to the
         epoch, as Kraken's OHLC endpoint aligns them. Quiet buckets are absent."""
         seconds = interval * 60
-        decimals = get_pair(symbol).price_decimals
+        decimals = self.universe.get(symbol).price_decimals
         out: list[HistoricalCandle] = []
         bucket: list[HistoricalTrade] = []
         bucket_key: int | None = None

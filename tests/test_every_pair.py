@@ -1,0 +1,137 @@
+"""Every Kraken pair, under any of its names: backfill, import (a whole archive), candles, gaps
+and the stream for pairs that are not built in, against the fake exchange's own listing."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zipfile
+from datetime import datetime, timedelta, timezone
+from typing import Iterator
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from kraken_hist.cli import cli
+from kraken_hist.testing.fake_rest import FakeKrakenREST
+from kraken_hist.testing.history import generate_trades
+from kraken_hist.testing.market import FakeMarket, ManualClock
+from kraken_hist.testing.universe import default_universe
+
+UTC = timezone.utc
+START = datetime(2025, 4, 1, tzinfo=UTC)
+HOURS = 3
+
+
+def history(symbol: str) -> list:
+    return generate_trades(symbol, START, START + timedelta(hours=HOURS), seed=3, trades_per_minute=6)
+
+
+@pytest.fixture
+def market() -> FakeMarket:
+    """The whole fake market: every listed pair (and the delisted ones) has a history, made on demand."""
+    return FakeMarket({}, clock=ManualClock(START + timedelta(hours=HOURS)), universe=default_universe(),
+                      generate=history)
+
+
+@pytest.fixture
+def fake(market: FakeMarket) -> Iterator[FakeKrakenREST]:
+    with FakeKrakenREST(market) as server:
+        yield server
+
+
+@pytest.fixture
+def env(db_url: str, fake: FakeKrakenREST, tmp_path) -> dict[str, str]:
+    return {"KRAKEN_HIST_DATABASE_URL": db_url, "KRAKEN_HIST_REST_URL": fake.url, "KRAKEN_HIST_REST_MIN_INTERVAL": "0",
+            "KRAKEN_HIST_DATA_DIR": str(tmp_path / "data")}
+
+
+def run(env: dict[str, str], *args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), env=env)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def stored(db_url: str, query: str, *params: object) -> list[tuple]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def fake_candles(market: FakeMarket, symbol: str) -> list[tuple]:
+    return [(c.time, c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades)
+            for c in market.candles(symbol, 1, START, START + timedelta(hours=HOURS))]
+
+
+def test_any_pair_by_any_name_is_backfilled_under_one_symbol_with_kraken_s_candles(db_url, env, fake, market):
+    listing = default_universe().find("XXRPZEUR")
+    assert listing is not None and listing.price_decimals not in (1, 2)  # decimals of its own, not built in
+    since = START.isoformat()
+    run(env, "backfill", "ADA/USD", "--since", since, "--no-progress")
+    run(env, "backfill", "XRPUSD", "--since", since, "--no-progress")  # REST altname
+    run(env, "backfill", "XXRPZEUR", "--since", since, "--no-progress")  # legacy REST key
+    run(env, "backfill", "xrp/eur", "--no-progress")  # the same pair again: resumes, nothing new
+    assert fake.calls["AssetPairs"] == 1  # the whole answer once; every later name resolves offline
+    symbols = [row[0] for row in stored(db_url, "SELECT DISTINCT symbol FROM trades ORDER BY 1")]
+    assert symbols == ["ADA/USD", "XRP/EUR", "XRP/USD"]
+    for symbol in symbols:
+        count = stored(db_url, "SELECT count(*), count(DISTINCT trade_id) FROM trades WHERE symbol = %s", symbol)[0]
+        assert count[0] == count[1] == len(market.trades(symbol))
+        rows = stored(db_url, "SELECT time, open, high, low, close, vwap, volume, trades FROM candles "
+                              "WHERE symbol = %s ORDER BY time", symbol)
+        assert rows == fake_candles(market, symbol)  # vwap rounded down at the pair's own decimals
+    table = json.loads(run(env, "pairs", "--search", "XRP", "--json"))
+    xrp_eur = next(row for row in table if row["symbol"] == "XRP/EUR")
+    assert (xrp_eur["rest_key"], xrp_eur["altname"], xrp_eur["price_decimals"], xrp_eur["status"]) == (
+        "XXRPZEUR", "XRPEUR", listing.price_decimals, "online")
+    # offline afterwards: reads and gap detection need no exchange at all
+    offline = {**env, "KRAKEN_HIST_REST_URL": "http://127.0.0.1:9"}
+    assert "no gaps" in run(offline, "gaps", "XRPEUR", "ADAUSD")
+    hourly = run(offline, "candles", "ADAUSD", "-i", "1h", "--end", (START + timedelta(hours=HOURS)).isoformat(),
+                 "--last", "2")
+    assert hourly.count((START + timedelta(hours=HOURS - 1)).strftime("%Y-%m-%d")) >= 1
+    assert fake.calls["AssetPairs"] == 1
+
+
+def test_a_pair_kraken_does_not_have_is_refused_with_the_closest_names(env):
+    result = CliRunner().invoke(cli, ["backfill", "XRPUSE", "--no-progress"], env=env)
+    assert result.exit_code != 0
+    assert "unknown symbol 'XRPUSE'" in result.output and "XRP/USD" in result.output
+
+
+def _archive_member(trades: list) -> bytes:
+    return "".join(f"{int(t.time.timestamp())},{t.price},{t.volume}\n" for t in trades).encode()
+
+
+def test_a_whole_trading_history_zip_imports_every_pair_and_delisted_ones_from_their_file_names(
+        db_url, env, market, tmp_path):
+    universe = default_universe()
+    rng = random.Random(4)
+    listed = rng.sample([s for s in universe.symbols(listed_only=True) if s != "BTC/USD"], 12)
+    delisted = [s for s in universe.symbols() if not universe.get(s).listed][:2]
+    path = tmp_path / "Kraken_Trading_History.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for symbol in listed + delisted:
+            archive.writestr(f"TimeAndSales_Combined/{universe.get(symbol).altname}.csv",
+                             _archive_member(market.trades(symbol)))
+        archive.writestr("TimeAndSales_Combined/NOTAPAIR.csv", "1743465600,1,1\n")
+    result = CliRunner().invoke(cli, ["import", str(path), "--no-progress", "--json"], env=env)
+    assert result.exit_code == 1  # one member refused
+    outcome = json.loads(result.output)["results"]
+    by_file = {r["file"].rsplit("/", 1)[-1]: r for r in outcome}
+    assert by_file["NOTAPAIR.csv"]["status"] == "refused" and "NOTAPAIR" in by_file["NOTAPAIR.csv"]["reason"]
+    for symbol in listed + delisted:
+        record = by_file[f"{universe.get(symbol).altname}.csv"]
+        assert (record["status"], record["symbol"]) == ("imported", symbol)
+        assert record["imported"] == len(market.trades(symbol))
+    counts = dict(stored(db_url, "SELECT symbol, count(*) FROM trades GROUP BY 1"))
+    assert counts == {s: len(market.trades(s)) for s in listed + delisted}  # nothing under a wrong symbol
+    pairs = {row[0]: row[1:] for row in stored(db_url, "SELECT symbol, status, origin, decimals_inferred, "
+                                                       "price_decimals FROM pairs")}
+    for symbol in delisted:  # recorded from the file name, decimals read off its prices
+        status, origin, inferred, decimals = pairs[symbol]
+        assert (status, origin, inferred) == ("inferred", "file_name", True)
+        assert decimals == universe.get(symbol).price_decimals  # the file's prices carry the pair's places
+    for symbol in listed:
+        assert pairs[symbol][:3] == ("online", "asset_pairs", False)

@@ -135,3 +135,58 @@ def test_a_whole_trading_history_zip_imports_every_pair_and_delisted_ones_from_t
         assert decimals == universe.get(symbol).price_decimals  # the file's prices carry the pair's places
     for symbol in listed:
         assert pairs[symbol][:3] == ("online", "asset_pairs", False)
+
+
+def test_one_stream_carries_hundreds_of_pairs(db_url, settings):
+    """`kraken-hist stream all`: hundreds of pairs on one connection (subscribed in batches),
+    every trade stored under its pair, in the pair's own decimals."""
+    import time
+
+    from kraken_hist.backfill import KrakenTradesBackfill
+    from kraken_hist.live import WebSocketDBIntegration
+    from kraken_hist.pair_store import PairResolver
+    from kraken_hist.rest_client import KrakenRestClient
+    from kraken_hist.testing.fake_ws import FakeKrakenWS
+    from kraken_hist.timeutils import utcnow
+    from kraken_hist.writer import DatabaseWriter
+    from kraken_hist.ws_client import KrakenWSClient
+
+    from .test_live import FAST_WS
+
+    now = utcnow()
+    live_market = FakeMarket({}, universe=default_universe(), generate=lambda s: generate_trades(
+        s, now - timedelta(minutes=3), now - timedelta(seconds=5), seed=9, trades_per_minute=2))
+    with FakeKrakenREST(live_market) as rest, FakeKrakenWS(live_market, heartbeat_interval=0.5) as ws:
+        client = KrakenRestClient(rest.url, min_interval=0.0)
+        resolver = PairResolver(db_url, fetch_asset_pairs=client.get_asset_pairs)
+        symbols = resolver.expand(["all"])[:250]
+        assert len(symbols) == 250 and fake_has_all(live_market, symbols)
+        writer = DatabaseWriter(db_url, trade_flush_interval=0.2, settings=settings, data_dir=settings.data_dir).start()
+        backfill = KrakenTradesBackfill(db_url, client=client)
+        integration = WebSocketDBIntegration(writer, db_url=db_url, rest=backfill, symbols=symbols,
+                                             progress_interval=0.5).start()
+        stream = KrakenWSClient(ws.url, symbols, **integration.callbacks(), ohlc_intervals=(), **FAST_WS)
+        stream.start()
+        try:
+            assert stream.wait_connected(30)
+            ws.wait_for_subscribers("trade", symbols, timeout=30)
+            for symbol in symbols:
+                ws.publish_new(symbol, 2)
+            expected = {s: len(live_market.trades(s, now - timedelta(minutes=5))) for s in symbols}
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                got = dict(stored(db_url, "SELECT symbol, count(*) FROM trades GROUP BY 1"))
+                if got == expected:
+                    break
+                time.sleep(0.2)
+            assert got == expected
+        finally:
+            stream.stop()
+            integration.stop()
+            writer.stop()
+            backfill.close()
+            client.close()
+
+
+def fake_has_all(market: FakeMarket, symbols: list[str]) -> bool:
+    return all(market.has(s) for s in symbols)

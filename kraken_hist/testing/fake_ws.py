@@ -252,6 +252,11 @@ class FakeKrakenWS:
             self.market.append(canonical, trades)
             self._broadcast_trades(canonical, trades)
 
+    def broadcast(self, symbol: str, trades: Sequence[HistoricalTrade]) -> None:
+        """Send trades already appended to the market (benchmarks make them before timing)."""
+        with self._lock:
+            self._broadcast_trades(self.market.canonical(symbol), trades)
+
     def publish_new(self, symbol: str, count: int, *, rng: random.Random | None = None) -> list[HistoricalTrade]:
         """Make `count` new trades of `symbol` at the market's now and publish them."""
         with self._lock:

@@ -525,9 +525,11 @@ class GapFiller:
     def _count_missing_ids(self, gap: DataGap) -> int:
         """Ids of `gap` still missing; none when the rest are the archive's (ownership.py)."""
         with connect(self.db_url) as conn, translate_errors():
-            row = conn.execute(
-                "SELECT count(*) FROM trades WHERE symbol = %s AND trade_id BETWEEN %s AND %s",
-                (gap.symbol, gap.first_missing_id, gap.last_missing_id),
+            row = conn.execute(  # the missing ids lie in the gap's time (bounded: TimescaleDB prunes chunks)
+                "SELECT count(*) FROM trades WHERE symbol = %(symbol)s AND trade_id BETWEEN %(first)s AND %(last)s "
+                "AND time >= %(lo)s AND time <= %(hi)s",
+                {"symbol": gap.symbol, "first": gap.first_missing_id, "last": gap.last_missing_id,
+                 **store.identity_window(gap.start, gap.end)},
             ).fetchone()
             missing = (gap.missing_ids or 0) - int(row[0])  # type: ignore[index]
             if missing:  # a refused id is accounted for: fetching it again gives the same refusal

@@ -130,12 +130,12 @@ def _aggregate_columns(p: sa.FromClause) -> list[sa.ColumnElement[Any]]:
     """SQL twin of ``aggregates.resample`` over 1-minute candles (and of ``refresh.AGGREGATE_COLUMNS``).
 
     vwap is weighted by the volume of the 1-minute candles that have one: the minutes' own
-    volume on ``candles``, the stored ``vwap_volume`` on a higher relation — so a bucket built
-    from 5m or 1d rows has the same vwap as one built from its minutes."""
-    if "vwap_volume" in p.c:
-        weight = p.c.vwap_volume
-        weighted_sum = sa.func.sum(p.c.vwap * weight)
-        weight_sum = sa.func.sum(weight)
+    volume on ``candles``; on a higher relation its stored exact sums ``vwap_notional`` and
+    ``vwap_volume`` — so a bucket built from 5m or 1d rows has, digit for digit, the vwap of one
+    built from its minutes."""
+    if "vwap_notional" in p.c:
+        weighted_sum = sa.func.sum(p.c.vwap_notional)
+        weight_sum = sa.func.sum(p.c.vwap_volume)
     else:
         weighted_sum = sa.func.sum(p.c.vwap * p.c.volume)
         weight_sum = sa.func.sum(p.c.volume).filter(p.c.vwap.isnot(None))

@@ -413,11 +413,12 @@ def _refresh_timescaledb(
                 interval = Interval(minutes)
                 relation = INTERVAL_RELATIONS[minutes]
                 in_progress = interval.bucket_start(now)
-                if forced:
+                watermark = _watermark(conn, relation) if forced else None
+                if watermark is not None:
                     # Recompute what is materialized already (below the watermark) whatever was
                     # logged; what lies beyond it the refresh below materializes the first time.
                     # Never past the watermark: that would hide the unmaterialized data before it.
-                    watermark = min(_watermark(conn, relation), in_progress)
+                    watermark = min(watermark, in_progress)
                     for lo, hi in widen_windows(forced, interval):
                         if lo < min(hi, watermark):
                             _refresh_cagg(conn, relation, lo, min(hi, watermark), force=True)
@@ -438,15 +439,18 @@ def _refresh_timescaledb(
     )
 
 
+# (NULL while nothing is materialized: the watermark is then the type's minimum, 4714 BC)
 _WATERMARK = """
-SELECT _timescaledb_functions.to_timestamp(_timescaledb_functions.cagg_watermark(mat_hypertable_id))
+SELECT NULLIF(greatest(_timescaledb_functions.to_timestamp(_timescaledb_functions.cagg_watermark(mat_hypertable_id)),
+                       '0001-01-01T00:00:00Z'), '0001-01-01T00:00:00Z')
 FROM _timescaledb_catalog.continuous_agg
 WHERE user_view_schema = current_schema() AND user_view_name = %s
 """
 
 
-def _watermark(conn: psycopg.Connection, relation: str) -> datetime:
-    """Where `relation`'s materialized data ends (real-time aggregation serves what follows)."""
+def _watermark(conn: psycopg.Connection, relation: str) -> datetime | None:
+    """Where `relation`'s materialized data ends (real-time aggregation serves what follows);
+    None when nothing is materialized."""
     row = conn.execute(_WATERMARK, (relation,)).fetchone()
     if row is None:
         raise psycopg.errors.UndefinedTable(f'continuous aggregate "{relation}" does not exist')

@@ -50,13 +50,15 @@ candles = sa.Table(
 )
 
 #: Relation for each stored interval, in minutes (1 → ``candles``).
-#: The higher ones also hold ``vwap_volume``: the volume of their 1-minute candles that have a
-#: vwap, the weight that keeps vwap exact when a level is aggregated from the one below.
+#: The higher ones also hold ``vwap_volume`` and ``vwap_notional``: the volume of their 1-minute
+#: candles that have a vwap and Σ(vwap·volume) over them — exact sums, so a level aggregated
+#: from the one below divides exactly what the direct 1-minute weighting divides.
 interval_tables: dict[int, sa.Table] = {1: candles}
 for _minutes, _name in INTERVAL_RELATIONS.items():
     if _minutes != 1:
         interval_tables[_minutes] = sa.Table(
-            _name, metadata, *_candle_columns(sa.BigInteger), sa.Column("vwap_volume", sa.Numeric)
+            _name, metadata, *_candle_columns(sa.BigInteger), sa.Column("vwap_volume", sa.Numeric),
+            sa.Column("vwap_notional", sa.Numeric),
         )
 
 sync_status = sa.Table(

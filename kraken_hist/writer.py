@@ -109,7 +109,12 @@ _NULL = "\\N"  # COPY text NULL
 _COLUMN_LIST = sql.SQL(", ").join(map(sql.Identifier, _TRADE_COLUMNS))
 _COPY_TRADES = sql.SQL("COPY trades ({}) FROM STDIN").format(_COLUMN_LIST)
 _COPY_STAGE = sql.SQL("COPY writer_trades_stage ({}) FROM STDIN").format(_COLUMN_LIST)
-_PROBE_TRADES = "SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %s AND trade_id BETWEEN %s AND %s)"
+# Any stored trade of these ids near the batch's minutes (store.identity_window: the time bound
+# is what lets TimescaleDB read one or two chunks instead of all of them).
+_PROBE_TRADES = """
+SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %(symbol)s AND trade_id BETWEEN %(low)s AND %(high)s
+                                      AND time >= %(lo)s AND time <= %(hi)s)
+"""
 
 _MERGE_TRADES = store.merge_staged_trades("writer_trades_stage", returning=True)
 
@@ -1538,7 +1543,9 @@ class DatabaseWriter:
             for symbol in sorted(meta):
                 ownership.lock_symbol(conn, symbol)
             probes = [] if merge else [
-                conn.execute(_PROBE_TRADES, (symbol, low, high)) for symbol, (low, high, _) in meta.items()]
+                conn.execute(_PROBE_TRADES, {"symbol": symbol, "low": low, "high": high,
+                                             **store.identity_window(_at(min(minutes)), _at(max(minutes) + 1))})
+                for symbol, (low, high, minutes) in meta.items()]
             # seconds the archive owns are not ours to store: the merge leaves them out
             probes += [] if merge else [
                 conn.execute(ownership.ARCHIVE_TOUCHES, {"symbol": symbol, "lo": _at(min(minutes)),
@@ -1558,7 +1565,9 @@ class DatabaseWriter:
             conn.execute("CREATE TEMP TABLE IF NOT EXISTS writer_trades_stage (LIKE trades) ON COMMIT DELETE ROWS")
             with conn.cursor().copy(_COPY_STAGE) as copy:
                 copy.write(chunk.payload)
-            inserted = conn.execute(_MERGE_TRADES).fetchall()
+            touched = [minute for _, _, symbol_minutes in meta.values() for minute in symbol_minutes]
+            inserted = conn.execute(_MERGE_TRADES, store.identity_window(_at(min(touched)), _at(max(touched) + 1))
+                                    ).fetchall()
             written = len(inserted)
             by_symbol: dict[str, set[int]] = {}
             for symbol, when in inserted:

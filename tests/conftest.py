@@ -7,6 +7,7 @@ The server is, in order: KRAKEN_HIST_TEST_ADMIN_URL if set, the local PostgreSQL
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import fields
 from pathlib import Path
@@ -93,15 +94,72 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def template_database(pg_admin_url: str) -> Iterator[str]:
-    """A database migrated once per session; per-test databases are copies of it."""
+def migrated_template(pg_admin_url: str) -> Iterator[tuple[str, bool]]:
+    """A database migrated once per session, and whether the migrations took the TimescaleDB
+    branch; per-test databases are copies of it."""
     from kraken_hist import migrate
 
     name = f"kh_tpl_{uuid.uuid4().hex[:10]}"
     url = create_database(pg_admin_url, name)
     migrate.upgrade(url)
-    yield name
+    with psycopg.connect(url, autocommit=True) as conn:
+        timescale = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone() is not None
+        if timescale:
+            # Tests decide when policies run (CALL run_job): a scheduler compressing chunks or
+            # refreshing aggregates at random moments of a test would make it nondeterministic.
+            conn.execute("SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs "
+                         "WHERE hypertable_schema = 'public'")
+    close_to_connections(pg_admin_url, name)
+    yield name, timescale
     drop_database(pg_admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def template_database(migrated_template: tuple[str, bool]) -> str:
+    """The migrated template's name."""
+    return migrated_template[0]
+
+
+@pytest.fixture(scope="session")
+def timescaledb(migrated_template: tuple[str, bool]) -> bool:
+    """Whether the suite runs on TimescaleDB (the migrations took that branch)."""
+    return migrated_template[1]
+
+
+def close_to_connections(admin_url: str, name: str, timeout: float = 10.0) -> None:
+    """Make database `name` a quiet template: no new connections, none left open.
+
+    ``CREATE DATABASE ... TEMPLATE`` fails while anyone is connected to the template, and
+    TimescaleDB's scheduler (a background worker) connects to every database that has the
+    extension and allows connections; its launcher skips databases that do not.
+    """
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+        while True:
+            pids = [row[0] for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))]
+            if not pids:
+                return
+            for pid in pids:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"template database {name} still has connections: {pids}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def plain_postgresql(timescaledb: bool) -> None:
+    """Skip the test on TimescaleDB: it checks what only the plain PostgreSQL schema does."""
+    if timescaledb:
+        pytest.skip("plain PostgreSQL only (the TimescaleDB schema is tested by tests/test_timescaledb.py)")
+
+
+@pytest.fixture
+def needs_timescaledb(timescaledb: bool) -> None:
+    """Skip the test on plain PostgreSQL (KRAKEN_HIST_TEST_ADMIN_URL may point at a TimescaleDB server)."""
+    if not timescaledb:
+        pytest.skip("needs TimescaleDB: set KRAKEN_HIST_TEST_ADMIN_URL to a server that has it")
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ from click.testing import CliRunner
 from kraken_hist.cli import cli
 
 
-def test_db_upgrade_then_status(empty_db_url):
+def test_db_upgrade_then_status(empty_db_url, timescaledb):
     runner = CliRunner()
     env = {"KRAKEN_HIST_DATABASE_URL": empty_db_url}
     before = runner.invoke(cli, ["db", "status"], env=env)
@@ -12,7 +12,7 @@ def test_db_upgrade_then_status(empty_db_url):
 
     upgraded = runner.invoke(cli, ["db", "upgrade"], env=env)
     assert upgraded.exit_code == 0, upgraded.output
-    assert "plain PostgreSQL" in upgraded.output
+    assert ("TimescaleDB" if timescaledb else "plain PostgreSQL") in upgraded.output
 
     after = runner.invoke(cli, ["db", "status"], env=env)
     assert "up to date" in after.output and "embedded:   no" in after.output

@@ -194,7 +194,7 @@ def test_metadata_symbols_range_sync_status(db_url, conn, loaded):
         assert provider.get_sync_status("ETH/USD") == []
 
 
-def test_health_check_reports_age_and_lag(db_url, conn, loaded):
+def test_health_check_reports_age_and_lag(db_url, conn, loaded, timescaledb):
     now = loaded["BTC/USD"][-1].time + timedelta(minutes=10)
     store.record_candle_change(conn, "BTC/USD", T0, T0 + timedelta(minutes=1))
     conn.commit()
@@ -202,7 +202,7 @@ def test_health_check_reports_age_and_lag(db_url, conn, loaded):
         report = provider.health_check()
         assert report["ok"] is True
         assert report["database"]["reachable"] is True and report["database"]["latency_ms"] >= 0
-        assert report["database"]["timescaledb"] is False
+        assert report["database"]["timescaledb"] is timescaledb
         assert report["symbols"]["BTC/USD"]["age_seconds"] == 540.0
         assert set(report["symbols"]) == {"BTC/USD", "ETH/USD"}
         assert report["aggregates"]["pending_changes"] == 1 and report["aggregates"]["oldest_pending"]

@@ -1,6 +1,7 @@
 """Initial schema: trades, 1-minute candles, the seven interval relations, bookkeeping.
 
-Two explicit branches, chosen by whether the ``timescaledb`` extension can be created:
+Two explicit branches, chosen by whether the ``timescaledb`` extension can be created (tried
+in a savepoint: installed is not enough, it must be preloaded too):
 
 * TimescaleDB: ``trades`` and ``candles`` become hypertables and the seven intervals are
   continuous aggregates over ``candles`` (real-time, so the newest bucket is always there).
@@ -20,8 +21,12 @@ Create Date: 2026-11-24
 
 from __future__ import annotations
 
+import logging
+
 from alembic import op
 import sqlalchemy as sa
+
+log = logging.getLogger("alembic.runtime.migration")
 
 revision = "0001"
 down_revision = None
@@ -111,18 +116,28 @@ BOOKKEEPING = [
 ]
 
 
-def _timescaledb_available(bind: sa.Connection) -> bool:
-    row = bind.execute(
-        sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")
-    ).first()
-    return row is not None
+def _create_timescaledb(bind: sa.Connection) -> bool:
+    """Create the extension if it really can be: installed *and* preloaded (and allowed).
+
+    ``pg_available_extensions`` only says the files are installed; without
+    ``shared_preload_libraries = 'timescaledb'`` (or without the privilege) CREATE EXTENSION
+    fails. It is tried in a savepoint, and any failure means the plain branch."""
+    if bind.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")).first() is None:
+        return False
+    try:
+        with bind.begin_nested():
+            bind.execute(sa.text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
+    except sa.exc.DBAPIError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        log.warning("timescaledb is installed but cannot be created here (%s): plain PostgreSQL schema", reason)
+        return False
+    return True
 
 
 def upgrade() -> None:
     bind = op.get_bind()
-    timescale = _timescaledb_available(bind)
+    timescale = _create_timescaledb(bind)
     if timescale:
-        op.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         _upgrade_timescaledb()
     else:
         _upgrade_plain()
@@ -156,6 +171,12 @@ def _upgrade_timescaledb() -> None:
             PRIMARY KEY (symbol, time))"""
     )
     op.execute("SELECT create_hypertable('candles', 'time', chunk_time_interval => INTERVAL '30 days')")
+    create_aggregates()
+
+
+def create_aggregates() -> None:
+    """This revision's continuous aggregates, each over ``candles``, with their policies
+    (revision 0003 replaces them, and puts them back when downgraded)."""
     for relation, width in INTERVALS:
         # WITH NO DATA: creating a continuous aggregate with data cannot run in a transaction.
         op.execute(

@@ -83,31 +83,4 @@ def _retype_plain(count_type: str) -> None:
 def _recreate_aggregates(count_type: str) -> None:
     """Drop revision 0003's continuous aggregates and create them again, counting in
     `count_type`; materialize them and put their refresh policies back."""
-    rev = _revision_0003()
-    for relation, _width, _parent in reversed(rev.LEVELS):
-        op.execute(f"DROP MATERIALIZED VIEW IF EXISTS {relation} CASCADE")
-    for relation, width, parent in rev.LEVELS:
-        notional, weight = rev._weights(parent)
-        op.execute(
-            f"""
-            CREATE MATERIALIZED VIEW {relation}
-            WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
-            SELECT symbol, time_bucket(INTERVAL '{width}', time) AS time,
-                   first(open, time) AS open, max(high) AS high, min(low) AS low, last(close, time) AS close,
-                   {notional} / NULLIF({weight}, 0) AS vwap, sum(volume) AS volume,
-                   sum(trades)::{count_type} AS trades, {weight} AS vwap_volume, {notional} AS vwap_notional
-            FROM {parent}
-            GROUP BY symbol, time_bucket(INTERVAL '{width}', time)
-            WITH NO DATA
-            """
-        )
-    with op.get_context().autocommit_block():
-        for relation, width, _parent in rev.LEVELS:
-            op.execute(f"CALL refresh_continuous_aggregate('{relation}', NULL, time_bucket(INTERVAL '{width}', now()))")
-    for relation, _width, _parent in rev.LEVELS:
-        start_offset, every = rev.POLICIES[relation]
-        op.execute(
-            f"""SELECT add_continuous_aggregate_policy('{relation}',
-                    start_offset => INTERVAL '{start_offset}', end_offset => INTERVAL '{rev.END_OFFSET}',
-                    schedule_interval => INTERVAL '{every}', if_not_exists => true)"""
-        )
+    _revision_0003().create_aggregates(count_type)

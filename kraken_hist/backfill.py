@@ -156,9 +156,9 @@ class KrakenTradesBackfill:
         progress: Callable[[BackfillProgress], None] | None = None,
         refresh: bool = True,
     ) -> None:
-        from .config import Settings
+        from .config import settings_or_env
 
-        self.settings = settings if settings is not None else Settings()
+        self.settings = settings_or_env(settings)
         if db_url is None:
             from .migrate import prepare_database
 
@@ -254,8 +254,11 @@ class KrakenTradesBackfill:
                         self._record_refused(canonical, refused)
                     expected = max(r.trade_id for r in refused) + 1  # type: ignore[type-var]
                     idle = 0
+                elif len(page.trades) < self.page_size:
+                    logger.debug("%s caught up at cursor %s (overlap only)", canonical, cursor)
+                    return  # overlap only, and nothing after it
                 else:
-                    idle += 1  # a page of overlap only: move on, but not for ever
+                    idle += 1  # a full page of overlap only: move on, but not for ever
                     if idle >= MAX_IDLE_PAGES:
                         raise ExchangeTransientError(
                             f"{canonical}: Trades paging does not advance: {idle} pages in a row after cursor "

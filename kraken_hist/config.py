@@ -27,8 +27,9 @@ def default_data_dir() -> Path:
 class Settings:
     """Everything configurable, with the defaults a new user should get.
 
-    Build it once with ``Settings.from_env()`` at an entry point and pass it down; the
-    library itself never reads the environment.
+    Build it once with ``Settings.from_env()`` at an entry point and pass it down. A public
+    constructor given none reads the environment through :func:`settings_or_env`, the one
+    place that does, so ``KrakenTradesBackfill()`` and ``kraken-hist backfill`` agree.
     """
 
     database_url: str | None = None  # None → the embedded PostgreSQL in data_dir
@@ -116,6 +117,13 @@ def _convert(name: str, raw: str) -> object:
     if name == "redis_url" and not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigurationError(f"{variable} must be a redis:// URL, got {raw!r}")
     return raw
+
+
+def settings_or_env(settings: Settings | None = None) -> Settings:
+    """The settings given, else ``KRAKEN_HIST_*`` read now (``Settings.from_env``): how every
+    public constructor (backfill, gap filler, writer, importer, provider, tasks) and every
+    entry point gets its settings when none are handed in."""
+    return settings if settings is not None else Settings.from_env()
 
 
 def mask_password(url: str) -> str:

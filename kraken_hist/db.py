@@ -14,7 +14,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .config import Settings
+from .config import Settings, settings_or_env
 from .errors import DatabaseUnavailableError
 
 _SA_SCHEME = "postgresql+psycopg://"
@@ -40,7 +40,7 @@ def resolve_database_url(db_url: str | None = None, settings: Settings | None = 
     """
     if db_url:
         return libpq_url(db_url)
-    settings = settings if settings is not None else Settings.from_env()
+    settings = settings_or_env(settings)
     if settings.database_url:
         return libpq_url(settings.database_url)
     from .embedded import start_embedded
@@ -52,7 +52,7 @@ def is_embedded_url(url: str, settings: Settings | None = None) -> bool:
     """True when `url` points at the embedded server's socket directory."""
     from .embedded import embedded_pgdata
 
-    settings = settings if settings is not None else Settings.from_env()
+    settings = settings_or_env(settings)
     return str(embedded_pgdata(Path(settings.data_dir))) in url
 
 

@@ -222,10 +222,10 @@ class GapFiller:
 
                 self._db_url = prepare_database(self._db_url_arg, self._settings)
             if self._client is None:
-                from .config import Settings
+                from .config import settings_or_env
                 from .rest_client import KrakenRestClient
 
-                settings = self._settings if self._settings is not None else Settings.from_env()
+                settings = settings_or_env(self._settings)
                 pace = settings.rest_min_interval if self._explicit_settings else self.rate_limit_delay
                 self._client = KrakenRestClient.from_settings(replace(settings, rest_min_interval=pace),
                                                               max_retries=self.max_retries)

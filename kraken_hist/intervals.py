@@ -15,6 +15,10 @@ from .timeutils import EPOCH, check_aware
 #: Monday 1970-01-05 00:00 UTC: the origin of weekly buckets.
 WEEK_ORIGIN = EPOCH + timedelta(days=4)
 
+#: The widest interval a candle may have: 100 years of minutes (wider ones are no chart and
+#: their bucket arithmetic leaves the range a datetime holds).
+MAX_INTERVAL_MINUTES = 100 * 366 * 1440
+
 #: Stored relation for each standard interval (minutes → table or continuous aggregate).
 INTERVAL_RELATIONS: dict[int, str] = {
     1: "candles",
@@ -43,6 +47,8 @@ class Interval:
     def __post_init__(self) -> None:
         if not isinstance(self.minutes, int) or isinstance(self.minutes, bool) or self.minutes < 1:
             raise ValueError(f"interval must be a positive whole number of minutes, got {self.minutes!r}")
+        if self.minutes > MAX_INTERVAL_MINUTES:
+            raise ValueError(f"interval of {self.minutes} minutes is wider than {MAX_INTERVAL_MINUTES} (100 years)")
 
     @classmethod
     def parse(cls, value: "Interval | int | str") -> "Interval":

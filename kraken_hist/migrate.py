@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import alembic.util
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -14,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from .db import has_timescaledb, sqlalchemy_url, translate_errors
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PermanentError
 from .intervals import INTERVAL_RELATIONS
 
 if TYPE_CHECKING:
@@ -52,7 +53,10 @@ def head_revision() -> str:
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at `url` to `revision` (idempotent: at head it does nothing)."""
     with translate_errors():
-        command.upgrade(alembic_config(url), revision)
+        try:
+            command.upgrade(alembic_config(url), revision)
+        except alembic.util.CommandError as exc:  # an unknown revision, and the like
+            raise PermanentError(f"cannot upgrade to revision {revision!r}: {exc}") from exc
 
 
 def downgrade(url: str, revision: str) -> None:
@@ -127,10 +131,10 @@ def prepare_database(db_url: str | None = None, settings: "Settings | None" = No
     The embedded default is migrated automatically (zero configuration); a configured
     server must be migrated on purpose (`kraken-hist db upgrade`, or the compose service).
     """
-    from .config import Settings
+    from .config import settings_or_env
     from .db import resolve_database_url
 
-    settings = settings if settings is not None else Settings.from_env()
+    settings = settings_or_env(settings)
     explicit = bool(db_url or settings.database_url)
     url = resolve_database_url(db_url, settings)
     ensure_schema(url, auto_upgrade=not explicit)

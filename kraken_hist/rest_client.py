@@ -262,7 +262,7 @@ class KrakenRestClient:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > self.max_answer_bytes:
                 raise ExchangePermanentError(
-                    f"{what}: answer of {int(declared):,} bytes is larger than the {self.max_answer_bytes:,} allowed")
+                    f"{what}: answer of {int(declared):,} bytes is larger than the {self.max_answer_bytes:,} bytes allowed")
             pieces: list[bytes] = []
             size = 0
             try:
@@ -326,7 +326,10 @@ class KrakenRestClient:
             raise ExchangeTransientError(f"AssetPairs: {exc}") from exc
 
     def get_server_time(self) -> datetime:
-        return parse_server_time(self.request("Time"))
+        try:
+            return parse_server_time(self.request("Time"))
+        except ParseError as exc:  # a malformed answer is the exchange's fault, like any other
+            raise ExchangeTransientError(f"Time: {exc}") from exc
 
     def get_system_status(self) -> SystemStatus:
         return parse_system_status(self.request("SystemStatus"))

@@ -23,7 +23,7 @@ import redis
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from .config import Settings
+from .config import Settings, settings_or_env
 from .errors import TransientError
 from .locks import DEFAULT_TTL, hold, lock_name
 from .timeutils import parse_time
@@ -150,7 +150,7 @@ def backfill_symbol(self: Task, symbol: str, since: str | None = None, until: st
     A run cut off by its time limit keeps what it stored; the next run (the beat catch-up
     backfill, or the same call again) continues from there.
     """
-    settings = Settings.from_env()
+    settings = settings_or_env()
     wanted = _resolve(settings, [symbol])  # a name, or a pattern / 'all' (KRAKEN_HIST_SYMBOLS=all on beat)
     start, end = _time_arg("since", since), _time_arg("until", until)
     report = {"symbol": wanted[0] if len(wanted) == 1 else symbol, "since": _iso(start), "until": _iso(end)}
@@ -174,7 +174,7 @@ def fill_gaps(self: Task, symbols: list[str] | None = None) -> dict[str, Any]:
 
     Symbols whose gap fill is already running elsewhere are skipped and listed.
     """
-    settings = Settings.from_env()
+    settings = settings_or_env()
     wanted = _resolve(settings, symbols or settings.symbols)
     report: dict[str, Any] = {"symbols": wanted}
 
@@ -195,7 +195,7 @@ def refresh_aggregates(
     self: Task, symbol: str | None = None, start: str | None = None, end: str | None = None
 ) -> dict[str, Any]:
     """Bring the 5m…1w candle relations up to date with the changed 1-minute candles."""
-    settings = Settings.from_env()
+    settings = settings_or_env()
     canonical = _resolve(settings, [symbol])[0] if symbol else None
     lo, hi = _time_arg("start", start), _time_arg("end", end)
     report = {"symbol": canonical, "start": _iso(lo), "end": _iso(hi)}
@@ -220,7 +220,7 @@ def import_csv(self: Task, path: str, symbol: str | None = None) -> dict[str, An
     target = Path(path).expanduser().resolve()
     if not target.exists():
         raise FileNotFoundError(f"import_csv: no file or directory {str(target)!r} on this worker")
-    settings = Settings.from_env()
+    settings = settings_or_env()
     canonical = _resolve(settings, [symbol])[0] if symbol else None
     report = {"path": str(target), "symbol": canonical}
 

@@ -26,15 +26,16 @@ def parse_time(text: str | datetime | int | float) -> datetime:
     if isinstance(text, (int, float)):
         return datetime.fromtimestamp(text, UTC)
     raw = text.strip()
-    if raw.lstrip("-").replace(".", "", 1).isdigit():
-        return from_unix_decimal(Decimal(raw))
     try:
+        if raw.isascii() and raw.lstrip("-").replace(".", "", 1).isdigit():
+            return from_unix_decimal(Decimal(raw))
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError, ArithmeticError):  # not a time, or not one a datetime holds
         raise ValueError(
-            f"cannot read time {text!r}: use ISO-8601 such as 2024-01-01 or 2024-01-01T12:00:00Z"
+            f"cannot read time {text!r}: use ISO-8601 such as 2024-01-01 or 2024-01-01T12:00:00Z, "
+            "or unix seconds"
         ) from None
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def from_unix_decimal(seconds: Decimal | str) -> datetime:

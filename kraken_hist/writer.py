@@ -73,7 +73,7 @@ from psycopg.copy import LibpqWriter
 
 from . import spool as spoolfmt
 from . import ownership, store
-from .config import Settings
+from .config import Settings, settings_or_env
 from .db import libpq_url
 from .errors import DatabaseUnavailableError, PermanentError
 from .pairs import DEFAULT_REGISTRY
@@ -768,7 +768,7 @@ class DatabaseWriter:
         with self._lock:
             if self._state != "new":
                 raise RuntimeError(f"writer cannot start: it is {self._state}")
-        settings = self._settings if self._settings is not None else Settings.from_env()
+        settings = settings_or_env(self._settings)
         self.url = self._resolve_url(settings)
         identity = self._read_identity_at_start()
         root = (self._data_dir if self._data_dir is not None else Path(settings.data_dir)) / "spool"

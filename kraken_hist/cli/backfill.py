@@ -11,8 +11,7 @@ from tqdm import tqdm
 from ..backfill import BackfillProgress, BackfillResult, KrakenTradesBackfill
 from ..migrate import prepare_database
 from ..rest_client import KrakenRestClient
-from ..timeutils import parse_time
-from .common import friendly_errors, resolve_symbols, settings_from
+from .common import friendly_errors, parse_time_option, resolve_symbols, settings_from
 
 
 class _Bars:
@@ -63,14 +62,14 @@ def _summary(result: BackfillResult) -> str:
 
 @click.command()
 @click.argument("symbols", nargs=-1)
-@click.option("--since", help="Start here when the symbol has no stored data, or extend stored data back to here "
+@click.option("--since", callback=parse_time_option, help="Start here when the symbol has no stored data, or extend stored data back to here "
               "(ISO date/time, UTC, or unix seconds). Default: the pair's first trade.")
-@click.option("--until", help="Stop before this time (exclusive). Default: catch up with the exchange.")
+@click.option("--until", callback=parse_time_option, help="Stop before this time (exclusive). Default: catch up with the exchange.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary per symbol instead of text.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.pass_context
 @friendly_errors
-def backfill(ctx: click.Context, symbols: tuple[str, ...], since: str | None, until: str | None,
+def backfill(ctx: click.Context, symbols: tuple[str, ...], since: datetime | None, until: datetime | None,
              as_json: bool, progress: bool) -> None:
     """Backfill trades (and their 1-minute candles) of SYMBOL... from Kraken's REST API.
 
@@ -83,11 +82,9 @@ def backfill(ctx: click.Context, symbols: tuple[str, ...], since: str | None, un
     exchange (e.g. the offline fake: python -m kraken_hist.testing.fake_rest).
     """
     settings = settings_from(ctx)
-    try:
-        start = parse_time(since) if since else None
-        end = parse_time(until) if until else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    start, end = since, until
+    if start is not None and end is not None and end <= start:
+        raise click.BadParameter(f"{end.isoformat()} is not after --since {start.isoformat()}", param_hint="'--until'")
     url = prepare_database(settings=settings)
     canonical = resolve_symbols(settings, url, symbols or settings.symbols)
     client = KrakenRestClient.from_settings(settings)

@@ -14,9 +14,8 @@ from ..intervals import Interval
 from ..pairs import DEFAULT_REGISTRY
 from ..provider import HistoricalDataProvider
 from ..refresh import refresh_aggregates
-from ..timeutils import parse_time
 from ..types import HistoricalCandle
-from .common import friendly_errors, settings_from
+from .common import friendly_errors, parse_time_option, settings_from
 
 FIELDS = ("time", "open", "high", "low", "close", "volume", "vwap", "trades")
 
@@ -59,13 +58,7 @@ def _show(candles: Sequence[HistoricalCandle], fmt: str) -> None:
         click.echo(f"({len(rows)} candles)", err=True)
 
 
-def _time_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> object:
-    if value is None:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+_time_option = parse_time_option  # (the name other commands import)
 
 
 def _interval_option(_ctx: click.Context, _param: click.Parameter, value: str) -> Interval:
@@ -79,8 +72,8 @@ def _interval_option(_ctx: click.Context, _param: click.Parameter, value: str) -
 @click.argument("symbol")
 @click.option("--interval", "-i", default="1h", show_default=True, callback=_interval_option,
               help="Whole minutes (60) or 1m, 15m, 1h, 4h, 1d, 1w, 3m, 45m, 12h, 2w ...")
-@click.option("--start", callback=_time_option, help="First bucket start (ISO-8601 or unix seconds, UTC).")
-@click.option("--end", callback=_time_option, help="Only buckets closed by then (default now).")
+@click.option("--start", callback=parse_time_option, help="First bucket start (ISO-8601 or unix seconds, UTC).")
+@click.option("--end", callback=parse_time_option, help="Only buckets closed by then (default now).")
 @click.option("--last", "last", type=click.IntRange(min=1), help="The N most recent complete candles up to --end.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--include-forming", is_flag=True, help="Also the bucket still forming (from closed minutes only).")
@@ -110,8 +103,8 @@ def candles(ctx: click.Context, symbol: str, interval: Interval, start: object, 
 
 @click.command()
 @click.argument("symbol", required=False)
-@click.option("--start", callback=_time_option, help="Recompute from here regardless of pending changes.")
-@click.option("--end", callback=_time_option, help="Recompute up to here regardless of pending changes.")
+@click.option("--start", callback=parse_time_option, help="Recompute from here regardless of pending changes.")
+@click.option("--end", callback=parse_time_option, help="Recompute up to here regardless of pending changes.")
 @click.pass_context
 @friendly_errors
 def refresh(ctx: click.Context, symbol: str | None, start: object, end: object) -> None:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 from tqdm import tqdm
 
 from ..gap_filler import GapFill, GapFiller, GapFillReport
 from ..migrate import prepare_database
-from ..timeutils import parse_time
 from ..types import DataGap, GapKind
-from .common import friendly_errors, resolve_symbols, settings_from
+from .common import friendly_errors, parse_time_option, resolve_symbols, settings_from
 
 
 def _row(gap: DataGap) -> tuple[str, ...]:
-    ids = f"{gap.first_missing_id}..{gap.last_missing_id} ({gap.missing_ids})" if gap.kind is GapKind.TRADE_IDS else ""
+    ids = (f"{gap.first_missing_id}..{gap.last_missing_id} ({gap.missing_ids})"
+           if gap.kind in (GapKind.TRADE_IDS, GapKind.REFUSED) else "")
     return (gap.symbol, gap.kind.value, gap.start.strftime("%Y-%m-%d %H:%M:%S"),
             gap.end.strftime("%Y-%m-%d %H:%M:%S"), f"{gap.minutes:.1f}", ids)
 
@@ -42,7 +43,7 @@ def format_report(report: GapFillReport) -> str:
 @click.command()
 @click.argument("symbols", nargs=-1)
 @click.option("--fill", is_flag=True, help="Fill the gaps found (Trades, OHLC or a local candle rebuild).")
-@click.option("--since", help="Only look at data from this time on (ISO date/time, UTC, or unix seconds).")
+@click.option("--since", callback=parse_time_option, help="Only look at data from this time on (ISO date/time, UTC, or unix seconds).")
 @click.option("--min-gap-minutes", type=float, default=2.0, show_default=True,
               help="Ignore uncovered time ranges shorter than this (trade-id holes are always reported).")
 @click.option("--concurrency", type=click.IntRange(1, 16), default=3, show_default=True,
@@ -51,23 +52,26 @@ def format_report(report: GapFillReport) -> str:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while filling.")
 @click.pass_context
 @friendly_errors
-def gaps(ctx: click.Context, symbols: tuple[str, ...], fill: bool, since: str | None, min_gap_minutes: float,
+def gaps(ctx: click.Context, symbols: tuple[str, ...], fill: bool, since: Any, min_gap_minutes: float,
          concurrency: int, as_json: bool, progress: bool) -> None:
     """Find holes in the stored trades and candles of SYMBOL... (default: every stored symbol).
 
     A gap is a jump in Kraken's contiguous trade ids, a time range no source covered, or a
-    minute whose candle disagrees with its stored trades. Quiet markets are not gaps.
+    minute whose candle disagrees with its stored trades. Quiet markets are not gaps. Trades
+    Kraken sent with impossible values are listed as "refused": accounted for, never fetched.
     """
     settings = settings_from(ctx)
     wanted = resolve_symbols(settings, prepare_database(settings=settings), symbols) if symbols else None
-    start = parse_time(since) if since else None
+    start = since
     with GapFiller(symbols=wanted, settings=settings) as service:
-        found = service.detect_gaps(min_gap_minutes, since=start)
+        scans = service.scan(min_gap_minutes, since=start)
+        found = [g for scan in scans for g in scan.gaps]
+        refused = [g for scan in scans for g in scan.refused]  # not missing: shown, never filled
         if as_json and not fill:
-            click.echo(json.dumps([_gap_dict(g) for g in found], indent=2))
+            click.echo(json.dumps([_gap_dict(g) for g in found + refused], indent=2))
             return
         if not as_json:
-            click.echo(format_table(found) if found else "no gaps")
+            click.echo(format_table(found + refused) if found or refused else "no gaps")
         if not fill:
             return
         bar = tqdm(total=len(found), unit="gap", desc="filling", disable=not progress or not found)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from ..config import Settings
+from ..config import settings_or_env
 from ..errors import KrakenHistError
-from .common import setup_logging
+from .common import Commands, setup_logging
 from .backfill import backfill
 from .candles import candles, refresh
 from .charts import chart, coverage
@@ -20,7 +20,7 @@ from .stream import stream
 from .tasks import task
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.version_option(__version__, prog_name="kraken-hist")
 @click.pass_context
@@ -32,7 +32,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     """
     setup_logging(verbose)
     try:
-        ctx.obj = Settings.from_env()
+        ctx.obj = settings_or_env()
     except KrakenHistError as exc:
         raise click.ClickException(str(exc)) from exc
 

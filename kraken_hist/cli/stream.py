@@ -42,15 +42,15 @@ _PROGRESS_FLUSH_TIMEOUT = 2.0
 @click.option("--ohlc", "ohlc_intervals", multiple=True, type=int, default=(1,), show_default=True,
               help="OHLC interval(s) to subscribe to, in minutes (only 1-minute candles are stored).")
 @click.option("--no-ohlc", is_flag=True, help="Subscribe to trades only.")
-@click.option("--flush-interval", type=float, default=5.0, show_default=True,
+@click.option("--flush-interval", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds trades may wait in the buffer before they are written.")
-@click.option("--buffer-size", type=int, default=1000, show_default=True,
+@click.option("--buffer-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Trades buffered before a write is started early.")
-@click.option("--status-interval", type=float, default=1.0, show_default=True,
+@click.option("--status-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between status lines on stderr (0: none).")
-@click.option("--heartbeat-timeout", type=float, default=10.0, show_default=True,
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Reconnect when nothing arrives for this many seconds.")
-@click.option("--refresh-every", type=float, default=None,
+@click.option("--refresh-every", type=click.FloatRange(min=0), default=None,
               help="Seconds between refreshes of the 5m…1w relations [default: KRAKEN_HIST_REFRESH_EVERY; 0: never].")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus /metrics and /healthz on this port [default: KRAKEN_HIST_METRICS_PORT; "

@@ -43,6 +43,7 @@ import queue
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -70,7 +71,7 @@ from .csv_formats import (
 from .csv_vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
 from .db import connect
 from .errors import PermanentError, UnknownSymbolError
-from .intervals import INTERVAL_RELATIONS
+from .intervals import INTERVAL_RELATIONS, Interval
 from .pair_store import PairResolver
 from .pairs import DEFAULT_REGISTRY, Pair, PairRegistry, parse_csv_filename, symbol_from_wsname
 from .timeutils import EPOCH, floor_minute, since_cursor
@@ -481,7 +482,7 @@ class BulkCSVImporter:
                     raise ImportRefusedError(
                         f"{path}: the archive holds {len(sources)} CSV files; use import_archive() for several"
                     )
-                return self._import_source(sources[0], symbol)
+                return self._import_readable(sources[0], symbol)
         if not path.is_file():
             raise ImportRefusedError(f"{path}: no such file")
         return self._import_source(_file_source(path), symbol)
@@ -528,13 +529,24 @@ class BulkCSVImporter:
 
     def _import_or_refuse(self, source: _Source, symbol: str | None) -> ImportResult:
         try:
-            return self._import_source(source, symbol)
+            return self._import_readable(source, symbol)
         except (ImportRefusedError, LayoutError) as exc:
             log.warning("csv import refused %s: %s", source.label, exc, extra={"event": "csv_import_refused"})
             return ImportResult(file=source.label, status="refused", reason=str(exc))
         except PermanentError as exc:  # strict mode's first bad line, among others
             log.warning("csv import failed %s: %s", source.label, exc, extra={"event": "csv_import_failed"})
             return ImportResult(file=source.label, status="failed", reason=str(exc))
+
+    def _import_readable(self, source: _Source, symbol: str | None) -> ImportResult:
+        """Import `source`; a member of an archive that cannot be read (a CRC mismatch, a zlib
+        or truncation error) is refused with one line naming the member and the error. Chunks
+        committed before the damage stay (each with exactly its coverage); the archive's other
+        members go on."""
+        try:
+            return self._import_source(source, symbol)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            kind = "zlib error" if isinstance(exc, zlib.error) else "damaged member"
+            raise ImportRefusedError(f"{source.label}: {kind}: {exc} (what was read before it is stored)") from exc
 
     def _resolve_symbol(self, source: _Source, symbol: str | None) -> str:
         """The pair of a file: `symbol`, else its file name — through the pair table and
@@ -999,9 +1011,13 @@ _FIELDS = ("open", "high", "low", "close", "volume", "trades")
 
 
 def _ours_query(interval: int, use_relation: bool) -> sql.Composable:
-    """Our candles of `interval`: the stored relation, or computed from 1-minute candles."""
+    """Our candles of `interval`: the stored relation, or computed from 1-minute candles.
+
+    Kraken's buckets start at the epoch (its weeks on Thursdays); our weekly relation starts
+    on Mondays (a convention, KRAKEN.md), so weekly buckets are always computed from 1-minute
+    candles with the exchange's origin: like is compared with like."""
     columns = sql.SQL("time, open, high, low, close, volume, trades")
-    if use_relation and interval in INTERVAL_RELATIONS:
+    if use_relation and interval in INTERVAL_RELATIONS and Interval(interval).origin == EPOCH:
         return sql.SQL("SELECT {} FROM {} WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s").format(
             columns, sql.Identifier(INTERVAL_RELATIONS[interval]))
     return sql.SQL(

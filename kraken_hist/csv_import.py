@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import fnmatch
 import io
 import itertools
@@ -80,6 +81,9 @@ log = logging.getLogger(__name__)
 
 ONE_SECOND = timedelta(seconds=1)
 ONE_MINUTE = timedelta(minutes=1)
+#: About what a Time and Sales line takes (``1700000000,30000.1,0.00012345``): files under two
+#: chunks of it are stored on the file's own connection, not worth a pool of writers.
+_BYTES_PER_LINE = 32
 #: Chunks stored between two aggregate refreshes during a parallel import.
 _REFRESH_EVERY = 10
 
@@ -446,6 +450,10 @@ class BulkCSVImporter:
         if writers < 1:
             raise ValueError(f"writers must be at least 1, got {writers}")
         self.writers = writers
+        self._batching = False
+        self._local = threading.local()  # a batch's main connection, per thread
+        self._mains: list[psycopg.Connection] = []
+        self._mains_lock = threading.Lock()
         self._db_url_arg = db_url
         self._settings = settings
         self._db_url: str | None = None
@@ -491,35 +499,75 @@ class BulkCSVImporter:
         """Import every CSV member of a zip archive (``Kraken_OHLCVT.zip`` and the like),
         streamed without unpacking. Members that cannot be imported are reported as refused."""
         path = Path(path)
-        with zipfile.ZipFile(path) as archive:
-            return [self._import_or_refuse(source, symbol) for source in _zip_sources(archive, path, pattern)]
+        with zipfile.ZipFile(path) as archive, self._batch() as batch:
+            return batch(self._import_many(_zip_sources(archive, path, pattern), symbol))
+
+    def _import_many(self, sources: Sequence[_Source], symbol: str | None) -> list[ImportResult]:
+        """Several files, ``writers`` at a time (each on its own connection; members of one pair
+        one after the other, since one import per pair runs at a time), results in order."""
+        if self.writers < 2 or self.strict or len(sources) < 2:
+            return [self._import_or_refuse(source, symbol) for source in sources]
+        with concurrent.futures.ThreadPoolExecutor(self.writers, thread_name_prefix="csv-file") as pool:
+            return list(pool.map(lambda source: self._import_or_refuse(source, symbol), sources))
 
     def import_directory(self, path: str | Path, pattern: str = "*.csv") -> list[ImportResult]:
         """Import every file in `path` matching `pattern` (zip archives among them too),
         in name order; files that cannot be imported are reported as refused."""
         results: list[ImportResult] = []
-        for item in sorted(Path(path).iterdir()):
-            if not item.is_file() or not fnmatch.fnmatch(item.name.lower(), pattern.lower()):
-                continue
-            results.extend(self.import_paths([item]))
-        return results
+        with self._batch() as batch:
+            for item in sorted(Path(path).iterdir()):
+                if item.is_file() and fnmatch.fnmatch(item.name.lower(), pattern.lower()):
+                    results.extend(self._import_path(item, None))
+            return batch(results)
 
     def import_paths(self, paths: Iterable[str | Path], symbol: str | None = None) -> list[ImportResult]:
         """Import files, zip archives and directories (``*.csv`` and ``*.zip`` in them)."""
         results: list[ImportResult] = []
-        for raw in paths:
-            path = Path(raw)
-            if path.is_dir():
-                for item in sorted(path.iterdir()):
-                    if item.is_file() and item.suffix.lower() in (".csv", ".zip"):
-                        results.extend(self.import_paths([item], symbol))
-            elif path.is_file() and zipfile.is_zipfile(path):
-                results.extend(self.import_archive(path, symbol))
-            elif path.is_file():
-                results.append(self._import_or_refuse(_file_source(path), symbol))
-            else:
-                results.append(ImportResult(file=str(path), status="refused", reason="no such file or directory"))
+        with self._batch() as batch:
+            for raw in paths:
+                results.extend(self._import_path(Path(raw), symbol))
+            return batch(results)
+
+    def _import_path(self, path: Path, symbol: str | None) -> list[ImportResult]:
+        results: list[ImportResult] = []
+        if path.is_dir():
+            for item in sorted(path.iterdir()):
+                if item.is_file() and item.suffix.lower() in (".csv", ".zip"):
+                    results.extend(self._import_path(item, symbol))
+        elif path.is_file() and zipfile.is_zipfile(path):
+            results.extend(self.import_archive(path, symbol))
+        elif path.is_file():
+            results.append(self._import_or_refuse(_file_source(path), symbol))
+        else:
+            results.append(ImportResult(file=str(path), status="refused", reason="no such file or directory"))
         return results
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[Callable[[list[ImportResult]], list[ImportResult]]]:
+        """Many files in one run (a whole archive, a directory): one main connection for all of
+        them and one aggregate refresh at the end instead of one per file — what a file costs
+        beyond its rows is what an archive of hundreds of small members pays hundreds of times.
+        Yields the function that refreshes and returns the results (marked refreshed)."""
+        if self._batching:  # nested (a directory holding archives): the outer batch finishes
+            yield lambda results: results
+            return
+        self._batching = True
+
+        def finish(results: list[ImportResult]) -> list[ImportResult]:
+            pending = [r for r in results if r.ok and r.candles and not r.refreshed]
+            if not (pending and self.refresh and self._refresh_all()):
+                return results
+            return [dataclasses.replace(r, refreshed=True) if r in pending else r for r in results]
+
+        try:
+            yield finish
+        finally:
+            self._batching = False
+            with self._mains_lock:
+                for conn in self._mains:
+                    conn.close()
+                self._mains.clear()
+            self._local = threading.local()
 
     def compare_exchange_candles(self, symbol: str, interval: int, **kwargs: Any) -> "CandleComparison":
         """Compare imported OHLCVT candles of `interval` with our aggregates (see the function)."""
@@ -609,16 +657,14 @@ class BulkCSVImporter:
                 tally.lines, tally.bytes = 1, len(first)
             log.info("csv import %s: %s, %s", source.label, resolved, layout.describe(),
                      extra={"event": "csv_import_start"})
-            with contextlib.closing(connect(self.db_url, autocommit=True)) as conn:
-                conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"csv-import:{resolved}",))
-                for statement in _CREATE_STAGES:
-                    conn.execute(statement)
+            with self._main_connection(resolved) as conn:
                 if layout.kind == OHLCVT:
                     self._import_ohlcvt(conn, source, layout, resolved, lines, first_line_no, report, tally)
                 else:
                     self._import_trades(conn, source, layout, resolved, stream, head, first_line_no, report, tally)
         refreshed = tally.refreshed_to is not None
-        if tally.candles and self.refresh and tally.first_time is not None and tally.last_time is not None:
+        if tally.candles and self.refresh and not self._batching and tally.first_time is not None \
+                and tally.last_time is not None:
             start = tally.refreshed_to or tally.first_time
             end = tally.last_time + timedelta(minutes=layout.interval or 1)
             if end > start:
@@ -634,6 +680,43 @@ class BulkCSVImporter:
         log.info("csv import %s done: %d imported, %d duplicates, %d covered, %d bad", source.label,
                  result.imported, result.duplicates, result.covered, result.bad, extra={"event": "csv_import_done"})
         return result
+
+    @contextlib.contextmanager
+    def _main_connection(self, symbol: str) -> Iterator[psycopg.Connection]:
+        """The file's connection, holding the one-import-per-symbol session lock while the file
+        is stored (kept open across the files of a batch; a broken one is replaced)."""
+        conn = getattr(self._local, "main", None) if self._batching else None
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(self.db_url, autocommit=True)
+            # chunks commit without waiting for their WAL flush: each file's final bookkeeping
+            # commits synchronously (_durably), flushing everything before it
+            for statement in (*_CREATE_STAGES, "SET synchronous_commit = off"):
+                conn.execute(statement)
+            if self._batching:
+                self._local.main = conn
+                with self._mains_lock:
+                    self._mains.append(conn)
+        key = (f"csv-import:{symbol}",)
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", key)
+        try:
+            yield conn
+        finally:
+            if not self._batching:
+                conn.close()
+            elif not conn.closed and not conn.broken:
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", key)
+                except psycopg.Error:
+                    conn.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _durably(conn: psycopg.Connection) -> Iterator[None]:
+        """A transaction that commits synchronously: its commit flushes the WAL of every chunk
+        committed before it (a server crash before then loses whole chunks, which a re-run stores)."""
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            yield
 
     def _transaction(self, conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
         """Strict mode: the whole file in one transaction (chunks become savepoints)."""
@@ -667,11 +750,12 @@ class BulkCSVImporter:
                 stream, layout=layout, symbol=symbol, report=report, chunk_size=self.chunk_size,
                 blocker=blocker, first_line_no=first_line_no)
         with self._transaction(conn), _Prefetcher(chunks, name=f"csv-parse-{source.name}") as parsed:
-            if layout.is_plain_time_and_sales and not self.strict and self.writers > 1:
+            if layout.is_plain_time_and_sales and not self.strict and self.writers > 1 \
+                    and source.size > 2 * self.chunk_size * _BYTES_PER_LINE:  # a smaller file is one or two chunks
                 covered_to = self._store_in_parallel(parsed, symbol, holes, tally)
             else:
                 covered_to = self._store_in_order(conn, parsed, symbol, layout, holes, tally)
-            with conn.transaction():
+            with self._durably(conn):
                 ownership.lock_symbol(conn, symbol)
                 self._finish_trades(conn, source, symbol, layout, tally, covered_to, report)
 
@@ -931,7 +1015,7 @@ class BulkCSVImporter:
                         assert start is not None
                         store.add_coverage(conn, symbol, "ohlc", start, chunk.last_time + width)
                 self._advance(tally, chunk)
-            with conn.transaction():
+            with self._durably(conn):
                 end = tally.last_time + width if tally.last_time is not None else None
                 self._record_import(conn, source, symbol, layout, tally, report, end)
 
@@ -963,6 +1047,13 @@ class BulkCSVImporter:
                      extra={"event": "csv_import_no_refresh"})
             return False
         refresh_aggregates(self.db_url, symbol, start, end)
+        return True
+
+    def _refresh_all(self) -> bool:
+        """One refresh of every pending change (a batch's files, whatever their symbols)."""
+        from .refresh import refresh_aggregates
+
+        refresh_aggregates(self.db_url)
         return True
 
 

@@ -101,6 +101,7 @@ class PairResolver:
         self.registry = registry if registry is not None else DEFAULT_REGISTRY
         self._clock = clock
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._loaded = False
         self._confirmed: datetime | None = None
         self._refreshed = False  # at most one AssetPairs call per resolver for unknown names
@@ -157,6 +158,12 @@ class PairResolver:
         registry = self.load()
         if registry.is_known(name):
             return registry.get(name)
+        with self._refresh_lock:  # one AssetPairs call however many threads meet unknown names
+            if registry.is_known(name):
+                return registry.get(name)
+            return self._resolve_unknown(name, registry)
+
+    def _resolve_unknown(self, name: str, registry: PairRegistry) -> Pair:
         if self.fetch_asset_pairs is not None and not self._refreshed:
             try:
                 self.refresh()

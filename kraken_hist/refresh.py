@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import psycopg
 from psycopg import sql
 
+from . import ownership
 from .db import connect, has_timescaledb
 from .intervals import INTERVAL_RELATIONS, REFRESH_PARENT, Interval
 from .pairs import normalize_symbol
@@ -256,6 +257,9 @@ def _refresh_plain(
             try:
                 with conn.transaction():
                     lock_symbol(conn, "refresh", name)
+                    # the symbol's data lock, shared: wait for a writer's transaction in flight (its
+                    # candles and change rows commit together) and keep writers out until done
+                    ownership.lock_symbol(conn, name, shared=True)
                     if explicit:
                         windows = _explicit_window(conn, name, start, end)
                     else:

@@ -22,6 +22,7 @@ candle are in exactly one chunk: chunks can be stored in any order, or in parall
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -374,6 +375,11 @@ def _fallback_cut(lines: Sequence[bytes], after_second: int, now: datetime) -> i
     return 0 if cut == first else cut
 
 
+#: Lines a block may grow to (in chunks) while it holds a single minute, before the rest of the
+#: file is read line by line instead.
+MAX_BLOCK_CHUNKS = 4
+
+
 def stream_plain_trades(
     stream: IO[bytes],
     *,
@@ -420,6 +426,8 @@ def stream_plain_trades(
         if scan is not None:
             stop = len(scan.seconds) if final else last_minute_start(scan.seconds)
             if stop == 0:
+                if want >= MAX_BLOCK_CHUNKS * chunk_size:
+                    break  # a minute too big to hold: the rest goes line by line (below)
                 want *= 2
                 continue
             chunk = build_chunk(scan, stop, symbol=sym, blocker=blocker, first_line_no=line_no)
@@ -430,6 +438,8 @@ def stream_plain_trades(
             lines = _split_lines(block)
             stop = len(lines) if final else _fallback_cut(lines, after, now)
             if stop == 0:
+                if want >= MAX_BLOCK_CHUNKS * chunk_size:
+                    break  # a minute too big to hold: the rest goes line by line (below)
                 want *= 2
                 continue
             used = sum(map(len, lines[:stop]))
@@ -443,3 +453,12 @@ def stream_plain_trades(
         line_no += stop
         pending = block[used:] + rest
         want = chunk_size
+    # A minute holding more than MAX_BLOCK_CHUNKS chunks of lines (a degenerate file: millions
+    # of lines in one second, most of them bad): the line parser reads the rest of the stream
+    # one line at a time, so memory stays that of a chunk (a second keeps at most
+    # MAX_TRADES_PER_SECOND rows, every further line of it is a bad line, counted, not held)
+    if not pending.endswith(b"\n"):
+        pending += stream.readline()  # the partial last line, whole
+    yield from parse_plain_trades(itertools.chain(_split_lines(pending), stream), symbol=sym, report=report,
+                                  chunk_size=chunk_size, blocker=blocker, first_line_no=line_no,
+                                  after_second=after, now=now)

@@ -52,3 +52,42 @@ def test_a_weekly_ohlcvt_file_is_checked_against_thursday_weeks(db_url: str, tmp
     assert [r.status for r in importer.import_paths([trades, weekly])] == ["imported", "imported"]
     check = importer.compare_exchange_candles("BTC/USD", 10080)
     assert (check.compared, check.matching, check.mismatched) == (2, 2, 0), check.to_dict()
+
+
+_IMPORT_ONE = """
+import resource, sys
+from kraken_hist.csv_import import BulkCSVImporter
+result = BulkCSVImporter(sys.argv[1], chunk_size=20_000).import_archive(sys.argv[2])[0]
+print(result.status, result.imported, result.bad, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_degenerate_one_second_archive_is_imported_in_bounded_memory(db_url: str, tmp_path: Path) -> None:
+    """24 MB of trades in one second, zipped to about 100 KB: every line past the second's
+    100,000th is a bad line. Peak RSS used to grow with the file (the whole second held as one
+    block, then as a list of lines); now it stays that of a few chunks."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    path = tmp_path / "Kraken_Trading_History.zip"
+    line = b"1700000000,30000.5,0.001\n"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("XBTUSD.csv", "w") as member:
+        for _ in range(24 * 2**20 // (len(line) * 40_000)):
+            member.write(line * 40_000)
+    child = subprocess.Popen([sys.executable, "-c", _IMPORT_ONE, db_url, str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    watched, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-2000:]
+    status, imported, bad, max_rss_mb = out.split()
+    assert (status, int(imported)) == ("imported", 100_000) and int(bad) > 800_000
+    assert int(max_rss_mb) < 250 and peak < 250 * 2**20, (max_rss_mb, peak // 2**20)

@@ -50,6 +50,9 @@ class Settings:
     rest_pair_min_interval: float | None = None  # seconds between Trades/OHLC calls of one pair (None: rest_min_interval)
     metrics_port: int | None = None  # Prometheus /metrics and /healthz of stream and workers (None: off)
     pairs_max_age: float = 86_400.0  # seconds before the pair table is refreshed from Kraken's AssetPairs
+    # TimescaleDB: trades/candles chunks older than this many days are compressed (0: never);
+    # applied by `kraken-hist db upgrade`.
+    compress_after_days: float = 7.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -101,6 +104,14 @@ def _convert(name: str, raw: str) -> object:
         if not 0 <= port <= 65535:
             raise ConfigurationError(f"{variable} must be a TCP port number (0-65535), got {raw!r}")
         return port
+    if name == "compress_after_days":
+        try:
+            days = float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{variable} must be a number of days, got {raw!r}") from None
+        if not 0 <= days <= 36_500:
+            raise ConfigurationError(f"{variable} must be between 0 (never) and 36500 days, got {raw!r}")
+        return days
     if name in ("rest_min_interval", "rest_pair_min_interval", "gap_fill_every", "refresh_every", "backfill_every",
                 "pairs_max_age"):
         try:

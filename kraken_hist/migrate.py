@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import alembic.util
+import psycopg
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from .db import has_timescaledb, sqlalchemy_url, translate_errors
+from .db import has_timescaledb, libpq_url, sqlalchemy_url, translate_errors
 from .errors import ConfigurationError, PermanentError
 from .intervals import INTERVAL_RELATIONS
+from .timescale import TradeStorage, read_trade_storage, set_compress_after
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -74,6 +77,7 @@ class SchemaStatus:
     head: str
     timescaledb: bool
     row_counts: dict[str, int]
+    trade_storage: TradeStorage | None = None  # bytes per trade before/after compression
 
     @property
     def up_to_date(self) -> bool:
@@ -101,9 +105,25 @@ def read_schema_status(url: str) -> SchemaStatus:
             for name in names:
                 if name in present:
                     counts[name] = conn.execute(sa.text(f'SELECT count(*) FROM "{name}"')).scalar_one()
+            storage = None
+            if "trades" in present:
+                driver = conn.connection.driver_connection
+                assert isinstance(driver, psycopg.Connection)
+                storage = read_trade_storage(driver, counts["trades"])
     finally:
         engine.dispose()
-    return SchemaStatus(revision=revision, head=head_revision(), timescaledb=timescale, row_counts=counts)
+    return SchemaStatus(revision=revision, head=head_revision(), timescaledb=timescale, row_counts=counts,
+                        trade_storage=storage)
+
+
+def apply_compress_after(url: str, days: float) -> timedelta | None:
+    """Make `days` the age past which TimescaleDB compresses ``trades``/``candles`` chunks
+    (0: never). Returns the age in force, None on plain PostgreSQL or when switched off."""
+    age = timedelta(days=days) if days else None
+    with translate_errors(), psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        if not set_compress_after(conn, age):
+            return None
+    return age
 
 
 def ensure_schema(url: str, *, auto_upgrade: bool = False) -> None:

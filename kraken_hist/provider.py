@@ -317,6 +317,7 @@ class HistoricalDataProvider:
         # Compiled candle queries by request shape (see _query_candles); compiling is pure and
         # idempotent, so concurrent threads at worst compile one twice.
         self._queries: dict[tuple[Any, ...], _CompiledQuery] = {}
+        self._views: bool | None = None  # are 5m … 1w continuous aggregates (TimescaleDB)?
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -332,7 +333,7 @@ class HistoricalDataProvider:
                 connect_args={"options": "-c TimeZone=UTC"},
             )
         with self._connection() as conn:
-            conn.execute(sa.text("SELECT 1"))
+            self._views = has_timescaledb(conn)
         return self
 
     def close(self) -> None:
@@ -405,6 +406,63 @@ class HistoricalDataProvider:
         `desc`), at most `limit`: the hot path of get_candles, warm-up and latest."""
         if self._engine is None:
             self.connect()
+        if limit is not None and hi is not None and iv.is_stored and iv.minutes != 1 and self._reads_views():
+            return self._query_view_windows(name, iv, lo, hi, desc, limit)
+        return self._query_once(name, iv, lo, hi, desc, limit)
+
+    def _reads_views(self) -> bool:
+        """Whether 5m … 1w are continuous aggregates here (TimescaleDB), asked once."""
+        if self._views is None:
+            with self._connection() as conn:
+                self._views = has_timescaledb(conn)
+        return self._views
+
+    def _query_view_windows(
+        self, name: str, iv: Interval, lo: datetime | None, hi: datetime, desc: bool, limit: int
+    ) -> list[HistoricalCandle]:
+        """``_query_once`` over a continuous aggregate, `limit` buckets' worth of time at a time.
+
+        A real-time continuous aggregate is a view: its materialized rows UNION ALL the rows
+        aggregated on the fly past its watermark. PostgreSQL 15 does not push ``ORDER BY time
+        LIMIT n`` into the union's branches (TimescaleDB does from PostgreSQL 16 on), so one
+        query would read and sort every bucket from `lo` to `hi` (~70 ms for two years of 5m
+        buckets, against ~3 ms for a table). A window of `limit` buckets holds at most `limit`
+        candles; it widens (x4) over stretches without trades until the range is exhausted."""
+        out: list[HistoricalCandle] = []
+        floor = lo
+        span = limit
+        edge = lo if not desc else hi
+        while len(out) < limit:
+            if desc:
+                if floor is not None and edge <= floor:
+                    break
+                start = edge - span * iv.delta
+                if floor is not None:
+                    start = max(start, floor)
+                out.extend(self._query_once(name, iv, start, edge, True, limit - len(out)))
+                edge = start
+            else:
+                if edge is None:
+                    data_range = self.get_data_range(name)
+                    if data_range is None:
+                        break
+                    edge = iv.bucket_start(data_range.first)
+                if edge >= hi:
+                    break
+                end = min(hi, edge + span * iv.delta)
+                out.extend(self._query_once(name, iv, edge, end, False, limit - len(out)))
+                edge = end
+            if len(out) < limit and floor is None and desc:
+                data_range = self.get_data_range(name)  # how far back is there anything at all?
+                if data_range is None:
+                    break
+                floor = iv.bucket_start(data_range.first)
+            span *= 4
+        return out
+
+    def _query_once(
+        self, name: str, iv: Interval, lo: datetime | None, hi: datetime | None, desc: bool, limit: int | None
+    ) -> list[HistoricalCandle]:
         query = self._compiled(iv, lo, hi, desc, limit)
         params = query.params(symbol=name, lo=lo, hi=hi, limit=limit)
         with self._driver() as driver:

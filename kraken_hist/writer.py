@@ -74,7 +74,7 @@ from psycopg.copy import LibpqWriter
 from . import spool as spoolfmt
 from . import ownership, store
 from .config import Settings, settings_or_env
-from .db import libpq_url
+from .db import libpq_url, session_options
 from .errors import DatabaseUnavailableError, PermanentError
 from .pairs import DEFAULT_REGISTRY
 from .spool import Block, DatabaseIdentity, Spool, read_blocks
@@ -1468,7 +1468,8 @@ class DatabaseWriter:
                 min_size=self.pool_min_size,
                 max_size=self.pool_max_size,
                 open=False,
-                kwargs={"autocommit": True, "connect_timeout": max(1, math.ceil(self.connect_timeout))},
+                kwargs={"autocommit": True, "connect_timeout": max(1, math.ceil(self.connect_timeout)),
+                        "options": session_options()},
                 name="kraken_hist-writer",
                 timeout=self.connect_timeout,
             )

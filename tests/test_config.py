@@ -40,6 +40,12 @@ def test_every_variable_is_read():
     assert settings.gap_fill_every == 120.0
 
 
+def test_compression_age_in_days():
+    assert Settings().compress_after_days == 7.0
+    assert Settings.from_env({"KRAKEN_HIST_COMPRESS_AFTER_DAYS": "30"}).compress_after_days == 30.0
+    assert Settings.from_env({"KRAKEN_HIST_COMPRESS_AFTER_DAYS": "0"}).compress_after_days == 0.0  # never
+
+
 def test_empty_variables_keep_defaults():
     assert Settings.from_env({"KRAKEN_HIST_DATABASE_URL": "  "}).database_url is None
 
@@ -52,6 +58,8 @@ def test_empty_variables_keep_defaults():
         ("KRAKEN_HIST_REST_MIN_INTERVAL", "-1", "must not be negative"),
         ("KRAKEN_HIST_SYMBOLS", " , ", "KRAKEN_HIST_SYMBOLS names no symbol"),
         ("KRAKEN_HIST_REDIS_URL", "localhost:6379", "KRAKEN_HIST_REDIS_URL must be a redis://"),
+        ("KRAKEN_HIST_COMPRESS_AFTER_DAYS", "soon", "KRAKEN_HIST_COMPRESS_AFTER_DAYS must be a number of days"),
+        ("KRAKEN_HIST_COMPRESS_AFTER_DAYS", "-1", "between 0 \\(never\\) and 36500 days"),
     ],
 )
 def test_bad_values_name_the_variable(variable, value, message):

@@ -148,3 +148,37 @@ def test_trades_time_index_skips_deduplication(db_url):
         options = conn.execute(
             "SELECT reloptions FROM pg_class WHERE relname = 'trades_symbol_time_idx'").fetchone()[0]
     assert options == ["deduplicate_items=off"]
+
+
+def test_the_branch_is_taken_only_when_the_extension_can_really_be_created():
+    """0001 asks CREATE EXTENSION (in a savepoint), not pg_available_extensions: installed but
+    not preloaded (or not permitted) means plain PostgreSQL, without a traceback."""
+    import importlib.util
+
+    import sqlalchemy as sa
+
+    spec = importlib.util.spec_from_file_location("rev0001", migrate.migrations_path() / "versions" / "0001_initial.py")
+    assert spec is not None and spec.loader is not None
+    rev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rev)
+
+    class NotPreloaded:
+        """Answers like a server with timescaledb installed but not in shared_preload_libraries."""
+
+        def execute(self, statement):
+            if "CREATE EXTENSION" in str(statement):
+                raise sa.exc.DBAPIError(str(statement), {}, Exception(
+                    'extension "timescaledb" must be preloaded'))
+
+            class Found:
+                def first(self):
+                    return (1,)
+
+            return Found()
+
+        def begin_nested(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    assert rev._create_timescaledb(NotPreloaded()) is False

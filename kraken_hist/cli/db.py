@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import click
 
@@ -11,6 +12,7 @@ from ..config import mask_password
 from ..db import is_embedded_url, resolve_database_url
 from ..embedded import embedded_pgdata, is_running, start_embedded, stop_embedded
 from ..errors import DatabaseUnavailableError
+from ..timescale import TradeStorage
 from .common import friendly_errors, settings_from
 
 
@@ -40,8 +42,13 @@ def upgrade(ctx: click.Context, revision: str, wait_seconds: float) -> None:
             click.echo(f"waiting for the database: {exc}", err=True)
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
     status = migrate.read_schema_status(url)
-    click.echo(f"database {mask_password(url)} at revision {status.revision} "
-               f"({'TimescaleDB' if status.timescaledb else 'plain PostgreSQL'})")
+    flavour = "plain PostgreSQL"
+    if status.timescaledb and status.up_to_date:
+        age = migrate.apply_compress_after(url, settings.compress_after_days)
+        flavour = f"TimescaleDB, chunks compressed after {_days(age)}" if age else "TimescaleDB, no compression"
+    elif status.timescaledb:
+        flavour = "TimescaleDB"
+    click.echo(f"database {mask_password(url)} at revision {status.revision} ({flavour})")
 
 
 @db.command()
@@ -65,6 +72,25 @@ def status(ctx: click.Context) -> None:
         width = max(len(name) for name in info.row_counts)
         for name, count in info.row_counts.items():
             click.echo(f"  {name:<{width}}  {count:>12,}")
+    if info.trade_storage is not None:
+        click.echo(f"trades:     {_storage(info.trade_storage)}")
+
+
+def _days(age: timedelta | None) -> str:
+    days = age.total_seconds() / 86400 if age else 0
+    return f"{days:g} day{'s' if days != 1 else ''}"
+
+
+def _storage(storage: TradeStorage) -> str:
+    """Bytes per trade, before and after compression."""
+    if not storage.trades:
+        return f"none stored ({storage.bytes_stored:,} bytes)"
+    before, after = storage.per_trade_uncompressed, storage.per_trade_stored
+    if storage.compress_after is None and storage.chunks == 0:  # plain PostgreSQL (no compression)
+        return f"{after:.1f} bytes each (table and indexes; not compressed)"
+    policy = f"chunks older than {_days(storage.compress_after)}" if storage.compress_after else "no policy"
+    return (f"{before:.1f} bytes each uncompressed, {after:.1f} stored "
+            f"({storage.chunks_compressed} of {storage.chunks} chunks compressed; {policy})")
 
 
 def _not_in_use(settings: object) -> str:

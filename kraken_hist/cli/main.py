@@ -12,6 +12,7 @@ from .backfill import backfill
 from .candles import candles, refresh
 from .charts import chart, coverage
 from .db import db
+from .demo import demo
 from .export import export_command
 from .gaps import gaps
 from .imports import import_command
@@ -37,7 +38,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-for command in (db, backfill, stream, import_command, gaps, candles, refresh, export_command, chart, coverage, task,
+for command in (demo, db, backfill, stream, import_command, gaps, candles, refresh, export_command, chart, coverage, task,
                 pairs):
     cli.add_command(command)
 

@@ -58,11 +58,14 @@ _PROGRESS_FLUSH_TIMEOUT = 2.0
 @click.option("--adopt-unlabelled-spool", is_flag=True,
               help="Replay a spool left by an older version (which did not record its database) into this "
                    "database; only if it was written for it.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop by itself after this many seconds (as on Ctrl-C) [default: run until stopped].")
 @click.pass_context
 @friendly_errors
 def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[int, ...], no_ohlc: bool,
            flush_interval: float, buffer_size: int, status_interval: float, heartbeat_timeout: float,
-           refresh_every: float | None, metrics_port: int | None, adopt_unlabelled_spool: bool) -> None:
+           refresh_every: float | None, metrics_port: int | None, adopt_unlabelled_spool: bool,
+           duration: float | None = None) -> None:
     """Stream live trades (and 1-minute candles) of SYMBOLS into the database until Ctrl-C/SIGTERM.
 
     Symbols may be given in any Kraken name (BTC/USD, XBTUSD, XXBTZUSD); default: the
@@ -105,6 +108,10 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
         integration.start()
         client.start()
         click.echo(f"streaming {', '.join(canonical)} from {settings.ws_url} (Ctrl-C to stop)", err=True)
+        if duration is not None:
+            timer = threading.Timer(duration, stop.set)
+            timer.daemon = True
+            timer.start()
         _status_loop(stop, client, integration, writer, status_interval, refresher)
     finally:
         click.echo("\nstopping: writing everything received...", err=True)

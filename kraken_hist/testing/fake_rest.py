@@ -435,16 +435,20 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def demo_market(
-    symbols: list[str], *, days: float, trades_per_minute: float, seed: int, now: datetime | None = None
+    symbols: list[str], *, days: float, trades_per_minute: float, seed: int, now: datetime | None = None,
+    ahead: float | None = None,
 ) -> FakeMarket:
-    """A market on the real clock whose history runs from `days` ago to `days` ahead, so new
-    trades keep appearing as time passes (a live market to catch up with)."""
+    """A market on the real clock whose history runs from `days` ago to `ahead` days ahead
+    (default: `days`), so new trades keep appearing as time passes (a live market to catch up
+    with). ``ahead=0`` ends the history now, for a server that publishes live trades itself
+    (:mod:`kraken_hist.testing.fake_exchange`)."""
     centre = floor_minute(now or utcnow())
     span = timedelta(days=days)
+    future = span if ahead is None else timedelta(days=ahead)
     universe = default_universe()
 
     def history(symbol: str) -> list:
-        return generate_trades(symbol, centre - span, centre + span, seed=seed, trades_per_minute=trades_per_minute)
+        return generate_trades(symbol, centre - span, centre + future, seed=seed, trades_per_minute=trades_per_minute)
 
     if any(s.strip().lower() == "all" for s in symbols):  # the whole market, each pair made when first asked for
         return FakeMarket({}, universe=universe, generate=history)

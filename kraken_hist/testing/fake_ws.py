@@ -648,8 +648,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=5.0, help="new trades per second per symbol")
     args = parser.parse_args(argv)
     now = utcnow()
+    # History ends now: the trades published below continue it (a history running into the
+    # future would put them out of order). For REST and WebSocket on one market, use
+    # python -m kraken_hist.testing.fake_exchange.
     market = demo_market([s for s in args.symbols.split(",") if s.strip()], days=2 / 24, trades_per_minute=20.0,
-                         seed=1, now=now)
+                         seed=1, now=now, ahead=0)
     symbols = market.symbols()
     with FakeKrakenWS(market, port=args.port) as server:
         print(f"fake Kraken WebSocket v2 at {server.url}", flush=True)

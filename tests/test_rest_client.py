@@ -194,9 +194,10 @@ def test_limiter_paces_calls_shared_across_threads() -> None:
     for t in threads:
         t.join()
     stamps.sort()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert len(stamps) == 12
-    assert min(gaps) >= 0.045  # never two calls closer than the interval, whichever thread
+    # a thread runs at its slot or later (a busy machine wakes it late), never earlier: twelve
+    # slots an interval apart, whichever thread took them, span at least eleven intervals
+    # (the spacing rule itself: tests/test_ratelimit_shared.py, test_placed_slots_*)
     assert stamps[-1] - stamps[0] >= 11 * 0.05 - 0.01
 
 

@@ -41,6 +41,19 @@ def test_a_process_with_no_url_gets_a_working_migrated_database_and_the_next_reu
         assert second.returncode == 0, second.stderr
         assert postmaster_pid(data_dir) == pid  # the same server, reused
         assert "embedded PostgreSQL" not in second.stderr  # no warning on every command
+
+        # its life: where it is, stop, start
+        path = run_cli(["db", "path"], data_dir)
+        assert path.returncode == 0 and path.stdout.strip() == str(embedded_pgdata(data_dir))
+        stopped = run_cli(["db", "stop"], data_dir)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopped" in stopped.stdout and not (embedded_pgdata(data_dir) / "postmaster.pid").exists()
+        again = run_cli(["db", "stop"], data_dir)
+        assert again.returncode == 0 and "is not running" in again.stdout
+        started = run_cli(["db", "start"], data_dir)
+        assert started.returncode == 0, started.stderr
+        assert "embedded PostgreSQL running: postgresql://" in started.stdout
+        assert postmaster_pid(data_dir) != pid
     finally:
         stop_embedded(data_dir)
 
@@ -54,26 +67,9 @@ def test_a_configured_url_always_wins(tmp_path, db_url):
     assert resolve_database_url(None, Settings(database_url=db_url, data_dir=data_dir)) == db_url
 
 
-def test_db_path_stop_and_start_manage_the_embedded_server(tmp_path):
+
+def test_db_path_starts_nothing(tmp_path):
     data_dir = tmp_path / "khdata"
-    try:
-        path = run_cli(["db", "path"], data_dir)
-        assert path.returncode == 0 and path.stdout.strip() == str(embedded_pgdata(data_dir))
-        assert not data_dir.exists()  # printing the path starts nothing
-
-        started = run_cli(["db", "start"], data_dir)
-        assert started.returncode == 0, started.stderr
-        assert "embedded PostgreSQL running: postgresql://" in started.stdout
-        pid = postmaster_pid(data_dir)
-
-        stopped = run_cli(["db", "stop"], data_dir)
-        assert stopped.returncode == 0, stopped.stderr
-        assert "stopped" in stopped.stdout and not (embedded_pgdata(data_dir) / "postmaster.pid").exists()
-        again = run_cli(["db", "stop"], data_dir)
-        assert again.returncode == 0 and "is not running" in again.stdout
-
-        status = run_cli(["db", "status"], data_dir)  # the next command that needs it starts it again
-        assert status.returncode == 0 and "up to date" in status.stdout, status.stderr
-        assert postmaster_pid(data_dir) != pid
-    finally:
-        stop_embedded(data_dir)
+    path = run_cli(["db", "path"], data_dir)
+    assert path.returncode == 0 and path.stdout.strip() == str(embedded_pgdata(data_dir))
+    assert not data_dir.exists()

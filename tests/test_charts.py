@@ -42,9 +42,9 @@ def test_png_chart_draws_the_stored_candles(db_url, hours, tmp_path):
     run = CliRunner().invoke(cli, ["chart", "SOLUSD", "-i", "1h", "--last", "12", "-o", str(out)], env=env(db_url, tmp_path))
     assert run.exit_code == 0, run.output
     assert "12 candles" in run.output
-    image = Image.open(out)
-    assert image.format == "PNG" and image.size == (1200, 700) and out.stat().st_size > 20_000
-    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1200, 700) and out.stat().st_size > 20_000
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     for colour in (charts.UP, charts.DOWN):  # rising and falling bodies are both there
         rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
         assert (np.abs(pixels - rgb).sum(axis=1) < 30).sum() > 200
@@ -139,7 +139,7 @@ def test_coverage_map_draws_sources_candle_days_and_gaps(db_url, conn, tmp_path)
     run = CliRunner().invoke(cli, ["coverage", "-o", str(out)], env=env(db_url, tmp_path))
     assert run.exit_code == 0, run.output
     assert run.output.strip() == f"{out}: 1 pairs, 1 gaps"
-    image = Image.open(out)
-    assert image.format == "PNG" and image.size[0] == 1200 and out.stat().st_size > 10_000
-    red = np.array([0xCC, 0, 0])
-    assert (np.abs(np.asarray(image.convert("RGB")).reshape(-1, 3) - red).sum(axis=1) < 30).sum() > 10
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] == 1200 and out.stat().st_size > 10_000
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels - np.array([0xCC, 0, 0])).sum(axis=1) < 30).sum() > 10

@@ -45,5 +45,11 @@ class ExchangeTransientError(ExchangeError, TransientError):
     """Throttled, busy, unavailable, timed out: retry with back-off."""
 
 
+class ExchangeUnreachableError(ExchangeTransientError):
+    """No connection to the exchange at all (DNS, refused, connect timeout): nothing answered."""
+
+    reason: str = "connection failed"  # short: "connection failed: connection refused"
+
+
 class ExchangePermanentError(ExchangeError, PermanentError):
     """Unknown pair, invalid arguments, or an error we do not know how to treat."""

@@ -20,7 +20,7 @@ import requests
 import urllib3
 
 from .config import DEFAULT_REST_URL
-from .errors import ExchangePermanentError, ExchangeTransientError
+from .errors import ExchangePermanentError, ExchangeTransientError, ExchangeUnreachableError
 from .pairs import DEFAULT_REGISTRY, PairRegistry
 from .parsing import (
     OhlcPage,
@@ -69,6 +69,10 @@ OHLC_INTERVALS = (1, 5, 15, 30, 60, 240, 1440, 10080, 21600)
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 #: Seconds one HTTP attempt may take in total, however the server paces its bytes.
 ANSWER_DEADLINE = 60.0
+#: seconds a client that has never had an answer keeps retrying connection failures before it
+#: says the exchange cannot be reached (a new user without network learns it in seconds, not
+#: after minutes of back-off); once the host has answered, outages get the full retry budget
+UNREACHABLE_AFTER = 5.0
 _READ_SIZE = 1 << 16
 
 
@@ -125,6 +129,34 @@ def unwrap(status: int, text: str | bytes, what: str) -> Any:
     return payload["result"]
 
 
+def _unreachable(what: str, kind: str, exc: Exception) -> ExchangeUnreachableError:
+    """A connection failure as an error whose `reason` is short (the innermost cause, without
+    urllib3's pool and URL repeated): "connection refused", "name or service not known"."""
+    cause: BaseException = exc
+    while cause.__context__ is not None or cause.__cause__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    text = str(cause).split("] ", 1)[-1].split(": ", 1)[-1] if str(cause) else kind
+    error = ExchangeUnreachableError(f"{what}: {kind} ({exc})")
+    error.reason = f"{kind}: {text}".lower() if text != kind else kind
+    return error
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether a connection error happened before any connection existed (DNS, refused,
+    unroutable), not a connection the other side dropped."""
+    seen: BaseException | None = exc
+    for _ in range(20):  # a chain of causes, bounded
+        if seen is None:
+            return False
+        if isinstance(seen, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__ or (seen.args[0] if seen.args and isinstance(
+            seen.args[0], BaseException) else None) or getattr(seen, "reason", None)
+        if not isinstance(seen, BaseException):
+            return False
+    return False
+
+
 def retry_delay(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
     """Seconds to wait before retry number `attempt` (1-based) of a transient failure."""
     return min(cap, base * 2 ** (attempt - 1))
@@ -155,6 +187,7 @@ class KrakenRestClient:
         sleep: Callable[[float], None] = time.sleep,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
         deadline: float = ANSWER_DEADLINE,
+        unreachable_after: float = UNREACHABLE_AFTER,
     ) -> None:
         if max_answer_bytes < 1 or not deadline > 0:
             raise ValueError(f"max_answer_bytes and deadline must be positive, got {max_answer_bytes}, {deadline}")
@@ -163,6 +196,8 @@ class KrakenRestClient:
         self.max_answer_bytes = max_answer_bytes
         self.deadline = deadline
         self.max_retries = max_retries
+        self.unreachable_after = unreachable_after
+        self._answered = False  # whether the host ever answered this client (then outages are retried in full)
         self.retry_base_delay = retry_base_delay
         self.limiter = limiter if limiter is not None else process_limiter(min_interval)
         self.registry = registry if registry is not None else DEFAULT_REGISTRY
@@ -214,6 +249,7 @@ class KrakenRestClient:
         url = f"{self.base_url}/0/public/{method}"
         what = f"{method} {dict(params or {})}"
         attempt = 0
+        first_try = time.monotonic()
         while True:
             self.limiter.acquire(pair)
             self._bump("_calls")
@@ -240,6 +276,14 @@ class KrakenRestClient:
             if attempt > self.max_retries:
                 self._bump("_failures")
                 raise ExchangeTransientError(f"{error} (gave up after {attempt} attempts)") from error
+            if isinstance(error, ExchangeUnreachableError) and not self._answered:
+                delay = retry_delay(attempt, self.retry_base_delay)
+                if time.monotonic() - first_try + delay > self.unreachable_after:
+                    self._bump("_failures")
+                    raise ExchangeUnreachableError(
+                        f"cannot reach Kraken at {self.base_url} ({error.reason}): check the network connection "
+                        "(proxy, firewall, DNS) or KRAKEN_HIST_REST_URL; to try kraken-hist offline: kraken-hist demo"
+                    ) from error
             self._bump("_retries")
             if not isinstance(error, ExchangeThrottledError):
                 delay = retry_delay(attempt, self.retry_base_delay)
@@ -254,10 +298,15 @@ class KrakenRestClient:
         started = time.monotonic()
         try:
             response = self._session.get(url, params=params, timeout=self.timeout, stream=True)
+        except requests.ConnectTimeout as exc:
+            raise _unreachable(what, "connect timed out", exc) from exc
         except requests.Timeout as exc:
             raise ExchangeTransientError(f"{what}: timed out ({exc.__class__.__name__})") from exc
         except requests.ConnectionError as exc:
+            if _never_connected(exc):
+                raise _unreachable(what, "connection failed", exc) from exc
             raise ExchangeTransientError(f"{what}: connection failed ({exc})") from exc
+        self._answered = True
         with response:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > self.max_answer_bytes:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import click
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..backfill import BackfillProgress, BackfillResult, KrakenTradesBackfill
 from ..migrate import prepare_database
 from ..rest_client import KrakenRestClient
+from ..timeutils import floor_minute, utcnow
 from .common import friendly_errors, parse_time_option, resolve_symbols, settings_from
 
 
@@ -42,6 +44,13 @@ class _Bars:
         self.bar.update(max(0, done - self.bar.n))
         self.bar.set_postfix(pages=event.pages, trades=event.trades, at=event.position.strftime("%Y-%m-%d %H:%M"))
 
+    def finish(self) -> None:
+        """The run got where it was going (caught up, or --until): the bar shows 100 %. (The
+        target is the clock at the start, the last trade a little before it: 99.9 % before.)"""
+        if self.bar is not None and self.bar.total is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.close()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -60,10 +69,16 @@ def _summary(result: BackfillResult) -> str:
     )
 
 
+#: how far back a symbol with nothing stored starts without --since: a first run finishes in a
+#: minute or two at Kraken's pace (a liquid pair trades some 10^4–10^5 times a day, 1,000 a call)
+DEFAULT_RECENT = timedelta(hours=12)
+
+
 @click.command()
 @click.argument("symbols", nargs=-1)
 @click.option("--since", callback=parse_time_option, help="Start here when the symbol has no stored data, or extend stored data back to here "
-              "(ISO date/time, UTC, or unix seconds). Default: the pair's first trade.")
+              "(ISO date/time, UTC, or unix seconds). Default for a symbol with nothing stored: the last "
+              "12 hours (the long history: kraken-hist import of Kraken's archive, or an early --since).")
 @click.option("--until", callback=parse_time_option, help="Stop before this time (exclusive). Default: catch up with the exchange.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary per symbol instead of text.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
@@ -89,10 +104,21 @@ def backfill(ctx: click.Context, symbols: tuple[str, ...], since: datetime | Non
     canonical = resolve_symbols(settings, url, symbols or settings.symbols)
     client = KrakenRestClient.from_settings(settings)
     bars = _Bars(progress)
-    with KrakenTradesBackfill(url, client, settings=settings, progress=bars) as job:
+    # -v log lines are written above the bar (tqdm.write), never into it
+    with KrakenTradesBackfill(url, client, settings=settings, progress=bars) as job, logging_redirect_tqdm():
         try:
             for symbol in canonical:
-                result = job.backfill_symbol(symbol, since=start, until=end)
+                first = start
+                if first is None and job.get_resume_point(symbol) is None:
+                    first = floor_minute(utcnow()) - DEFAULT_RECENT
+                    click.echo(
+                        f"{symbol}: nothing stored yet, fetching the last {DEFAULT_RECENT.total_seconds() / 3600:g} hours "
+                        f"(since {first:%Y-%m-%d %H:%M} UTC). For the long history import Kraken's archive "
+                        "(kraken-hist import Kraken_Trading_History.zip) or give --since (REST: ~1 day per 10^5 "
+                        "trades at Kraken's pace).", err=True)
+                result = job.backfill_symbol(symbol, since=first, until=end)
+                if result.caught_up or result.reached_until:
+                    bars.finish()
                 bars.close()
                 click.echo(json.dumps(result.to_dict()) if as_json else _summary(result))
         finally:

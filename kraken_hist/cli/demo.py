@@ -166,10 +166,6 @@ def demo(ctx: click.Context, symbol: str, stream_seconds: float, hours: int) -> 
             ctx.invoke(gaps, symbols=(symbol,), progress=False)
     finally:
         root.obj = saved_obj
-        if not user.database_url:
-            from ..embedded import stop_embedded
-
-            stop_embedded(data_dir)
     seconds = time.monotonic() - began
     look = (f"KRAKEN_HIST_DATABASE_URL='{url}'" if user.database_url else f"KRAKEN_HIST_DATA_DIR={data_dir}")
     click.echo("")
@@ -183,3 +179,6 @@ def demo(ctx: click.Context, symbol: str, stream_seconds: float, hours: int) -> 
         f"  kraken-hist backfill {symbol}\n"
         "  kraken-hist import Kraken_Trading_History.zip   # the long history, from Kraken's downloadable archive"
     )
+    if not user.database_url:
+        click.echo(f"The demo's server keeps running like the default one: KRAKEN_HIST_DATA_DIR={data_dir} kraken-hist "
+                   f"db stop stops it; rm -rf {data_dir} removes the demo.")

@@ -97,11 +97,16 @@ def test_export_command(db_url, history, tmp_path):
     summary = json.loads(run.output)
     assert [p.split("/")[-1] for p in summary["files"]] == ["2025-01.parquet", "2025-02.parquet"]
     times = [r["time"] for f in summary["files"] for r in pq.read_table(f).to_pylist()]
-    # every 45-minute bucket (epoch-aligned) holding trades, from the first one starting at or
-    # after the first stored minute (all of them closed long ago)
+    # every 45-minute bucket (epoch-aligned) holding trades, all closed long ago
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
     buckets = sorted({epoch + timedelta(seconds=(t.time - epoch).total_seconds() // 2700 * 2700) for t in history})
-    first_minute = history[0].time.replace(second=0, microsecond=0)
-    assert times == [b for b in buckets if b >= first_minute] and len(times) == summary["rows"]
+    assert times == buckets and len(times) == summary["rows"]
+    # a file name with the format's suffix means one file; without --end the export stops at the
+    # newest stored trade, and --start is the first bucket starting at or after it
+    one = CliRunner().invoke(cli, ["export", "ETH/USD", "--kind", "candles", "-i", "45m", "--start",
+                                   (buckets[3] + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                   "-o", str(tmp_path / "one.parquet"), "--no-progress"], env=env)
+    assert one.exit_code == 0, one.output
+    assert [r["time"] for r in pq.read_table(tmp_path / "one.parquet").to_pylist()] == buckets[4:]
     bad = CliRunner().invoke(cli, ["export", "ETHUSD", "--start", "2030-01-01"], env=env)
     assert bad.exit_code == 1 and "nothing stored" in bad.output

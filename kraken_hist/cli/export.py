@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
 from ..db import connect, translate_errors
-from ..export import ExportKind, Partition, Piece, export
+from ..export import ExportKind, Partition, Piece, export, plan_pieces
 from ..intervals import Interval
 from ..pairs import normalize_symbol
 from ..migrate import prepare_database
@@ -19,11 +19,17 @@ from .candles import _interval_option, _time_option
 from .common import friendly_errors, settings_from
 
 
-def _first_stored(url: str, kind: ExportKind, symbol: str) -> datetime | None:
+def _stored_range(url: str, kind: ExportKind, symbol: str) -> tuple[datetime | None, datetime | None]:
+    """Time of the first and last stored row (index probes on (symbol, time))."""
     table = "trades" if kind is ExportKind.TRADES else "candles"
-    with connect(url) as conn, translate_errors():
-        row = conn.execute(f"SELECT min(time) FROM {table} WHERE symbol = %s", (symbol,)).fetchone()
-    return row[0] if row else None
+    with connect(url, options="-c TimeZone=UTC") as conn, translate_errors():
+        row = conn.execute(f"SELECT min(time), max(time) FROM {table} WHERE symbol = %s", (symbol,)).fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def _ceil(interval: Interval, when: datetime) -> datetime:
+    start = interval.bucket_start(when)
+    return start if start == when else start + interval.delta
 
 
 def default_output(symbol: str, kind: ExportKind, interval: Interval, fmt: str, partitioned: bool) -> Path:
@@ -54,16 +60,21 @@ def export_command(ctx: click.Context, symbol: str, kind: str, interval: Interva
     settings = settings_from(ctx)
     name, what = normalize_symbol(symbol), ExportKind(kind)
     url = prepare_database(None, settings)
-    now = utcnow()
-    hi = min(end, now) if end is not None else now
+    first, last = _stored_range(url, what, name)
+    if first is None or last is None:
+        raise click.ClickException(f"nothing stored for {name}")
+    # Without --end, through the newest stored row (never past now); candles: complete buckets.
     if what is ExportKind.CANDLES:
-        hi = interval.bucket_start(hi)  # complete buckets only, as `kraken-hist candles`
-    lo = start if start is not None else _first_stored(url, what, name)
-    if lo is None or lo >= hi:
+        hi = interval.bucket_start(min(end if end is not None else interval.bucket_end(last), utcnow()))
+        lo = interval.bucket_start(first) if start is None else _ceil(interval, start)
+    else:
+        hi = min(end if end is not None else last + timedelta(microseconds=1), utcnow())
+        lo = start if start is not None else first
+    if lo >= hi:
         raise click.ClickException(f"nothing stored for {name} in that range")
-    if what is ExportKind.CANDLES:
-        lo = interval.bucket_start(lo) if interval.bucket_start(lo) == lo else interval.bucket_end(lo)
-    target = output or default_output(name, what, interval, fmt, Partition(partition) is not Partition.NONE)
+    if Partition(partition) is Partition.AUTO and output is not None and output.suffix == f".{fmt}":
+        partition = Partition.NONE.value  # asked for one file by name
+    target = output or default_output(name, what, interval, fmt, len(plan_pieces(lo, hi, partition)) > 1)
     bar = tqdm(desc=f"export {name} {what.value}", unit=" rows", disable=not progress, leave=False)
 
     def on_progress(piece: Piece, rows: int) -> None:

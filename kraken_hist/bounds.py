@@ -184,7 +184,7 @@ def count_problem(value: Any, field: str = "trades") -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return f"{field} must be a whole number, got {value!r}"
     if value < 0:
-        return f"{field} must not be negative, got {value}"
+        return f"{field} must be a whole number of at least 0, got {value}"
     if value > MAX_TRADE_COUNT:
         return f"{field} {value} does not fit a candle's count (at most {MAX_TRADE_COUNT})"
     return None

@@ -89,5 +89,7 @@ def test_a_degenerate_one_second_archive_is_imported_in_bounded_memory(db_url: s
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err[-2000:]
     status, imported, bad, max_rss_mb = out.split()
-    assert (status, int(imported)) == ("imported", 100_000) and int(bad) > 800_000
-    assert int(max_rss_mb) < 250 and peak < 250 * 2**20, (max_rss_mb, peak // 2**20)
+    assert (status, int(imported)) == ("imported", 100_000) and int(bad) > 800_000, out
+    # (about 200 MB on a development machine, most of it the interpreter and its libraries;
+    # reading the second whole took about 400 MB here and grew with the file)
+    assert int(max_rss_mb) < 300 and peak < 300 * 2**20, (max_rss_mb, peak // 2**20)

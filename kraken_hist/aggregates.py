@@ -30,6 +30,16 @@ def kraken_vwap(trades: Sequence[Trade], price_decimals: int) -> Decimal:
     return (notional / volume).quantize(quantum, rounding=ROUND_DOWN)
 
 
+def vwap_at_decimals(vwap: Decimal, price_decimals: int) -> Decimal:
+    """An interval's vwap (an exact quotient of stored sums, dozens of digits) as it is handed
+    out: at the pair's price decimals, rounded down like Kraken's 1-minute vwap."""
+    quantum = Decimal(1).scaleb(-price_decimals)
+    exponent = vwap.as_tuple().exponent
+    if isinstance(exponent, int) and exponent >= -price_decimals:
+        return vwap
+    return vwap.quantize(quantum, rounding=ROUND_DOWN)
+
+
 def candles_from_trades(
     trades: Iterable[Trade], *, price_decimals: int | None = None
 ) -> list[CandleRecord]:

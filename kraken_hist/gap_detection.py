@@ -39,7 +39,7 @@ from . import gaps as ranges
 from . import ownership, store
 from .pairs import DEFAULT_REGISTRY
 from .store import MINUTE_CANDLES_FROM_TRADES, read_sync_status
-from .timeutils import UTC, check_aware, floor_minute
+from .timeutils import ONE_MINUTE, UTC, check_aware, floor_minute
 from .types import DataGap, GapKind
 
 logger = logging.getLogger(__name__)
@@ -162,8 +162,13 @@ def read_symbol_gaps(
     *,
     min_gap_minutes: float = 2,
     since: datetime | None = None,
+    verify_candles: bool = False,
 ) -> SymbolScan:
     """Every gap of `symbol` at or after `since` (default: all of history).
+
+    Candles are checked against trade counts first (cheap), and field by field only on days
+    whose counts disagree; `verify_candles` compares every minute field by field, so an edited
+    candle whose trade count is unchanged is found too (a full pass over the trades).
 
     Run it inside one REPEATABLE READ transaction so all checks see one snapshot.
     Invariants of the answer: gaps sorted by (kind order, start); trade-id gaps name exactly
@@ -201,7 +206,10 @@ def read_symbol_gaps(
         ).fetchone()  # type: ignore[misc]
         n_all -= in_trades
         candle_sum -= in_candles
-    if candle_sum != n_all:
+    if verify_candles and first is not None and last is not None:
+        candle_gaps = _read_candle_gaps(conn, symbol, lo, id_gaps, every_day=(max(lo, floor_minute(first[1])),
+                                                                               floor_minute(last[1]) + ONE_MINUTE))
+    elif candle_sum != n_all:
         candle_gaps = _read_candle_gaps(conn, symbol, lo, id_gaps)
 
     uncovered, newest = _read_uncovered(conn, symbol, lo, first, last, id_gaps, min_gap_minutes)
@@ -279,12 +287,19 @@ def _tail_hole(conn: psycopg.Connection, symbol: str, last: tuple[int, datetime]
 
 
 def _read_candle_gaps(
-    conn: psycopg.Connection, symbol: str, since: datetime, id_gaps: list[DataGap]
+    conn: psycopg.Connection, symbol: str, since: datetime, id_gaps: list[DataGap],
+    every_day: ranges.Range | None = None,
 ) -> list[DataGap]:
-    days = [row[0] for row in conn.execute(_SUSPECT_DAYS, {"symbol": symbol, "since": since})]
+    """Minutes whose candle is not what the trades build: on the days whose counts disagree,
+    or over all of `every_day` (lo, hi) when given."""
+    if every_day is None:
+        days = [row[0] for row in conn.execute(_SUSPECT_DAYS, {"symbol": symbol, "since": since})]
+        spans = ranges.normalize((d, d + timedelta(days=1)) for d in days)
+    else:
+        spans = [every_day]
     decimals = DEFAULT_REGISTRY.get(symbol).price_decimals
     minutes: list[datetime] = []
-    for day_lo, day_hi in ranges.normalize((d, d + timedelta(days=1)) for d in days):
+    for day_lo, day_hi in spans:
         rows = conn.execute(
             _BAD_MINUTES,
             {"symbol": symbol, "start": max(day_lo, since), "end": day_hi, "decimals": decimals},

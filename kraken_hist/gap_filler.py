@@ -279,11 +279,13 @@ class GapFiller:
 
     # --- detection ------------------------------------------------------------------------
 
-    def detect_gaps(self, min_gap_minutes: float = 2, *, since: datetime | None = None) -> list[DataGap]:
+    def detect_gaps(self, min_gap_minutes: float = 2, *, since: datetime | None = None,
+                    verify_candles: bool = False) -> list[DataGap]:
         """Every gap of the symbols, sorted by symbol then as :func:`read_symbol_gaps` orders them."""
-        return [g for scan in self.scan(min_gap_minutes, since=since) for g in scan.gaps]
+        return [g for scan in self.scan(min_gap_minutes, since=since, verify_candles=verify_candles) for g in scan.gaps]
 
-    def scan(self, min_gap_minutes: float = 2, *, since: datetime | None = None) -> list[SymbolScan]:
+    def scan(self, min_gap_minutes: float = 2, *, since: datetime | None = None,
+             verify_candles: bool = False) -> list[SymbolScan]:
         """Detection per symbol, several symbols at once on their own connections."""
         symbols = self.symbols if self.symbols is not None else self.read_symbols()
         if not symbols:
@@ -293,7 +295,8 @@ class GapFiller:
             with connect(self.db_url) as conn, translate_errors():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 try:
-                    return read_symbol_gaps(conn, symbol, min_gap_minutes=min_gap_minutes, since=since)
+                    return read_symbol_gaps(conn, symbol, min_gap_minutes=min_gap_minutes, since=since,
+                                            verify_candles=verify_candles)
                 finally:
                     conn.rollback()
 

@@ -58,6 +58,10 @@ class Interval:
         if isinstance(value, int):
             return cls(value)
         match = _TEXT.match(str(value))
+        if match is not None and (match.group(2) == "M" or match.group(2).lower() in ("mo", "mon", "month", "months")):
+            # "1M" is a month to ccxt and pandas, a minute to a lower-case reading: refused, never guessed
+            raise ValueError(f"interval {value!r} is ambiguous or a month: months are not a candle interval here; "
+                             f"use {match.group(1)}m for minutes, or 1d, 1w, 4w")
         unit = match.group(2).lower() if match else None
         if match is None or (unit and unit not in _UNITS):
             raise ValueError(f"cannot read interval {value!r}: use minutes (60) or 15m, 1h, 4h, 1d, 1w")

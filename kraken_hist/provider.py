@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine
 from . import bars as bars_module
 from . import refresh as refresh_module
 from . import trades_out
+from .aggregates import vwap_at_decimals
 from .config import Settings
 from .db import connect, create_engine, has_timescaledb, libpq_url, translate_errors
 from .errors import ConfigurationError, KrakenHistError, PermanentError
@@ -228,6 +229,14 @@ _new = object.__new__
 _MERGE_KEY = operator.attrgetter("time", "symbol")
 
 
+def _vwap_at_pair_decimals(vwap: Decimal, symbol: str, decimals: dict[str, int | None]) -> Decimal:
+    """An interval's vwap at the pair's price decimals, rounded down (aggregates.vwap_at_decimals)."""
+    if symbol not in decimals:
+        decimals[symbol] = DEFAULT_REGISTRY.get(symbol).price_decimals if DEFAULT_REGISTRY.is_known(symbol) else None
+    places = decimals[symbol]
+    return vwap if places is None else vwap_at_decimals(vwap, places)
+
+
 def _candles(rows: Iterable[Sequence[Any]], minutes: int) -> list[HistoricalCandle]:
     """HistoricalCandles from result rows (symbol, time, open, high, low, close, volume, vwap, trades)."""
     return list(_iter_candles(rows, minutes))
@@ -238,7 +247,10 @@ def _iter_candles(rows: Iterable[Sequence[Any]], minutes: int) -> Iterator[Histo
     HistoricalCandle has no validation to skip, and the keyword call of a frozen dataclass
     costs twice as much — this bounds get_candles and replay throughput."""
     s_symbol, s_interval, s_time, s_open, s_high, s_low, s_close, s_volume, s_vwap, s_trades = _SETTERS
+    quanta: dict[str, int | None] | None = None if minutes == 1 else {}
     for symbol, when, open_, high, low, close, volume, vwap, trades in rows:
+        if quanta is not None and vwap is not None:  # an aggregated vwap: an exact quotient, 40+ digits
+            vwap = _vwap_at_pair_decimals(vwap, symbol, quanta)
         candle = _new(HistoricalCandle)
         s_symbol(candle, symbol)
         s_interval(candle, minutes)

@@ -38,7 +38,7 @@ def minutes(conn):
 
 
 def test_refresh_then_candles_in_three_formats(run, minutes):
-    refreshed = run("refresh", "XBTUSD")
+    refreshed = run("refresh", "XBTUSD", "--json")  # (text: a one-line summary)
     assert refreshed.exit_code == 0, refreshed.output
     assert json.loads(refreshed.output)["changes_consumed"] == 1
 
@@ -53,14 +53,14 @@ def test_refresh_then_candles_in_three_formats(run, minutes):
                  "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(as_csv.output)))
     assert [r["time"] for r in rows] == [(T0 + timedelta(minutes=45 * i)).isoformat() for i in range(4)]
-    assert rows[0]["open"] == "100" and rows[0]["trades"] == "14"  # minutes 0, 7, ..., 42
+    assert rows[0]["open"] == "100.0" and rows[0]["trades"] == "14"  # minutes 0, 7, ..., 42; prices at the pair decimals
 
     as_json = run("candles", "BTC/USD", "-i", "1m", "--last", "2", "--end", "2025-03-05T00:10:00Z", "--format", "json")
     objects = json.loads(as_json.output)
     assert objects == [
-        {"time": "2025-03-05T00:00:00+00:00", "open": "100", "high": "101", "low": "99", "close": "100",
-         "volume": "0.5", "vwap": "100", "trades": 2},
-        {"time": "2025-03-05T00:07:00+00:00", "open": "107", "high": "108", "low": "106", "close": "107",
+        {"time": "2025-03-05T00:00:00+00:00", "open": "100.0", "high": "101.0", "low": "99.0", "close": "100.0",
+         "volume": "0.5", "vwap": "100.0", "trades": 2},
+        {"time": "2025-03-05T00:07:00+00:00", "open": "107.0", "high": "108.0", "low": "106.0", "close": "107.0",
          "volume": "0.5", "vwap": None, "trades": 2},
     ]
 
@@ -77,8 +77,8 @@ def test_candles_forming_and_fill_flags(run, minutes):
     assert [(o["time"][11:16], o["trades"]) for o in forming] == [("00:00", 6), ("00:15", 2)]
     filled = json.loads(run("candles", "BTC/USD", "-i", "1m", "--start", "2025-03-05T00:06:00Z", "--end",
                             "2025-03-05T00:09:00Z", "--fill-quiet", "--format", "json").output)
-    assert [(o["time"][14:16], o["volume"], o["close"]) for o in filled] == [("06", "0", "100"), ("07", "0.5", "107"),
-                                                                              ("08", "0", "107")]
+    assert [(o["time"][14:16], o["volume"], o["close"]) for o in filled] == [("06", "0", "100.0"), ("07", "0.5", "107.0"),
+                                                                              ("08", "0", "107.0")]
 
 
 def test_candles_usage_errors(run, minutes):
@@ -92,11 +92,17 @@ def test_candles_usage_errors(run, minutes):
     assert bad_time.exit_code == 2 and "cannot read time" in bad_time.output
 
 
-def test_aggregated_vwap_is_shown_with_two_digits_more_than_the_pair_quotes():
+def test_prices_and_vwap_are_shown_at_the_pair_decimals():
+    # issue 18: vwap at the pair's decimals everywhere (rounded down, Kraken's rule), and one
+    # length per column (REST pads prices with zeros, the archive does not)
     from decimal import Decimal
 
-    from kraken_hist.cli.candles import _vwap_text
+    from kraken_hist.aggregates import vwap_at_decimals
+    from kraken_hist.cli.candles import _price_text
 
-    assert _vwap_text(Decimal("99134.260673677459610267414490605879449980"), 1) == "99134.261"
-    assert _vwap_text(Decimal("99134.2"), 1) == "99134.2"  # a 1-minute vwap stays exact
-    assert _vwap_text(None, 1) == ""
+    assert vwap_at_decimals(Decimal("99134.260673677459610267414490605879449980"), 1) == Decimal("99134.2")
+    assert vwap_at_decimals(Decimal("99134.2"), 1) == Decimal("99134.2")  # a 1-minute vwap stays as it is
+    assert _price_text(Decimal("98380.00000"), 1) == "98380.0" == _price_text(Decimal("98380.0"), 1)
+    assert _price_text(Decimal("98380"), 1) == "98380.0"
+    assert _price_text(Decimal("0.123456789"), 1) == "0.123456789"  # never rounds a price away
+    assert _price_text(None, 1) == ""

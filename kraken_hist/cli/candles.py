@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Sequence
+from decimal import ROUND_DOWN, Decimal
+from typing import Any, Sequence
 
 import click
 
+from ..aggregates import vwap_at_decimals
 from ..intervals import Interval
 from ..pairs import DEFAULT_REGISTRY
 from ..provider import HistoricalDataProvider
@@ -20,23 +21,27 @@ from .common import friendly_errors, parse_time_option, settings_from
 FIELDS = ("time", "open", "high", "low", "close", "volume", "vwap", "trades")
 
 
-def _vwap_text(vwap: Decimal | None, price_decimals: int) -> str:
-    """An aggregated vwap is an exact quotient with dozens of digits; show two more than the
-    pair quotes prices in (1-minute vwaps, already at the pair's decimals, stay as they are)."""
-    if vwap is None:
+def _price_text(value: Decimal | None, price_decimals: int | None) -> str:
+    """A price at the pair's decimals, so one column has one length: REST pads prices with
+    zeros (98380.00000) where the archive does not (98655.0). A vwap with more digits (an
+    exact aggregate) is rounded down, Kraken's rule; any other value is never rounded."""
+    if value is None:
         return ""
-    digits = price_decimals + 2
-    exponent = vwap.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -digits:
-        vwap = vwap.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_EVEN)
-    return str(vwap)
+    if price_decimals is None:
+        return str(value)
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int):
+        return str(value)
+    at_decimals = value.quantize(Decimal(1).scaleb(-price_decimals), rounding=ROUND_DOWN)
+    return str(at_decimals) if at_decimals == value or exponent >= -price_decimals else str(value)
 
 
 def _row(candle: HistoricalCandle) -> list[str]:
-    decimals = DEFAULT_REGISTRY.get(candle.symbol).price_decimals if DEFAULT_REGISTRY.is_known(candle.symbol) else 8
+    decimals = DEFAULT_REGISTRY.get(candle.symbol).price_decimals if DEFAULT_REGISTRY.is_known(candle.symbol) else None
+    vwap = candle.vwap if candle.vwap is None or decimals is None else vwap_at_decimals(candle.vwap, decimals)
     return [
-        candle.time.isoformat(), str(candle.open), str(candle.high), str(candle.low), str(candle.close),
-        str(candle.volume), _vwap_text(candle.vwap, decimals), str(candle.trades),
+        candle.time.isoformat(), *(_price_text(v, decimals) for v in (candle.open, candle.high, candle.low, candle.close)),
+        str(candle.volume), _price_text(vwap, decimals), str(candle.trades),
     ]
 
 
@@ -89,6 +94,9 @@ def candles(ctx: click.Context, symbol: str, interval: Interval, start: object, 
     """
     if start is not None and last is not None:
         raise click.UsageError("use either --start/--end or --last, not both")
+    if start is not None and end is not None and end <= start:  # was: nothing printed, silently
+        raise click.BadParameter(f"{end.isoformat()} is not after --start {start.isoformat()}",  # type: ignore[attr-defined]
+                                 param_hint="'--end'")
     settings = settings_from(ctx)
     with HistoricalDataProvider(settings=settings) as provider:
         if start is None:
@@ -105,13 +113,31 @@ def candles(ctx: click.Context, symbol: str, interval: Interval, start: object, 
 @click.argument("symbol", required=False)
 @click.option("--start", callback=parse_time_option, help="Recompute from here regardless of pending changes.")
 @click.option("--end", callback=parse_time_option, help="Recompute up to here regardless of pending changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything the refresh did as JSON.")
 @click.pass_context
 @friendly_errors
-def refresh(ctx: click.Context, symbol: str | None, start: object, end: object) -> None:
+def refresh(ctx: click.Context, symbol: str | None, start: object, end: object, as_json: bool = False) -> None:
     """Update the 5m … 1w aggregates from the 1-minute candles (all symbols, or SYMBOL)."""
     from ..migrate import prepare_database
 
     settings = settings_from(ctx)
     url = prepare_database(None, settings)
     result = refresh_aggregates(url, symbol, start, end)  # type: ignore[arg-type]
-    click.echo(json.dumps(result.to_dict(), indent=2))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for line in refresh_summary(result):
+        click.echo(line)
+
+
+def refresh_summary(result: Any) -> list[str]:
+    """``refreshed BTC/USD, ETH/USD: 42 changes, 310 buckets written, 0 deleted, 0.05 s`` and a line
+    per failed symbol (``--json`` has the windows and per-interval counts)."""
+    if not result.symbols and not result.changes_consumed:
+        head = f"nothing to refresh: the aggregates are current ({result.seconds:.2f} s)"
+    else:
+        names = ", ".join(result.symbols) if len(result.symbols) <= 5 else f"{len(result.symbols)} symbols"
+        counts = ("" if result.timescaledb else
+                  f", {sum(result.written.values()):,} buckets written, {sum(result.deleted.values()):,} deleted")
+        head = f"refreshed {names or 'all symbols'}: {result.changes_consumed:,} changes{counts}, {result.seconds:.2f} s"
+    return [head] + [f"  {symbol} failed: {reason} (its changes stay queued)" for symbol, reason in sorted(result.failed.items())]

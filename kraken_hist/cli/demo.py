@@ -155,7 +155,7 @@ def demo(ctx: click.Context, symbol: str, stream_seconds: float, hours: int) -> 
             _step(f"3. stream live trades through the WebSocket for {stream_seconds:g} s")
             click.echo(f"$ kraken-hist stream {symbol} --duration {stream_seconds:g}")
             ctx.invoke(stream, symbols=(symbol,), duration=stream_seconds, flush_interval=1.0, status_interval=2.0,
-                       refresh_every=0.0)
+                       refresh_every=60.0)  # (refreshed once, on stop)
 
             _step("4. hourly candles (the last 6)")
             click.echo(f"$ kraken-hist candles {symbol} -i 1h --last 6")

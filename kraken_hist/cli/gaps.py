@@ -50,10 +50,14 @@ def format_report(report: GapFillReport) -> str:
               help="Gaps filled at once (all share the REST pace).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while filling.")
+@click.option("--verify-candles", is_flag=True,
+              help="Compare every 1-minute candle with its trades field by field (finds a hand-edited candle "
+                   "whose trade count is unchanged; reads all the trades). Default: counts, then the days "
+                   "whose counts disagree.")
 @click.pass_context
 @friendly_errors
 def gaps(ctx: click.Context, symbols: tuple[str, ...], fill: bool, since: Any, min_gap_minutes: float,
-         concurrency: int, as_json: bool, progress: bool) -> None:
+         concurrency: int, as_json: bool, progress: bool, verify_candles: bool = False) -> None:
     """Find holes in the stored trades and candles of SYMBOL... (default: every stored symbol).
 
     A gap is a jump in Kraken's contiguous trade ids, a time range no source covered, or a
@@ -64,7 +68,7 @@ def gaps(ctx: click.Context, symbols: tuple[str, ...], fill: bool, since: Any, m
     wanted = resolve_symbols(settings, prepare_database(settings=settings), symbols) if symbols else None
     start = since
     with GapFiller(symbols=wanted, settings=settings) as service:
-        scans = service.scan(min_gap_minutes, since=start)
+        scans = service.scan(min_gap_minutes, since=start, verify_candles=verify_candles)
         found = [g for scan in scans for g in scan.gaps]
         refused = [g for scan in scans for g in scan.refused]  # not missing: shown, never filled
         if as_json and not fill:

@@ -49,10 +49,11 @@ def summarize(results: Sequence[ImportResult]) -> list[str]:
             f"imported {r.file} ({r.symbol}, {what}): {r.imported:,} new, {r.duplicates:,} already stored, "
             f"{r.covered:,} covered by other sources, {r.bad:,} bad; {_when(r.first_time)} → {_when(r.last_time)}"
         )
-        for bad in r.bad_examples[:SHOWN_BAD_LINES]:
+        shown = r.bad_examples[:SHOWN_BAD_LINES]
+        for bad in shown:
             out.append(f"    line {bad.line}: {bad.message}: {bad.text!r}")
-        if r.bad > SHOWN_BAD_LINES:
-            out.append(f"    ... {r.bad - SHOWN_BAD_LINES:,} more bad lines ({', '.join(f'{k}: {v}' for k, v in sorted(r.bad_by_reason.items()))})")
+        if r.bad > len(shown):
+            out.append(f"    ... {more_bad_lines(r.bad, r.bad_by_reason, [b.reason for b in shown])}")
     by_symbol: dict[str, list[ImportResult]] = {}
     for r in results:
         if r.ok and r.symbol:
@@ -69,6 +70,17 @@ def summarize(results: Sequence[ImportResult]) -> list[str]:
             f"{_when(min(firsts) if firsts else None)} → {_when(max(lasts) if lasts else None)}"
         )
     return out
+
+
+def more_bad_lines(bad: int, by_reason: dict[str, int], shown_reasons: Sequence[str]) -> str:
+    """``5 more bad lines (price: 3, volume: 2)``: the lines not shown above, and their reasons
+    counted without the shown ones (the breakdown used to count every bad line, shown or not)."""
+    left = dict(by_reason)
+    for reason in shown_reasons:
+        left[reason] = left.get(reason, 0) - 1
+    reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(left.items()) if v > 0)
+    more = bad - len(shown_reasons)
+    return f"{more:,} more bad line{'s' if more != 1 else ''}" + (f" ({reasons})" if reasons else "")
 
 
 @click.command("import")

@@ -146,16 +146,16 @@ SELECT b.bar, coalesce(f.time, b.first_time), coalesce(l.time, b.last_time),
        coalesce(f.trade_id, b.first_id::bigint), coalesce(l.trade_id, b.last_id::bigint),
        b.bar < (SELECT max(bar_after) FROM marked)
 FROM bars b
--- a bar that opens (closes) with a whole minute: that minute's first (last) trade
+-- a bar that opens (closes) with a whole minute: that minute's first (last) trade in [lo, hi)
 LEFT JOIN LATERAL (
     SELECT time, trade_id, price FROM trades
     WHERE b.first_minute < coalesce(b.first_time, 'infinity') AND symbol = %(symbol)s
-      AND time >= b.first_minute AND time < b.first_minute + interval '1 minute'
+      AND time >= greatest(b.first_minute, %(lo)s) AND time < least(b.first_minute + interval '1 minute', %(hi)s)
     ORDER BY time, trade_id LIMIT 1) f ON true
 LEFT JOIN LATERAL (
     SELECT time, trade_id, price FROM trades
     WHERE b.last_minute > coalesce(b.last_time, '-infinity') AND symbol = %(symbol)s
-      AND time >= b.last_minute AND time < b.last_minute + interval '1 minute'
+      AND time >= greatest(b.last_minute, %(lo)s) AND time < least(b.last_minute + interval '1 minute', %(hi)s)
     ORDER BY time DESC, trade_id DESC LIMIT 1) l ON true
 ORDER BY b.bar
 """

@@ -13,7 +13,7 @@ from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.types import HistoricalTrade
 
-from .trade_data import by_time_and_id, store_trades
+from .trade_data import store_trades
 
 UTC = timezone.utc
 T0 = datetime(2025, 2, 3, tzinfo=UTC)
@@ -139,3 +139,17 @@ def test_bad_sizes_are_refused(kind, size, message):
 def test_bars_frame_is_empty_and_typed_without_bars():
     frame = bars_to_frame([])
     assert frame.empty and str(frame.index.tz) == "UTC" and "first_trade_id" in frame.columns
+
+
+def test_a_start_inside_a_minute_leaves_out_its_earlier_trades(db_url, conn):
+    # Regression: the first bar's first trade was looked up in the whole first minute.
+    p = Decimal("100.0")
+    trades = [HistoricalTrade(symbol="BTC/USD", trade_id=i + 1, time=T0 + timedelta(seconds=5 * i), price=p + i,
+                              volume=Decimal("0.1")) for i in range(30)]  # minute 0: ids 1-12, minute 1: 13-24
+    store_trades(conn, trades)
+    lo, hi = T0 + timedelta(seconds=22), T0 + timedelta(seconds=142)  # from id 6 (0:25) to id 29 (2:20)
+    with HistoricalDataProvider(db_url) as provider:
+        for kind, size in (("tick", 100), ("volume", 5)):
+            bars = provider.get_bars("BTC/USD", kind, size, lo, hi, include_forming=True)
+            assert [(b.first_trade_id, b.last_trade_id, b.trades) for b in bars] == [(6, 29, 24)], kind
+            assert_bars(bars, reference_bars(trades, kind, size, 1, lo, hi))

@@ -203,8 +203,8 @@ def test_processes_sharing_the_redis_limit_stay_under_it_and_are_never_throttled
 def test_processes_with_their_own_limiters_are_throttled(redis_url: str, market: FakeMarket) -> None:
     """The problem the shared limit solves: four processes, each paced right on its own."""
     with FakeKrakenREST(market, rate_limit_per_second=RATE, block_seconds=0.5) as fake:
-        results = run_load(fake.url, processes=4, interval=PACE, calls=8, limiter="process",
-                           redis_url=redis_url, backoff=0.1, max_retries=0)
+        results = run_load(fake.url, processes=4, interval=PACE, calls=5, limiter="process",
+                           redis_url=redis_url, backoff=0.1, max_retries=0, start_delay=1.0)
         throttled = fake.calls["throttled"]
     assert throttled > 0 and sum(r["throttled"] for r in results) == throttled
 

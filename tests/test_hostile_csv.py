@@ -63,7 +63,7 @@ print(result.status, result.imported, result.bad, resource.getrusage(resource.RU
 
 
 def test_a_degenerate_one_second_archive_is_imported_in_bounded_memory(db_url: str, tmp_path: Path) -> None:
-    """24 MB of trades in one second, zipped to about 100 KB: every line past the second's
+    """48 MB of trades in one second, zipped to about 200 KB: every line past the second's
     100,000th is a bad line. Peak RSS used to grow with the file (the whole second held as one
     block, then as a list of lines); now it stays that of a few chunks."""
     import subprocess
@@ -75,7 +75,7 @@ def test_a_degenerate_one_second_archive_is_imported_in_bounded_memory(db_url: s
     path = tmp_path / "Kraken_Trading_History.zip"
     line = b"1700000000,30000.5,0.001\n"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("XBTUSD.csv", "w") as member:
-        for _ in range(24 * 2**20 // (len(line) * 40_000)):
+        for _ in range(48 * 2**20 // (len(line) * 40_000)):
             member.write(line * 40_000)
     child = subprocess.Popen([sys.executable, "-c", _IMPORT_ONE, db_url, str(path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -89,7 +89,8 @@ def test_a_degenerate_one_second_archive_is_imported_in_bounded_memory(db_url: s
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err[-2000:]
     status, imported, bad, max_rss_mb = out.split()
-    assert (status, int(imported)) == ("imported", 100_000) and int(bad) > 800_000, out
-    # (about 200 MB on a development machine, most of it the interpreter and its libraries;
-    # reading the second whole took about 400 MB here and grew with the file)
-    assert int(max_rss_mb) < 300 and peak < 300 * 2**20, (max_rss_mb, peak // 2**20)
+    assert (status, int(imported)) == ("imported", 100_000) and int(bad) > 1_800_000, out
+    # (about 200 MB on a quiet development machine, most of it the interpreter and its libraries,
+    # up to about 400 MB with the database slowed by a loaded machine; reading the second whole
+    # took 560 MB for 40 MB and grew with the file, so 48 MB would be far above the bound)
+    assert int(max_rss_mb) < 450 and peak < 450 * 2**20, (max_rss_mb, peak // 2**20)

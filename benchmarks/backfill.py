@@ -1,131 +1,138 @@
-"""Backfill benchmark against the fake exchange (run in its own process, so its CPU is not ours).
+"""Backfill benchmark through the real backfill path against the fake exchange (in its own
+process, so its CPU is not ours), each figure against a limit of the same run.
 
-1. Pacing: the fake limits us to N calls/s (token bucket, like Kraken); the client paced at
-   1/N s must reach >= 95 % of N with zero throttle answers.
-2. CPU per 1,000-trade page in the client process (time.process_time: HTTP, JSON with
-   Decimal, records, COPY, candle rebuild and cursor statements sent), limit 20 ms; parse
-   alone and the database wall time per page are shown apart (the server's own CPU is not in
-   the client's process time).
+1. Pacing: ``KrakenTradesBackfill.backfill_symbol`` pages through the fake's history while the
+   fake limits us to N calls/s (a token bucket, like Kraken). Figure: Trades calls per second
+   the backfill achieved / N, and the throttle answers the fake counted itself (need 0).
+2. CPU per 1,000-trade page in this process (time.process_time: HTTP, JSON with Decimal,
+   records, COPY, candle rebuild, cursor statements sent), unthrottled, against the same pages
+   fetched and parsed by the bare REST client (what no backfill can avoid); the database's
+   wall time per page is shown beside it (the server's CPU is not in our process time).
 
-    /tmp/venv/bin/python benchmarks/backfill.py [--pages 40] [--rate 5] [--calls 30] [--db-url URL]
+    python benchmarks/backfill.py [--pages 40] [--rate 5] [--calls 30] [--admin-url URL]
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
+import multiprocessing as mp
 import time
-import uuid
-from datetime import timedelta
 
-import psycopg
-import requests
-
-from kraken_hist import migrate
 from kraken_hist.backfill import KrakenTradesBackfill
-from kraken_hist.parsing import loads, parse_trades_result
 from kraken_hist.ratelimit import RateLimiter
 from kraken_hist.rest_client import KrakenRestClient
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+from common import add_admin_url, flavour, machine_note, scratch_database
+
+SYMBOL = "BTC/USD"
 TRADES_PER_MINUTE = 20.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def serve(conn, rate: float, days: float) -> None:
+    """The fake exchange process: sends its URL, then answers "calls" with its own counters."""
+    from kraken_hist.testing.fake_rest import FakeKrakenREST, demo_market
+
+    market = demo_market([SYMBOL], days=days, trades_per_minute=TRADES_PER_MINUTE, seed=1, ahead=0)
+    with FakeKrakenREST(market, rate_limit_per_second=rate or None) as fake:
+        conn.send(fake.url)
+        while True:
+            command = conn.recv()
+            if command == "calls":
+                conn.send(dict(fake.calls))
+            elif command == "reset":
+                fake.reset_calls()
+                conn.send("ok")
+            else:
+                return
 
 
-def start_fake(rate: float, days: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kraken_hist.testing.fake_rest", "--port", str(port), "--rate-limit", str(rate),
-         "--days", str(days), "--symbols", "BTC/USD", "--trades-per-minute", str(TRADES_PER_MINUTE)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url + "/0/public/SystemStatus", timeout=1)
-            return process, url
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the fake exchange did not start")
+class Fake:
+    def __init__(self, rate: float, days: float) -> None:
+        ctx = mp.get_context("spawn")
+        self.control, child = ctx.Pipe()
+        self.process = ctx.Process(target=serve, args=(child, rate, days), name="fake-kraken-rest", daemon=True)
+
+    def __enter__(self) -> "Fake":
+        self.process.start()
+        self.url = self.control.recv()
+        return self
+
+    def calls(self) -> dict[str, int]:
+        self.control.send("calls")
+        return self.control.recv()
+
+    def reset(self) -> None:
+        self.control.send("reset")
+        self.control.recv()
+
+    def __exit__(self, *exc: object) -> None:
+        self.control.send("stop")
+        self.process.join(10)
 
 
-def pacing(rate: float, calls: int) -> None:
-    process, url = start_fake(rate, days=0.01)
-    try:
-        time.sleep(1.5)  # let the fake's bucket fill after our start-up probe
-        client = KrakenRestClient(url, limiter=RateLimiter(1.0 / rate), max_retries=0)
-        began = time.monotonic()
-        for _ in range(calls):
-            client.get_server_time()
-        elapsed = time.monotonic() - began
-        throttled = client.stats().throttled
+def days_for(pages: int) -> float:
+    return pages * 1000 / (TRADES_PER_MINUTE * 1440) / 0.97
+
+
+def pacing(admin_url: str, rate: float, calls: int) -> None:
+    with Fake(rate, days_for(calls + 2)) as fake, scratch_database(admin_url, "backfill_pace") as url:
+        time.sleep(1.5)  # the fake's bucket fills after its start
+        client = KrakenRestClient(fake.url, limiter=RateLimiter(1.0 / rate))
+        fake.reset()
+        with KrakenTradesBackfill(url, client) as job:
+            began = time.monotonic()
+            result = job.backfill_symbol(SYMBOL)
+            elapsed = time.monotonic() - began
         client.close()
-    finally:
-        process.kill()
-        process.wait()
-    achieved = (calls - 1) / elapsed  # calls are slots 1/N apart: n calls span n-1 intervals
-    print(f"pacing: limit {rate:.2f} calls/s, achieved {achieved:.3f} calls/s = {achieved / rate:.1%} of the "
-          f"limit (need >= 95%), throttle answers {throttled} (need 0)")
+        counted = fake.calls()
+    trades_calls = counted.get("Trades", 0)
+    achieved = (trades_calls - 1) / elapsed  # calls are slots 1/N apart: n calls span n-1 intervals
+    print(f"pacing: the backfill made {trades_calls} Trades calls ({result.pages} pages, {result.trades_fetched:,} "
+          f"trades) in {elapsed:.1f} s = {achieved:.3f} calls/s; the fake's limit {rate:.2f} calls/s -> "
+          f"{achieved / rate:.1%} of it (need >= 95%); throttle answers counted by the fake: "
+          f"{counted.get('throttled', 0)} (need 0); all calls {counted.get('total', 0)}")
 
 
-def cpu_per_page(pages: int, db_url: str | None) -> None:
-    days = pages * 1000 / (TRADES_PER_MINUTE * 1440) / 0.98
-    process, url = start_fake(0, days=days)
-    name = None
-    if db_url is None:
-        name = f"kh_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        db_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-        migrate.upgrade(db_url)
-    try:
-        raw = requests.get(url + "/0/public/Trades", params={"pair": "XBTUSD", "since": 0}, timeout=10).content
-        began = time.process_time()
-        for _ in range(20):
-            page = parse_trades_result(loads(raw)["result"], "BTC/USD")
-        parse_ms = (time.process_time() - began) / 20 * 1000
-        client = KrakenRestClient(url, limiter=RateLimiter(0))
-        with KrakenTradesBackfill(db_url, client) as job:
-            since = page.trades[0].time - timedelta(seconds=1)
+def cpu_per_page(admin_url: str, pages: int) -> None:
+    with Fake(0, days_for(pages)) as fake, scratch_database(admin_url, "backfill_cpu") as url:
+        client = KrakenRestClient(fake.url, limiter=RateLimiter(0))
+        # the limit: the same pages fetched and parsed by the bare client, nothing stored
+        cpu = time.process_time()
+        since: str | None = None
+        bare_pages = 0
+        while True:
+            page = client.get_trades(SYMBOL, since=since)
+            bare_pages += 1
+            if len(page.trades) < 1000 or page.last == since:
+                break
+            since = page.last
+        bare_cpu = time.process_time() - cpu
+        with KrakenTradesBackfill(url, client) as job:
             wall = time.perf_counter()
             cpu = time.process_time()
-            result = job.backfill_symbol("BTC/USD", since=since)
+            result = job.backfill_symbol(SYMBOL)
             cpu = time.process_time() - cpu
             wall = time.perf_counter() - wall
         client.close()
-    finally:
-        process.kill()
-        process.wait()
-        if name is not None:
-            with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        print(f"{flavour(url)}; {machine_note()}")
     full_pages = max(1, result.trades_fetched / 1000)
-    per_page = cpu / full_pages * 1000
-    print(f"cpu: {result.pages} pages, {result.trades_fetched} trades, {result.repairs} id-break repairs, "
-          f"wall {wall:.2f} s ({result.trades_fetched / wall:.0f} trades/s)")
-    print(f"cpu: client process CPU {per_page:.1f} ms per 1,000-trade page = {per_page / 20:.0%} of the 20 ms "
-          f"limit (parse alone {parse_ms:.1f} ms; wall per page incl. fake + PostgreSQL "
-          f"{wall / full_pages * 1000:.1f} ms)")
+    per_page, bare_per_page = cpu / full_pages * 1000, bare_cpu / max(1, bare_pages - 1) * 1000
+    print(f"cpu: {result.pages} pages, {result.trades_fetched:,} trades, {result.repairs} id-break repairs, "
+          f"wall {wall:.2f} s ({result.trades_fetched / wall:,.0f} trades/s)")
+    print(f"cpu: our process {per_page:.1f} ms per 1,000-trade page; limit: fetch and parse alone "
+          f"{bare_per_page:.1f} ms -> ratio {per_page / bare_per_page:.2f}; wall per page incl. the fake and "
+          f"PostgreSQL {wall / full_pages * 1000:.1f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=40, help="size of the CPU run in 1,000-trade pages")
     parser.add_argument("--rate", type=float, default=5.0, help="the fake's limit N in calls/s")
-    parser.add_argument("--calls", type=int, default=30, help="calls in the pacing run")
-    parser.add_argument("--db-url", help="a migrated database to use (default: a temporary one on 127.0.0.1)")
+    parser.add_argument("--calls", type=int, default=30, help="about this many Trades calls in the pacing run")
+    add_admin_url(parser)
     args = parser.parse_args()
-    pacing(args.rate, args.calls)
-    cpu_per_page(args.pages, args.db_url)
+    cpu_per_page(args.admin_url, args.pages)
+    pacing(args.admin_url, args.rate, args.calls)
 
 
 if __name__ == "__main__":

@@ -139,8 +139,8 @@ def test_the_bucket_in_progress_is_never_materialized_and_real_time_keeps_it_cur
     for minutes in HIGHER:
         in_progress = Interval(minutes).bucket_start(now)
         assert all(t < in_progress for _s, t, _n in materialized(conn, minutes)), minutes
-    # a late minute in the buckets in progress: every level shows it without a refresh
-    late = CandleRecord(symbol="BTC/USD", time=now - timedelta(minutes=1), open=Decimal(1), high=Decimal(1),
+    # the minute in progress (in every level's bucket in progress): each level shows it without a refresh
+    late = CandleRecord(symbol="BTC/USD", time=now, open=Decimal(1), high=Decimal(1),
                         low=Decimal(1), close=Decimal(1), volume=Decimal(1), vwap=Decimal(1), trades=1000)
     insert_candles(conn, [late])
     everything = [*records, late]

@@ -10,20 +10,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from click.testing import CliRunner
 
 from kraken_hist.cli.demo import demo_data_dir, demo_database_url, recreate_database
-from kraken_hist.cli.main import cli
 from kraken_hist.config import Settings
 from kraken_hist.testing.fake_exchange import FakeExchange
-
-from .conftest import drop_database
-
 
 def _count(url: str, table: str) -> int:
     with psycopg.connect(url) as conn:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-
 
 def test_fake_exchange_serves_one_market_on_rest_and_websocket() -> None:
     # Regression (issue 18): fake_rest and fake_ws were separate processes with different
@@ -41,7 +35,6 @@ def test_fake_exchange_serves_one_market_on_rest_and_websocket() -> None:
         assert published.trade_id in {row[6] for row in rows}  # the published trade is on REST too
         assert exchange.ws_url.startswith("ws://127.0.0.1:")
 
-
 def test_demo_database_is_never_the_users(tmp_path: Path) -> None:
     configured = Settings(database_url="postgresql://u@db.example:5432/market", data_dir=tmp_path)
     url, where = demo_database_url(configured)
@@ -50,25 +43,5 @@ def test_demo_database_is_never_the_users(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not the demo's database"):
         recreate_database("postgresql://u@db.example:5432/market", configured)
 
-
-def test_demo_runs_offline_in_its_own_database(db_url: str, pg_admin_url: str, tmp_path: Path) -> None:
-    demo_name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"] + "_demo"
-    try:
-        result = CliRunner().invoke(
-            cli, ["demo", "--stream-seconds", "2", "--hours", "2"],
-            env={"KRAKEN_HIST_DATABASE_URL": db_url, "KRAKEN_HIST_DATA_DIR": str(tmp_path)},
-        )
-        assert result.exit_code == 0, result.output
-        out = result.output
-        assert "Your own data is not touched" in out and demo_name in out
-        assert "no gaps" in out and "(6 candles)" in out
-        assert "kraken-hist backfill BTC/USD" in out
-        # the user's database got nothing; the demo's holds archive, REST and stream trades
-        assert _count(db_url, "trades") == 0
-        demo_url = db_url.rsplit("/", 1)[0] + "/" + demo_name
-        with psycopg.connect(demo_url) as conn:
-            sources = dict(conn.execute("SELECT source, count(*) FROM trades GROUP BY source").fetchall())
-        assert sources.get("csv", 0) > 1000 and sources.get("rest", 0) > 1000, sources
-        assert sources.get("ws", 0) > 0, sources
-    finally:
-        drop_database(pg_admin_url, demo_name)
+# The demo's run itself (its own database, archive + REST + stream trades, nothing in the user's
+# database) is tested once, as the README's quick start: tests/test_readme_quickstart.py.

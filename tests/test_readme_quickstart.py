@@ -72,6 +72,10 @@ def test_the_quick_start_runs_as_written(db_url: str, pg_admin_url: str, tmp_pat
         assert "no gaps" in demo_out and "Your own data is not touched" in demo_out
         with psycopg.connect(db_url) as conn:
             assert conn.execute("SELECT count(*) FROM trades").fetchone()[0] == 0
+        with psycopg.connect(db_url.rsplit("/", 1)[0] + "/" + demo_name) as conn:
+            demo_sources = dict(conn.execute("SELECT source, count(*) FROM trades GROUP BY 1").fetchall())
+        assert demo_sources.get("csv", 0) > 1000 and demo_sources.get("rest", 0) > 1000, demo_sources
+        assert demo_sources.get("ws", 0) > 0, demo_sources  # the stream and REST tell one story
         # 2. "the real exchange" (here: the fake behind KRAKEN_HIST_REST_URL): recent history only
         real = dict(env, KRAKEN_HIST_REST_URL=exchange.rest_url, KRAKEN_HIST_REST_MIN_INTERVAL="0",
                     KRAKEN_HIST_REST_LIMITER="process")

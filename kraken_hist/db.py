@@ -69,10 +69,13 @@ def session_options(extra: object = None) -> str:
     return f"{SESSION_OPTIONS} {extra}" if extra else SESSION_OPTIONS
 
 
-def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, **kwargs: object) -> Engine:
-    """A SQLAlchemy engine on psycopg 3; connections are checked before use (survives restarts)."""
+def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, custom_plans: bool = True,
+                  **kwargs: object) -> Engine:
+    """A SQLAlchemy engine on psycopg 3; connections are checked before use (survives restarts).
+    ``custom_plans=False`` leaves PostgreSQL's plan cache as it is (``SESSION_OPTIONS``)."""
     connect_args = dict(kwargs.pop("connect_args", None) or {})  # type: ignore[call-overload]
-    connect_args["options"] = session_options(connect_args.get("options"))
+    if custom_plans:
+        connect_args["options"] = session_options(connect_args.get("options"))
     return sa.create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,

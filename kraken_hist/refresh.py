@@ -411,12 +411,18 @@ def _refresh_timescaledb(
                 for _id, name, lo, hi in rows:
                     by_symbol.setdefault(name, []).append((lo, hi))
                 windows_by_symbol = {name: merge_windows(ws) for name, ws in sorted(by_symbol.items())}
-            forced = merge_windows(w for ws in windows_by_symbol.values() for w in ws) if explicit else []
+            changed = merge_windows(w for ws in windows_by_symbol.values() for w in ws)
+            forced = changed if explicit else []
             now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
             for minutes in refresh_order():
                 interval = Interval(minutes)
                 relation = INTERVAL_RELATIONS[minutes]
                 in_progress = interval.bucket_start(now)
+                if not any(lo < in_progress for lo, _hi in widen_windows(changed, interval)):
+                    # No complete bucket of this level changed (nothing did, or only buckets in
+                    # progress): nothing to materialize. Real-time aggregation serves whatever lies
+                    # past the watermark, so a bucket completed meanwhile is right without it.
+                    continue
                 watermark = _watermark(conn, relation) if forced else None
                 if watermark is not None:
                     # Recompute what is materialized already (below the watermark) whatever was

@@ -150,35 +150,61 @@ def test_trades_time_index_skips_deduplication(db_url):
     assert options == ["deduplicate_items=off"]
 
 
-def test_the_branch_is_taken_only_when_the_extension_can_really_be_created():
-    """0001 asks CREATE EXTENSION (in a savepoint), not pg_available_extensions: installed but
-    not preloaded (or not permitted) means plain PostgreSQL, without a traceback."""
-    import importlib.util
+class _Server:
+    """Answers 0001's questions like a server with timescaledb installed: `preload` is its
+    shared_preload_libraries, `create_error` what CREATE EXTENSION raises (None: it succeeds)."""
 
-    import sqlalchemy as sa
+    def __init__(self, preload: str, create_error: str | None = None) -> None:
+        self.preload, self.create_error, self.statements = preload, create_error, []
+
+    def execute(self, statement):
+        import sqlalchemy as sa
+
+        text = str(statement)
+        self.statements.append(text)
+        if "CREATE EXTENSION" in text:
+            if self.create_error:
+                raise sa.exc.DBAPIError(text, {}, Exception(self.create_error))
+            return None
+        answer = (self.preload,) if "shared_preload_libraries" in text else \
+            None if "pg_extension" in text else (1,)
+
+        class Result:
+            def first(self):
+                return answer
+
+            def scalar(self):
+                return answer[0] if answer else None
+
+        return Result()
+
+    def begin_nested(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _revision_0001():
+    import importlib.util
 
     spec = importlib.util.spec_from_file_location("rev0001", migrate.migrations_path() / "versions" / "0001_initial.py")
     assert spec is not None and spec.loader is not None
     rev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rev)
+    return rev
 
-    class NotPreloaded:
-        """Answers like a server with timescaledb installed but not in shared_preload_libraries."""
 
-        def execute(self, statement):
-            if "CREATE EXTENSION" in str(statement):
-                raise sa.exc.DBAPIError(str(statement), {}, Exception(
-                    'extension "timescaledb" must be preloaded'))
-
-            class Found:
-                def first(self):
-                    return (1,)
-
-            return Found()
-
-        def begin_nested(self):
-            import contextlib
-
-            return contextlib.nullcontext()
-
-    assert rev._create_timescaledb(NotPreloaded()) is False
+@pytest.mark.parametrize(("preload", "create_error", "taken"), [
+    ("", None, False),  # installed, not preloaded: CREATE EXTENSION would be FATAL, so it is not tried
+    ("pg_stat_statements", None, False),
+    ("pg_stat_statements, timescaledb", None, True),
+    ("'$libdir/timescaledb'", None, True),
+    ("timescaledb", "permission denied to create extension", False),  # an ERROR, in a savepoint
+])
+def test_the_branch_is_taken_only_when_the_extension_can_really_be_created(preload, create_error, taken):
+    """0001 asks whether the extension can really be created, not pg_available_extensions
+    alone: installed but not preloaded (or not permitted) means plain PostgreSQL, no traceback.
+    (Checked for real too, against a server with the extension installed and not preloaded.)"""
+    server = _Server(preload.strip("'"), create_error)
+    assert _revision_0001()._create_timescaledb(server) is taken
+    assert any("CREATE EXTENSION" in s for s in server.statements) is (preload.strip("'").endswith("timescaledb"))

@@ -1,7 +1,7 @@
 """Initial schema: trades, 1-minute candles, the seven interval relations, bookkeeping.
 
-Two explicit branches, chosen by whether the ``timescaledb`` extension can be created (tried
-in a savepoint: installed is not enough, it must be preloaded too):
+Two explicit branches, chosen by whether the ``timescaledb`` extension can really be created
+(installed is not enough: it must be preloaded too, and permitted):
 
 * TimescaleDB: ``trades`` and ``candles`` become hypertables and the seven intervals are
   continuous aggregates over ``candles`` (real-time, so the newest bucket is always there).
@@ -116,20 +116,34 @@ BOOKKEEPING = [
 ]
 
 
-def _create_timescaledb(bind: sa.Connection) -> bool:
-    """Create the extension if it really can be: installed *and* preloaded (and allowed).
+def _preloaded(bind: sa.Connection) -> bool:
+    """Whether ``shared_preload_libraries`` names timescaledb (as a name or a path)."""
+    setting = bind.execute(sa.text("SELECT current_setting('shared_preload_libraries')")).scalar() or ""
+    names = (entry.strip().strip('"').rsplit("/", 1)[-1] for entry in str(setting).split(","))
+    return "timescaledb" in names
 
-    ``pg_available_extensions`` only says the files are installed; without
-    ``shared_preload_libraries = 'timescaledb'`` (or without the privilege) CREATE EXTENSION
-    fails. It is tried in a savepoint, and any failure means the plain branch."""
+
+def _create_timescaledb(bind: sa.Connection) -> bool:
+    """Create the extension if it really can be: installed *and* preloaded (and permitted).
+
+    ``pg_available_extensions`` only says the files are installed. Without
+    ``shared_preload_libraries = 'timescaledb'`` CREATE EXTENSION is FATAL (it ends the session,
+    no savepoint survives it), so the setting is asked first; any other refusal (a missing
+    privilege) is an ERROR, tried in a savepoint. Either way the plain branch is taken."""
     if bind.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")).first() is None:
+        return False
+    if bind.execute(sa.text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")).first() is not None:
+        return True
+    if not _preloaded(bind):
+        log.warning("timescaledb is installed but not in shared_preload_libraries: plain PostgreSQL schema "
+                    "(preload it and start from an empty database to get the TimescaleDB one)")
         return False
     try:
         with bind.begin_nested():
             bind.execute(sa.text("CREATE EXTENSION IF NOT EXISTS timescaledb"))
     except sa.exc.DBAPIError as exc:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        log.warning("timescaledb is installed but cannot be created here (%s): plain PostgreSQL schema", reason)
+        log.warning("timescaledb cannot be created here (%s): plain PostgreSQL schema", reason)
         return False
     return True
 

@@ -12,11 +12,16 @@ def test_db_upgrade_then_status(empty_db_url, timescaledb):
 
     upgraded = runner.invoke(cli, ["db", "upgrade"], env=env)
     assert upgraded.exit_code == 0, upgraded.output
-    assert ("TimescaleDB" if timescaledb else "plain PostgreSQL") in upgraded.output
+    assert ("TimescaleDB, chunks compressed after 7 days" if timescaledb else "plain PostgreSQL") in upgraded.output
 
     after = runner.invoke(cli, ["db", "status"], env=env)
     assert "up to date" in after.output and "embedded:   no" in after.output
     assert "trades" in after.output and "candles_4h" in after.output
+    assert "trades:     none stored" in after.output  # bytes per trade, once there are some
+
+    again = runner.invoke(cli, ["db", "upgrade"], env={**env, "KRAKEN_HIST_COMPRESS_AFTER_DAYS": "30"})
+    assert again.exit_code == 0, again.output
+    assert ("chunks compressed after 30 days" if timescaledb else "plain PostgreSQL") in again.output
 
 
 def test_bad_configuration_is_one_clear_line():

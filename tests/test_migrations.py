@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from kraken_hist import migrate, schema
 from kraken_hist.db import sqlalchemy_url
 from kraken_hist.errors import ConfigurationError
-from kraken_hist.intervals import INTERVAL_RELATIONS
+from kraken_hist.intervals import INTERVAL_RELATIONS, Interval
 
 HIGHER = [name for minutes, name in INTERVAL_RELATIONS.items() if minutes != 1]
 
@@ -208,3 +208,51 @@ def test_the_branch_is_taken_only_when_the_extension_can_really_be_created(prelo
     server = _Server(preload.strip("'"), create_error)
     assert _revision_0001()._create_timescaledb(server) is taken
     assert any("CREATE EXTENSION" in s for s in server.statements) is (preload.strip("'").endswith("timescaledb"))
+
+
+def test_upgrading_a_database_with_data_gives_exact_sums_at_every_level(empty_db_url, timescaledb):
+    """Revision 0003 on a database that already holds candles and interval rows: every level
+    gets its exact sums and the vwap of dividing them (TimescaleDB: the new aggregates are
+    materialized during the upgrade)."""
+    from datetime import datetime, timedelta, timezone
+
+    migrate.upgrade(empty_db_url, "0002")
+    start = datetime(2025, 3, 3, tzinfo=timezone.utc)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO candles (symbol, time, open, high, low, close, vwap, volume, trades, source)
+            SELECT 'BTC/USD', %s + m * interval '1 minute', 100, 101, 99, 100,
+                   CASE WHEN m %% 7 = 0 THEN NULL ELSE 100 + (m %% 13) / 3.0 END, 0.1 + (m %% 17) / 7.0, 3, 'trades'
+            FROM generate_series(0, 3 * 1440) m""", (start,))
+        for minutes, relation in INTERVAL_RELATIONS.items():
+            if minutes == 1:
+                continue
+            if timescaledb:  # revision 0001's aggregates, materialized
+                conn.execute(f"CALL refresh_continuous_aggregate('{relation}', NULL, NULL)")
+            else:  # what the refresh of that time wrote
+                conn.execute(f"""
+                    INSERT INTO {relation} (symbol, time, open, high, low, close, vwap, volume, trades, vwap_volume)
+                    SELECT symbol, date_bin(%s, time, %s), min(open), max(high), min(low), min(close),
+                           sum(vwap * volume) / NULLIF(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0),
+                           sum(volume), sum(trades), sum(volume) FILTER (WHERE vwap IS NOT NULL)
+                    FROM candles GROUP BY 1, 2""", (Interval(minutes).delta, Interval(minutes).origin))
+    migrate.upgrade(empty_db_url)
+    with psycopg.connect(empty_db_url) as conn:
+        for minutes, relation in INTERVAL_RELATIONS.items():
+            if minutes == 1:
+                continue
+            iv = Interval(minutes)
+            direct = conn.execute("""
+                SELECT date_bin(%s, time, %s), sum(vwap * volume),
+                       sum(vwap * volume) / NULLIF(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0)
+                FROM candles GROUP BY 1 ORDER BY 1""", (iv.delta, iv.origin)).fetchall()
+            stored = conn.execute(f"SELECT time, vwap_notional, vwap FROM {relation} ORDER BY 1").fetchall()
+            assert [(t, str(n), str(v)) for t, n, v in stored] == [(t, str(n), str(v)) for t, n, v in direct], relation
+        if timescaledb:  # materialized by the upgrade, not only computed in real time
+            for relation in INTERVAL_RELATIONS.values():
+                if relation == "candles":
+                    continue
+                (table,), = conn.execute(
+                    "SELECT format('%%I.%%I', materialization_hypertable_schema, materialization_hypertable_name) "
+                    "FROM timescaledb_information.continuous_aggregates WHERE view_name = %s", (relation,)).fetchall()
+                assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] > 0, relation

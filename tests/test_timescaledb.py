@@ -196,21 +196,6 @@ def test_policies_run_and_leave_the_bucket_in_progress_alone(db_url, conn):
         assert set(expected) <= set(got), minutes
 
 
-def test_vwap_is_the_direct_weighting_of_the_minutes_to_the_last_digit(db_url, conn):
-    """The same division of the same exact sums at every level (and so on either backend)."""
-    records = minute_candles("BTC/USD", T0, 10 * 1440, seed=4)
-    insert_candles(conn, records)
-    refresh_aggregates(db_url)
-    for minutes in HIGHER:
-        iv = Interval(minutes)
-        direct = rows(conn, """
-            SELECT date_bin(%s, time, %s) AS b,
-                   sum(vwap * volume) / NULLIF(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0)
-            FROM candles WHERE symbol = 'BTC/USD' GROUP BY 1 ORDER BY 1""", (iv.delta, iv.origin))
-        stored = rows(conn, f"SELECT time, vwap FROM {INTERVAL_RELATIONS[minutes]} WHERE symbol = 'BTC/USD' ORDER BY 1")
-        assert [(t, str(v)) for t, v in stored] == [(t, str(v)) for t, v in direct], minutes
-
-
 def test_provider_reads_of_the_views_equal_the_pure_twin_in_windows(db_url, conn):
     records = minute_candles("BTC/USD", T0, 20 * 1440, seed=5)
     holes = [c for c in records if not (T0 + timedelta(days=5) <= c.time < T0 + timedelta(days=12))]  # a quiet week

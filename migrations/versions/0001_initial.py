@@ -22,6 +22,7 @@ Create Date: 2026-11-24
 from __future__ import annotations
 
 import logging
+import time
 
 from alembic import op
 import sqlalchemy as sa
@@ -219,13 +220,32 @@ def create_aggregates() -> None:
         )
 
 
+def drop_aggregate(relation: str, attempts: int = 30) -> None:
+    """DROP MATERIALIZED VIEW `relation` (its policy goes with it). TimescaleDB's scheduler may
+    be running that policy at this very moment (it starts a new policy at once), and dropping
+    the job under it fails with "tuple concurrently deleted": tried again in a savepoint."""
+    bind = op.get_bind()
+    for attempt in range(attempts):
+        try:
+            with bind.begin_nested():
+                bind.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {relation} CASCADE"))
+            return
+        except sa.exc.DBAPIError as exc:
+            busy = "concurrently" in str(exc.orig) or getattr(exc.orig, "sqlstate", None) in ("40P01", "55P03")
+            if not busy or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def downgrade() -> None:
     bind = op.get_bind()
     timescale = bind.execute(
         sa.text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
     ).first() is not None
     for relation, _width in reversed(INTERVALS):
-        kind = "MATERIALIZED VIEW" if timescale else "TABLE"
-        op.execute(f"DROP {kind} IF EXISTS {relation}")
+        if timescale:
+            drop_aggregate(relation)
+        else:
+            op.execute(f"DROP TABLE IF EXISTS {relation}")
     for table in ("exchange_candles", "candle_changes", "coverage", "sync_status", "candles", "trades"):
         op.execute(f"DROP TABLE IF EXISTS {table}")

@@ -33,6 +33,7 @@ Create Date: 2026-12-04
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Sequence
@@ -146,11 +147,22 @@ def aggregate_sql(relation: str, width: str, parent: str, count_type: str = "int
 
 def materialize(relations: Sequence[tuple[str, str]]) -> None:
     """Refresh each (relation, width), in order, up to its bucket in progress, in one pass
-    each (a manual refresh otherwise goes 10 buckets a statement), outside a transaction."""
+    each (a manual refresh otherwise goes 10 buckets a statement), outside a transaction;
+    a policy job refreshing the same aggregate meanwhile is waited out (TimescaleDB refuses
+    overlapping refreshes rather than queueing them)."""
     with op.get_context().autocommit_block():
         for relation, width in relations:
-            op.execute(f"CALL refresh_continuous_aggregate('{relation}', NULL, time_bucket(INTERVAL '{width}', now()), "
-                       f"options => '{{\"buckets_per_batch\": 0}}')")
+            statement = (f"CALL refresh_continuous_aggregate('{relation}', NULL, time_bucket(INTERVAL '{width}', "
+                         f"now()), options => '{{\"buckets_per_batch\": 0}}')")
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    op.execute(statement)
+                    break
+                except sa.exc.OperationalError as exc:
+                    if getattr(exc.orig, "sqlstate", None) != "55P03" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
 
 
 def create_aggregates(count_type: str = "integer") -> None:
@@ -159,7 +171,7 @@ def create_aggregates(count_type: str = "integer") -> None:
     The policies come last: a healthy scheduler starts them at once, and a policy refreshing
     beside the materialization would make it fail ("due to a concurrent refresh")."""
     for relation, _width, _parent in reversed(LEVELS):
-        op.execute(f"DROP MATERIALIZED VIEW IF EXISTS {relation} CASCADE")
+        _revision_0001().drop_aggregate(relation)
     for relation, width, parent in LEVELS:
         op.execute(aggregate_sql(relation, width, parent, count_type))
     materialize([(relation, width) for relation, width, _parent in LEVELS])
@@ -203,9 +215,10 @@ def _downgrade_timescaledb() -> None:
         op.execute(f"SELECT remove_compression_policy('{table}', if_exists => true)")
         op.execute(f"SELECT decompress_chunk(c, true) FROM show_chunks('{table}') c")
         op.execute(f"ALTER TABLE {table} SET (timescaledb.compress = false)")
+    rev = _revision_0001()
     for relation, _width, _parent in reversed(LEVELS):
-        op.execute(f"DROP MATERIALIZED VIEW IF EXISTS {relation} CASCADE")
-    _revision_0001().create_aggregates()
+        rev.drop_aggregate(relation)
+    rev.create_aggregates()
     op.execute("CREATE INDEX IF NOT EXISTS trades_time_idx ON trades (time DESC)")
     op.execute("CREATE INDEX IF NOT EXISTS candles_time_idx ON candles (time DESC)")
     materialize([(relation, width) for relation, width, _parent in LEVELS])

@@ -90,7 +90,7 @@ def test_a_degenerate_one_second_archive_is_imported_in_bounded_memory(db_url: s
     assert child.returncode == 0, err[-2000:]
     status, imported, bad, max_rss_mb = out.split()
     assert (status, int(imported)) == ("imported", 100_000) and int(bad) > 1_800_000, out
-    # (about 200 MB on a quiet development machine, most of it the interpreter and its libraries,
-    # up to about 400 MB with the database slowed by a loaded machine; reading the second whole
-    # took 560 MB for 40 MB and grew with the file, so 48 MB would be far above the bound)
-    assert int(max_rss_mb) < 450 and peak < 450 * 2**20, (max_rss_mb, peak // 2**20)
+    # (about 200 MB on a quiet development machine, most of it the interpreter and its libraries;
+    # 485 MB was seen once in a full CI run; reading the second whole took 560 MB for 40 MB and
+    # grew with the file, about 670 MB for these 48 MB)
+    assert int(max_rss_mb) < 600 and peak < 600 * 2**20, (max_rss_mb, peak // 2**20)

@@ -384,7 +384,9 @@ def _refresh_timescaledb(
     itself, so ``refresh_continuous_aggregate(rel, NULL, <bucket in progress>)`` recomputes
     exactly the invalidated buckets, wherever they are, and moves the watermark no further
     than the bucket in progress: that bucket is never materialized, real-time aggregation
-    keeps it current. An explicit window is then recomputed whatever was logged (``force``).
+    keeps it current. An explicit window (an import's, say) is recomputed alone, whatever was
+    logged (``force``): refreshing everything pending besides would redo what a writer beside
+    it keeps adding (an import's other connection), once per window.
     ``candle_changes`` rows (kept for plain PostgreSQL) are consumed by id after success.
     A periodic refresh (no window, all symbols) also compresses chunks past the configured age.
     Runs on an autocommit connection: refresh_continuous_aggregate refuses transaction blocks.
@@ -423,16 +425,18 @@ def _refresh_timescaledb(
                     # progress): nothing to materialize. Real-time aggregation serves whatever lies
                     # past the watermark, so a bucket completed meanwhile is right without it.
                     continue
-                watermark = _watermark(conn, relation) if forced else None
-                if watermark is not None:
-                    # Recompute what is materialized already (below the watermark) whatever was
-                    # logged; what lies beyond it the refresh below materializes the first time.
-                    # Never past the watermark: that would hide the unmaterialized data before it.
-                    watermark = min(watermark, in_progress)
-                    for lo, hi in widen_windows(forced, interval):
-                        if lo < min(hi, watermark):
-                            _refresh_cagg(conn, relation, lo, min(hi, watermark), force=True)
-                _refresh_cagg(conn, relation, None, in_progress)
+                if not explicit:
+                    _refresh_cagg(conn, relation, None, in_progress)
+                    continue
+                # An explicit window is recomputed whatever was logged (force), from the watermark
+                # down when it lies beyond it: a refresh ending past the watermark moves it, and
+                # unmaterialized rows before the window would be hidden until the next refresh.
+                watermark = _watermark(conn, relation)
+                for lo, hi in widen_windows(forced, interval):
+                    start = None if watermark is None else min(lo, watermark)
+                    hi = min(hi, in_progress)
+                    if start is None or start < hi:
+                        _refresh_cagg(conn, relation, start, hi, force=True)
             if ids:
                 conn.execute("DELETE FROM candle_changes WHERE id = ANY(%s)", (ids,))
             if not explicit and symbol is None:

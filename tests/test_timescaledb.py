@@ -9,6 +9,7 @@ when it wants it, with ``CALL run_job``.
 from __future__ import annotations
 
 import random
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -320,3 +321,63 @@ def test_db_status_shows_bytes_per_trade_before_and_after_compression(settings, 
     assert "bytes each uncompressed" in line and "stored" in line and "1 of 1 chunks compressed" in line
     before, after = (float(part.split()[0]) for part in line.split(":", 1)[1].split(",")[:2])
     assert after < before
+
+
+# ----- migrations beside TimescaleDB's scheduler
+
+HOLD_CANDLES_1W = """
+    CREATE PROCEDURE hold_candles_1w(job_id int, config jsonb) LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM count(*) FROM candles_1w;  -- the lock a DROP of candles_1w waits for
+        PERFORM pg_sleep(120);
+    END $$"""
+
+
+def _job_running(conn: psycopg.Connection, job: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        if rows(conn, "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND backend_type = %s "
+                      "AND wait_event = 'PgSleep'", (f"User-Defined Action [{job}]",)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _scheduled(conn: psycopg.Connection) -> dict[int, bool]:
+    return dict(rows(conn, "SELECT job_id, scheduled FROM timescaledb_information.jobs"))
+
+
+def test_a_migration_ends_a_job_in_its_way_and_schedules_the_jobs_again(empty_db_url):
+    """Revision 0004 drops and creates the aggregates while a job holds one of them: the
+    database's jobs are unscheduled and the running one ended, so the migration does not wait
+    for it (nor deadlock with a policy); every job scheduled before is scheduled after."""
+    migrate.upgrade(empty_db_url, "0003")
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute(HOLD_CANDLES_1W)
+        (job,), = rows(conn, "SELECT add_job('hold_candles_1w', INTERVAL '1 hour')")
+        before = _scheduled(conn)
+        assert _job_running(conn, job), "the scheduler did not start the job"
+        began = time.monotonic()
+        migrate.upgrade(empty_db_url)
+        assert time.monotonic() - began < 60  # the job alone sleeps 120 s holding candles_1w
+        after = _scheduled(conn)
+    assert after[job] and all(after[j] for j, on in before.items() if on and j in after)
+    assert {j for j in after if j not in before} and all(after.values())  # the new policies, scheduled
+
+
+def test_a_failed_migration_schedules_the_jobs_it_paused_again(empty_db_url):
+    """Downgrading revision 0004 recreates the aggregates counting in integer; with a bucket
+    whose count overflows that, materializing fails: the jobs paused for it are scheduled again."""
+    migrate.upgrade(empty_db_url)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO candles (symbol, time, open, high, low, close, volume, trades, source) "
+                     "SELECT 'BTC/USD', %s + m * INTERVAL '1 minute', 1, 1, 1, 1, 1, 2147483647, 'trades' "
+                     "FROM generate_series(0, 1) m", (T0,))
+        before = _scheduled(conn)
+        with pytest.raises(Exception, match="integer out of range"):
+            migrate.downgrade(empty_db_url, "0003")
+        after = _scheduled(conn)
+    assert before and all(before.values())
+    assert all(after[j] for j in before if j in after)
+    assert {1, 3} <= set(after)  # the extension's own jobs (telemetry, job-history retention) among them

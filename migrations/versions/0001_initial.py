@@ -21,8 +21,10 @@ Create Date: 2026-11-24
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import Iterator
 
 from alembic import op
 import sqlalchemy as sa
@@ -189,9 +191,10 @@ def _upgrade_timescaledb() -> None:
     create_aggregates()
 
 
-def create_aggregates() -> None:
+def create_aggregates(with_policies: bool = True) -> None:
     """This revision's continuous aggregates, each over ``candles``, with their policies
-    (revision 0003 replaces them, and puts them back when downgraded)."""
+    (revision 0003 replaces them, and puts them back when downgraded: without the policies
+    first, which come after it has materialized the aggregates)."""
     for relation, width in INTERVALS:
         # WITH NO DATA: creating a continuous aggregate with data cannot run in a transaction.
         op.execute(
@@ -213,6 +216,13 @@ def create_aggregates() -> None:
             WITH NO DATA
             """
         )
+    if with_policies:
+        add_policies()
+
+
+def add_policies() -> None:
+    """This revision's refresh policy of every aggregate."""
+    for relation, _width in INTERVALS:
         op.execute(
             f"""SELECT add_continuous_aggregate_policy('{relation}',
                     start_offset => INTERVAL '3 days', end_offset => NULL,
@@ -220,12 +230,85 @@ def create_aggregates() -> None:
         )
 
 
-def drop_aggregate(relation: str, attempts: int = 30) -> None:
-    """DROP MATERIALIZED VIEW `relation` (its policy goes with it). TimescaleDB's scheduler may
-    be running that policy at this very moment (it starts a new policy at once), and dropping
-    the job under it fails with "tuple concurrently deleted": tried again in a savepoint."""
+#: TimescaleDB's job workers in this database. A job's worker is named "<job name> [<job id>]"
+#: from the moment it starts (its application_name only once it has read its job); the
+#: scheduler's name has no job id. Each is waited for up to 5 s to exit, locks released.
+_JOB_WORKERS = ("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type ~ ' \\[[0-9]+\\]$'")
+
+
+def end_job_workers(bind: sa.Connection) -> None:
+    """End every TimescaleDB job running in this database. ``pg_stat_activity`` is a snapshot
+    taken once per transaction: it is cleared first, or a worker started since this
+    transaction first looked would never be seen."""
+    bind.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+    bind.execute(sa.text(_JOB_WORKERS))
+
+
+@contextlib.contextmanager
+def policies_paused() -> Iterator[None]:
+    """Keep TimescaleDB's jobs away while continuous aggregates are dropped or made.
+
+    The scheduler starts a policy as soon as it is committed, and a job running beside a
+    migration waits for the migration's locks while the migration waits for the job's: a
+    deadlock (the job holds its aggregate's invalidation threshold and waits for ``candles``,
+    which the migration's earlier drops hold). So the database's jobs are unscheduled
+    (committed at once, outside the migration's transaction) and whatever job still runs is
+    ended; ``drop_aggregate`` ends any the scheduler started from its list before it saw the
+    change. The jobs scheduled before are scheduled again afterwards, in the migration's
+    transaction; if the migration fails, from a connection of their own. Policies created
+    meanwhile are created scheduled."""
+    bind = op.get_bind()
+    with op.get_context().autocommit_block():
+        # (all of the database's jobs: the job-history retention job touches every job's rows too)
+        paused = [row[0] for row in bind.execute(sa.text(
+            "SELECT job_id FROM timescaledb_information.jobs WHERE scheduled"))]
+        for job in paused:
+            bind.execute(sa.text("SELECT alter_job(:job, scheduled => false)"), {"job": job})
+        end_job_workers(bind)
+    try:
+        yield
+    except BaseException:
+        _schedule_after_failure(bind, paused)
+        raise
+    for job in paused:
+        bind.execute(sa.text(_SCHEDULE), {"job": job})
+
+
+#: Schedule a job again if it still exists (an aggregate's policy goes with the aggregate).
+_SCHEDULE = "SELECT alter_job(job_id, scheduled => true) FROM timescaledb_information.jobs WHERE job_id = :job"
+
+
+def _schedule_after_failure(bind: sa.Connection, jobs: list[int]) -> None:
+    """Schedule `jobs` again from a connection of their own: the migration's transaction is
+    aborted and rolls back. A job it deleted or locked (a dropped aggregate's policy) is
+    waited for a second at most, then named in a warning with the statement that schedules it."""
+    left = list(jobs)
+    try:
+        with bind.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
+            other.execute(sa.text("SET lock_timeout = '1s'"))
+            for job in jobs:
+                try:
+                    other.execute(sa.text(_SCHEDULE), {"job": job})
+                    left.remove(job)
+                except sa.exc.DBAPIError:
+                    pass
+    except sa.exc.DBAPIError:
+        pass
+    if left:
+        log.warning("TimescaleDB jobs %s were unscheduled for this migration and still are; schedule them "
+                    "with SELECT alter_job(<id>, scheduled => true)", ", ".join(map(str, left)))
+
+
+def drop_aggregate(relation: str, attempts: int = 20) -> None:
+    """DROP MATERIALIZED VIEW `relation` (its policy goes with it), under ``policies_paused``:
+    a job the scheduler started from its stale list is ended first, and if one still got in
+    the way ("tuple concurrently deleted", a deadlock), it is ended and the drop tried again
+    in a savepoint."""
     bind = op.get_bind()
     for attempt in range(attempts):
+        end_job_workers(bind)
         try:
             with bind.begin_nested():
                 bind.execute(sa.text(f"DROP MATERIALIZED VIEW IF EXISTS {relation} CASCADE"))
@@ -234,7 +317,7 @@ def drop_aggregate(relation: str, attempts: int = 30) -> None:
             busy = "concurrently" in str(exc.orig) or getattr(exc.orig, "sqlstate", None) in ("40P01", "55P03")
             if not busy or attempt == attempts - 1:
                 raise
-            time.sleep(0.2 * (attempt + 1))
+            time.sleep(0.25)
 
 
 def downgrade() -> None:
@@ -242,10 +325,11 @@ def downgrade() -> None:
     timescale = bind.execute(
         sa.text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
     ).first() is not None
-    for relation, _width in reversed(INTERVALS):
-        if timescale:
-            drop_aggregate(relation)
-        else:
-            op.execute(f"DROP TABLE IF EXISTS {relation}")
+    with policies_paused() if timescale else contextlib.nullcontext():
+        for relation, _width in reversed(INTERVALS):
+            if timescale:
+                drop_aggregate(relation)
+            else:
+                op.execute(f"DROP TABLE IF EXISTS {relation}")
     for table in ("exchange_candles", "candle_changes", "coverage", "sync_status", "candles", "trades"):
         op.execute(f"DROP TABLE IF EXISTS {table}")

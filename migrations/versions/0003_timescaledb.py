@@ -166,15 +166,18 @@ def materialize(relations: Sequence[tuple[str, str]]) -> None:
 
 
 def create_aggregates(count_type: str = "integer") -> None:
-    """(Re)create the whole hierarchy, materialize what ``candles`` holds, then the policies.
+    """(Re)create the whole hierarchy, materialize what ``candles`` holds, then the policies,
+    with TimescaleDB's scheduler kept off our aggregates meanwhile (0001's ``policies_paused``).
 
     The policies come last: a healthy scheduler starts them at once, and a policy refreshing
     beside the materialization would make it fail ("due to a concurrent refresh")."""
-    for relation, _width, _parent in reversed(LEVELS):
-        _revision_0001().drop_aggregate(relation)
-    for relation, width, parent in LEVELS:
-        op.execute(aggregate_sql(relation, width, parent, count_type))
-    materialize([(relation, width) for relation, width, _parent in LEVELS])
+    rev = _revision_0001()
+    with rev.policies_paused():
+        for relation, _width, _parent in reversed(LEVELS):
+            rev.drop_aggregate(relation)
+        for relation, width, parent in LEVELS:
+            op.execute(aggregate_sql(relation, width, parent, count_type))
+        materialize([(relation, width) for relation, width, _parent in LEVELS])
     for relation, _width, _parent in LEVELS:
         start_offset, every = POLICIES[relation]
         op.execute(
@@ -185,6 +188,7 @@ def create_aggregates(count_type: str = "integer") -> None:
 
 
 def _upgrade_timescaledb() -> None:
+    create_aggregates()  # first: it pauses the policies before taking any lock they wait for
     op.execute("DROP INDEX IF EXISTS trades_time_idx")
     op.execute("DROP INDEX IF EXISTS candles_time_idx")
     op.execute(
@@ -195,7 +199,6 @@ def _upgrade_timescaledb() -> None:
         "ALTER TABLE candles SET (timescaledb.compress, timescaledb.compress_segmentby = 'symbol', "
         "timescaledb.compress_orderby = 'time')"
     )
-    create_aggregates()
     for table in ("trades", "candles"):
         op.execute(f"SELECT add_compression_policy('{table}', INTERVAL '{COMPRESS_AFTER}', if_not_exists => true)")
 
@@ -211,17 +214,19 @@ def _revision_0001() -> ModuleType:
 
 
 def _downgrade_timescaledb() -> None:
-    for table in ("trades", "candles"):
-        op.execute(f"SELECT remove_compression_policy('{table}', if_exists => true)")
-        op.execute(f"SELECT decompress_chunk(c, true) FROM show_chunks('{table}') c")
-        op.execute(f"ALTER TABLE {table} SET (timescaledb.compress = false)")
     rev = _revision_0001()
-    for relation, _width, _parent in reversed(LEVELS):
-        rev.drop_aggregate(relation)
-    rev.create_aggregates()
-    op.execute("CREATE INDEX IF NOT EXISTS trades_time_idx ON trades (time DESC)")
-    op.execute("CREATE INDEX IF NOT EXISTS candles_time_idx ON candles (time DESC)")
-    materialize([(relation, width) for relation, width, _parent in LEVELS])
+    with rev.policies_paused():
+        for table in ("trades", "candles"):
+            op.execute(f"SELECT remove_compression_policy('{table}', if_exists => true)")
+            op.execute(f"SELECT decompress_chunk(c, true) FROM show_chunks('{table}') c")
+            op.execute(f"ALTER TABLE {table} SET (timescaledb.compress = false)")
+        for relation, _width, _parent in reversed(LEVELS):
+            rev.drop_aggregate(relation)
+        op.execute("CREATE INDEX IF NOT EXISTS trades_time_idx ON trades (time DESC)")
+        op.execute("CREATE INDEX IF NOT EXISTS candles_time_idx ON candles (time DESC)")
+        rev.create_aggregates(with_policies=False)
+        materialize([(relation, width) for relation, width, _parent in LEVELS])
+    rev.add_policies()  # last, as in create_aggregates
 
 
 def downgrade() -> None:

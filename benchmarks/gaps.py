@@ -30,7 +30,7 @@ import psycopg
 
 from kraken_hist import store
 from kraken_hist.gap_filler import GapFiller
-from kraken_hist.pairs import DEFAULT_REGISTRY, Pair
+from kraken_hist.pairs import Pair, PairRegistry
 from kraken_hist.types import GapKind
 
 from common import add_admin_url, flavour, machine_note, scratch_database
@@ -136,18 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     minutes = max(1440, int(525_600 * args.scale))
-    names = list(DEFAULT_REGISTRY.symbols())
-    for extra in range(len(names), args.symbols):  # more pairs than the built-in table holds
-        DEFAULT_REGISTRY.add(Pair(symbol=f"BENCH{extra}/USD", altname=f"BENCH{extra}USD",
-                                  rest_key=f"BENCH{extra}USD", price_decimals=2))
-    symbols = list(DEFAULT_REGISTRY.symbols())[: args.symbols]
+    registry = PairRegistry()
+    for extra in range(len(registry.symbols()), args.symbols):  # more pairs than the built-in table holds
+        registry.add(Pair(symbol=f"BENCH{extra}/USD", altname=f"BENCH{extra}USD",
+                          rest_key=f"BENCH{extra}USD", price_decimals=2))
+    symbols = registry.symbols()[: args.symbols]
     with scratch_database(args.admin_url, "gaps") as url:
         print(f"{flavour(url)}; {machine_note()}")
         print(f"building: {len(symbols)} symbols x {minutes:,} minutes ({args.liquid} liquid)", flush=True)
         began = time.perf_counter()
         trades = build(url, symbols, minutes, args.liquid)
         print(f"  built in {time.perf_counter() - began:.1f} s")
-        filler = GapFiller(url, symbols=symbols, rate_limit_delay=0)
+        filler = GapFiller(url, symbols=symbols, rate_limit_delay=0, registry=registry)
         filler.start()
         reference = min(reference_scan(url) for _ in range(args.repeat))
         clean_seconds, clean = timed(lambda: filler.detect_gaps(), args.repeat)

@@ -30,6 +30,7 @@ from kraken_hist import store
 from kraken_hist.config import Settings
 from kraken_hist.types import TradeRecord, TradeSource
 from kraken_hist.writer import DatabaseWriter
+from kraken_hist.pairs import PAIR_MAP
 
 from common import add_admin_url, create_like, flavour, machine_note, scratch_database
 
@@ -175,7 +176,8 @@ def dense_run(url: str, dense: int, data_dir: Path, batch: int = 10_000) -> dict
         writer.stop()
     with psycopg.connect(url) as conn:
         start = time.perf_counter()
-        store.rebuild_candles(conn, "BTC/USD", minute, minute + timedelta(minutes=1))
+        store.rebuild_candles(conn, "BTC/USD", minute, minute + timedelta(minutes=1),
+            decimals=PAIR_MAP["BTC/USD"].price_decimals)
         rebuild = time.perf_counter() - start
         conn.rollback()
     return {"flush_s": sorted(costs)[len(costs) // 2], "rebuild_s": rebuild, "stats": stats}

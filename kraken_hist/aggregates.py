@@ -14,7 +14,7 @@ from decimal import ROUND_DOWN, Decimal
 from itertools import groupby
 
 from .intervals import Interval
-from .pairs import DEFAULT_REGISTRY
+from .pairs import PairRegistry
 from .types import CandleRecord, CandleSource, HistoricalCandle, HistoricalTrade, TradeRecord
 
 Trade = HistoricalTrade | TradeRecord
@@ -41,16 +41,18 @@ def vwap_at_decimals(vwap: Decimal, price_decimals: int) -> Decimal:
 
 
 def candles_from_trades(
-    trades: Iterable[Trade], *, price_decimals: int | None = None
+    trades: Iterable[Trade], *, price_decimals: int | None = None, registry: PairRegistry | None = None
 ) -> list[CandleRecord]:
-    """1-minute candles (source TRADES) of `trades`, which may come in any order."""
+    """1-minute candles (source TRADES) of `trades`, which may come in any order; vwap at
+    `price_decimals`, or at each pair's decimals in `registry` (default: the built-in pairs)."""
+    pairs = registry if registry is not None or price_decimals is not None else PairRegistry()
     ordered = sorted(trades, key=lambda t: (t.symbol, t.time, t.trade_id))
     out: list[CandleRecord] = []
     for (symbol, minute), group in groupby(
         ordered, key=lambda t: (t.symbol, t.time.replace(second=0, microsecond=0))
     ):
         minute_trades = list(group)
-        decimals = price_decimals if price_decimals is not None else DEFAULT_REGISTRY.get(symbol).price_decimals
+        decimals = price_decimals if price_decimals is not None else pairs.get(symbol).price_decimals  # type: ignore[union-attr]
         prices = [t.price for t in minute_trades]
         out.append(
             CandleRecord(

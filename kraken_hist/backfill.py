@@ -32,7 +32,8 @@ import psycopg
 from . import ownership, store
 from .db import connect, translate_errors
 from .errors import ExchangePermanentError, ExchangeTransientError
-from .pairs import DEFAULT_REGISTRY
+from .pair_store import database_registry
+from .pairs import PairRegistry
 from .bounds import unix_seconds_problem
 from .parsing import TradesPage
 from .timeutils import check_aware, floor_minute, since_cursor, to_unix_ns, utcnow
@@ -155,6 +156,7 @@ class KrakenTradesBackfill:
         page_size: int = PAGE_SIZE,
         progress: Callable[[BackfillProgress], None] | None = None,
         refresh: bool = True,
+        registry: PairRegistry | None = None,
     ) -> None:
         from .config import settings_or_env
 
@@ -163,16 +165,13 @@ class KrakenTradesBackfill:
             from .migrate import prepare_database
 
             db_url = prepare_database(settings=self.settings)
-        else:
-            from .pair_store import load_known_pairs
-
-            load_known_pairs(db_url)
         self.db_url = db_url
+        self.registry = registry if registry is not None else database_registry(db_url)
         self._owns_client = client is None
         if client is None:
             from .rest_client import KrakenRestClient
 
-            client = KrakenRestClient.from_settings(self.settings)
+            client = KrakenRestClient.from_settings(self.settings, registry=self.registry)
         self.client = client
         if not MAX_SAME_TIMESTAMP < page_size <= PAGE_SIZE:
             # a page must be able to hold a whole burst of trades sharing one timestamp, or
@@ -209,7 +208,7 @@ class KrakenTradesBackfill:
 
     def fetch_trades_page(self, symbol: str, since: str | int | datetime | None) -> TradesPage:
         """One Trades call: up to ``page_size`` trades after `since` (a ``last`` cursor)."""
-        return self.client.get_trades(DEFAULT_REGISTRY.normalize(symbol), since=since, count=self.page_size)
+        return self.client.get_trades(self.registry.get(symbol), since=since, count=self.page_size)
 
     def fetch_all_trades(
         self,
@@ -227,7 +226,7 @@ class KrakenTradesBackfill:
         continue at ``after_id + 1``. `covered_from` is where the first page's proven coverage
         starts (default: `since` when a datetime, else the first trade's time).
         """
-        canonical = DEFAULT_REGISTRY.normalize(symbol)
+        canonical = self.registry.normalize(symbol)
         if until is not None:
             until = check_aware(until, "until")
         if isinstance(since, datetime):
@@ -370,7 +369,7 @@ class KrakenTradesBackfill:
         source's coverage, record the `refused` trades of the page (their ids are accounted
         for) and, when `cursor` is given, advance the resume point (never backwards). Returns
         the number of trades that were new."""
-        canonical = DEFAULT_REGISTRY.normalize(symbol)
+        canonical = self.registry.normalize(symbol)
         batch = list(trades)
         _check_batch(canonical, batch)
         if covered is None and len(batch) > 1:
@@ -381,7 +380,8 @@ class KrakenTradesBackfill:
             inserted = self._insert_trades(conn, canonical, batch, TradeSource(source))
             if batch:
                 times = [t.time for t in batch]
-                store.rebuild_candles(conn, canonical, min(times), max(times) + timedelta(microseconds=1))
+                store.rebuild_candles(conn, canonical, min(times), max(times) + timedelta(microseconds=1),
+                                      decimals=self._decimals(canonical))
             if covered is not None:
                 store.add_coverage(conn, canonical, TradeSource(source).value, covered[0], covered[1])
             if refused:
@@ -433,17 +433,21 @@ class KrakenTradesBackfill:
 
     def build_candles_from_trades(self, symbol: str, start: datetime, end: datetime) -> int:
         """Rebuild the 1-minute candles of ``[start, end)`` from stored trades; returns candles written."""
-        canonical = DEFAULT_REGISTRY.normalize(symbol)
+        canonical = self.registry.normalize(symbol)
         conn = self._connection()
         with translate_errors(), conn.transaction():
             ownership.lock_symbol(conn, canonical)
-            return store.rebuild_candles(conn, canonical, check_aware(start, "start"), check_aware(end, "end"))
+            return store.rebuild_candles(conn, canonical, check_aware(start, "start"), check_aware(end, "end"),
+                                         decimals=self._decimals(canonical))
+
+    def _decimals(self, symbol: str) -> int:
+        return self.registry.get(symbol).price_decimals
 
     # --- reading state --------------------------------------------------------------------
 
     def get_resume_point(self, symbol: str) -> ResumePoint | None:
         """The stored forward resume point of `symbol`, or None before its first backfill."""
-        canonical = DEFAULT_REGISTRY.normalize(symbol)
+        canonical = self.registry.normalize(symbol)
         with translate_errors():
             row = store.read_sync_status(self._connection(), canonical, SYNC_TYPE)
         if row is None:
@@ -487,7 +491,7 @@ class KrakenTradesBackfill:
         stored data first fetches the uncovered older range (without touching the forward
         resume point). Raises ExchangePermanentError at once for a pair Kraken refuses.
         """
-        canonical = DEFAULT_REGISTRY.normalize(symbol)
+        canonical = self.registry.normalize(symbol)
         # from the start of its minute, so the first 1-minute candle is whole
         since = floor_minute(check_aware(since, "since")) if since is not None else None
         until = check_aware(until, "until") if until is not None else None

@@ -73,8 +73,8 @@ from .csv_vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
 from .db import connect, has_timescaledb
 from .errors import PermanentError, UnknownSymbolError
 from .intervals import INTERVAL_RELATIONS, Interval
-from .pair_store import PairResolver
-from .pairs import DEFAULT_REGISTRY, Pair, PairRegistry, parse_csv_filename, symbol_from_wsname
+from .pair_store import GivenOrDatabaseRegistry, PairResolver, database_registry
+from .pairs import Pair, PairRegistry, parse_csv_filename, symbol_from_wsname
 from .timeutils import EPOCH, floor_minute, since_cursor
 
 log = logging.getLogger(__name__)
@@ -459,12 +459,14 @@ class BulkCSVImporter:
         self._db_url: str | None = None
         self.chunk_size = chunk_size
         self.strict = strict
-        self.registry = registry or (resolver.registry if resolver is not None else DEFAULT_REGISTRY)
+        self._registry = registry if registry is not None else (resolver.registry if resolver is not None else None)
         self.resolver = resolver  # names → pairs; given by entry points so unknown names are looked up at Kraken
         self.max_examples = max_examples
         self.refresh = refresh
         self._timescaledb: bool | None = None
         self.progress = progress
+
+    registry = GivenOrDatabaseRegistry()  # the registry given, else the database's
 
     @property
     def db_url(self) -> str:
@@ -893,7 +895,8 @@ class BulkCSVImporter:
                 try:
                     with conn.transaction():
                         _copy_trades(conn, "trades", chunk)
-                        counts = (chunk.rows, 0, self._write_parsed_candles(conn, symbol, chunk, lo, hi), 0)
+                        counts = (chunk.rows, 0, self._write_parsed_candles(
+                            conn, symbol, self.registry.get(symbol).price_decimals, chunk, lo, hi), 0)
                 except psycopg.errors.UniqueViolation:
                     log.info("csv import: %s rows appeared concurrently in %s..%s, deduplicating", symbol,
                              lo.isoformat(), hi.isoformat(), extra={"event": "csv_import_conflict"})
@@ -914,8 +917,7 @@ class BulkCSVImporter:
         for lo, hi in ownership.archive_claim(claim, owned):
             store.add_coverage(conn, symbol, ownership.ARCHIVE_SOURCE, lo, hi)
 
-    @staticmethod
-    def _merge_trade_chunk(conn: psycopg.Connection, symbol: str, chunk: TradeChunk, has_ids: bool,
+    def _merge_trade_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk, has_ids: bool,
                            id_owned: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int, int]:
         """Staging path: drop the rows of `id_owned` seconds, insert what is not stored, rebuild
         candles. Rows with Kraken's ids merge as the id family's (archive seconds left out)."""
@@ -927,18 +929,19 @@ class BulkCSVImporter:
             left = conn.execute(_DROP_STAGED_IN, ([a for a, _ in id_owned], [b for _, b in id_owned])).rowcount
         inserted = conn.execute(_MERGE_ID_TRADES if has_ids else _MERGE_TRADES,
                                 store.identity_window(chunk.first_time, chunk.last_time)).rowcount
-        candles = store.rebuild_candles(conn, symbol, chunk.first_time, chunk.last_time + ONE_SECOND) if inserted else 0
+        candles = store.rebuild_candles(conn, symbol, chunk.first_time, chunk.last_time + ONE_SECOND,
+                                        decimals=self.registry.get(symbol).price_decimals) if inserted else 0
         return inserted, chunk.rows - inserted - left, candles, left
 
     @staticmethod
-    def _write_parsed_candles(conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
+    def _write_parsed_candles(conn: psycopg.Connection, symbol: str, decimals: int, chunk: TradeChunk,
                               lo: datetime, hi: datetime) -> int:
         """Write the parser's candles of ``[lo, hi)`` (minutes holding only this chunk's trades)."""
         assert chunk.candles is not None
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(_CANDLE_STAGE)))
         _copy_chunk(conn, _CANDLE_STAGE, ("time", "open", "high", "low", "close", "notional", "volume", "trades"),
                     chunk.candles, chunk.binary)
-        params = {"symbol": symbol, "decimals": DEFAULT_REGISTRY.get(symbol).price_decimals, "lo": lo, "hi": hi}
+        params = {"symbol": symbol, "decimals": decimals, "lo": lo, "hi": hi}
         if conn.execute(_CANDLES_PRESENT, (symbol, lo, hi)).fetchone()[0]:
             conn.execute(_DELETE_STALE_CANDLES, params)
             written = conn.execute(_UPSERT_CANDLES_FROM_STAGE, params).rowcount
@@ -1141,12 +1144,13 @@ def compare_exchange_candles(
     end: datetime | None = None,
     use_relation: bool = True,
     max_examples: int = 20,
+    registry: PairRegistry | None = None,
 ) -> CandleComparison:
     """Compare ``exchange_candles`` of `interval` (imported OHLCVT rows) with our candles of
     the same buckets: the stored relation of that interval (``use_relation``, after a
     refresh) or buckets computed from 1-minute candles (always, and for 720 which is not
     stored). Compares open, high, low, close, volume and trade count, exactly."""
-    symbol = DEFAULT_REGISTRY.normalize(symbol)
+    symbol = (registry if registry is not None else database_registry(db_url)).normalize(symbol)
     with contextlib.closing(connect(db_url, autocommit=True)) as conn:
         lo, hi = conn.execute(
             "SELECT min(time), max(time) FROM exchange_candles WHERE symbol = %s AND interval = %s "

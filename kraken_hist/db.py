@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import psycopg
 import sqlalchemy as sa
@@ -26,6 +26,17 @@ def sqlalchemy_url(url: str) -> str:
         if url.startswith(prefix):
             return _SA_SCHEME + url[len(prefix):]
     raise ValueError(f"not a PostgreSQL URL: {url!r} (expected postgresql:// or postgresql+psycopg://)")
+
+
+def number_array(values: Iterable[object]) -> str:
+    """An array literal of numbers' text: sent as one string, no per-element work in the driver,
+    and PostgreSQL reads each number with its own scale."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def text_array(values: Iterable[str]) -> str:
+    """An array literal of strings, each quoted (one string for the driver to send)."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
 def libpq_url(url: str) -> str:

@@ -37,7 +37,7 @@ import psycopg
 
 from . import gaps as ranges
 from . import ownership, store
-from .pairs import DEFAULT_REGISTRY
+from .pair_store import stored_price_decimals
 from .store import MINUTE_CANDLES_FROM_TRADES, read_sync_status
 from .timeutils import ONE_MINUTE, UTC, check_aware, floor_minute
 from .types import DataGap, GapKind
@@ -163,12 +163,14 @@ def read_symbol_gaps(
     min_gap_minutes: float = 2,
     since: datetime | None = None,
     verify_candles: bool = False,
+    price_decimals: int | None = None,
 ) -> SymbolScan:
     """Every gap of `symbol` at or after `since` (default: all of history).
 
     Candles are checked against trade counts first (cheap), and field by field only on days
     whose counts disagree; `verify_candles` compares every minute field by field, so an edited
     candle whose trade count is unchanged is found too (a full pass over the trades).
+    Candles are rebuilt at `price_decimals` (default: the database's pair table says).
 
     Run it inside one REPEATABLE READ transaction so all checks see one snapshot.
     Invariants of the answer: gaps sorted by (kind order, start); trade-id gaps name exactly
@@ -207,10 +209,10 @@ def read_symbol_gaps(
         n_all -= in_trades
         candle_sum -= in_candles
     if verify_candles and first is not None and last is not None:
-        candle_gaps = _read_candle_gaps(conn, symbol, lo, id_gaps, every_day=(max(lo, floor_minute(first[1])),
+        candle_gaps = _read_candle_gaps(conn, symbol, lo, id_gaps, price_decimals, every_day=(max(lo, floor_minute(first[1])),
                                                                                floor_minute(last[1]) + ONE_MINUTE))
     elif candle_sum != n_all:
-        candle_gaps = _read_candle_gaps(conn, symbol, lo, id_gaps)
+        candle_gaps = _read_candle_gaps(conn, symbol, lo, id_gaps, price_decimals)
 
     uncovered, newest = _read_uncovered(conn, symbol, lo, first, last, id_gaps, min_gap_minutes)
     return SymbolScan(symbol=symbol, gaps=id_gaps + uncovered + candle_gaps, newest_time=newest, refused=refused)
@@ -287,7 +289,7 @@ def _tail_hole(conn: psycopg.Connection, symbol: str, last: tuple[int, datetime]
 
 
 def _read_candle_gaps(
-    conn: psycopg.Connection, symbol: str, since: datetime, id_gaps: list[DataGap],
+    conn: psycopg.Connection, symbol: str, since: datetime, id_gaps: list[DataGap], decimals: int | None,
     every_day: ranges.Range | None = None,
 ) -> list[DataGap]:
     """Minutes whose candle is not what the trades build: on the days whose counts disagree,
@@ -297,7 +299,8 @@ def _read_candle_gaps(
         spans = ranges.normalize((d, d + timedelta(days=1)) for d in days)
     else:
         spans = [every_day]
-    decimals = DEFAULT_REGISTRY.get(symbol).price_decimals
+    if decimals is None:
+        decimals = stored_price_decimals(conn, symbol)
     minutes: list[datetime] = []
     for day_lo, day_hi in spans:
         rows = conn.execute(

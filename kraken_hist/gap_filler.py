@@ -36,7 +36,8 @@ from .db import connect, translate_errors
 from .errors import KrakenHistError, PermanentError, TransientError
 from .gap_detection import SymbolScan, read_symbol_gaps
 from .gaps import FillMethod
-from .pairs import DEFAULT_REGISTRY
+from .pair_store import GivenOrDatabaseRegistry
+from .pairs import PairRegistry
 from .timeutils import check_aware, floor_minute, to_unix_seconds, utcnow
 from .types import CandleSource, DataGap, GapKind, TradeSource
 
@@ -193,13 +194,16 @@ class GapFiller:
         clock: Callable[[], datetime] | None = None,
         detect_workers: int = 2,
         sleep: Callable[[float], None] = time.sleep,
+        registry: PairRegistry | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must not be negative, got {max_retries}")
         self._explicit_settings = settings is not None
         self._db_url_arg = db_url
         self._settings = settings
-        self.symbols = [DEFAULT_REGISTRY.normalize(s) for s in symbols] if symbols else None
+        self._symbol_names = list(symbols) if symbols else None
+        self._symbols: list[str] | None = None
+        self._registry = registry
         self.rate_limit_delay = rate_limit_delay
         self.max_retries = max_retries
         self.detect_workers = max(1, detect_workers)
@@ -228,7 +232,7 @@ class GapFiller:
                 settings = settings_or_env(self._settings)
                 pace = settings.rest_min_interval if self._explicit_settings else self.rate_limit_delay
                 self._client = KrakenRestClient.from_settings(replace(settings, rest_min_interval=pace),
-                                                              max_retries=self.max_retries)
+                                                              max_retries=self.max_retries, registry=self.registry)
         return self
 
     def _close_backfills(self) -> None:
@@ -260,6 +264,15 @@ class GapFiller:
             self.start()
         return self._db_url  # type: ignore[return-value]
 
+    registry = GivenOrDatabaseRegistry()  # the registry given, else the database's
+
+    @property
+    def symbols(self) -> list[str] | None:
+        """The canonical symbols asked for (None: every symbol with stored trades)."""
+        if self._symbols is None and self._symbol_names is not None:
+            self._symbols = [self.registry.normalize(s) for s in self._symbol_names]
+        return self._symbols
+
     @property
     def client(self) -> "KrakenRestClient":
         if self._client is None:
@@ -271,7 +284,8 @@ class GapFiller:
         if backfill is None:
             from .backfill import KrakenTradesBackfill
 
-            backfill = KrakenTradesBackfill(self.db_url, client=self.client, settings=self._settings)
+            backfill = KrakenTradesBackfill(self.db_url, client=self.client, settings=self._settings,
+                                           registry=self.registry)
             self._local.backfill = backfill
             with self._lock:
                 self._backfills.append(backfill)
@@ -291,12 +305,15 @@ class GapFiller:
         if not symbols:
             return []
 
+        pairs = self.registry
+        decimals = {s: pairs.get(s).price_decimals if pairs.is_known(s) else None for s in symbols}
+
         def one(symbol: str) -> SymbolScan:
             with connect(self.db_url) as conn, translate_errors():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 try:
                     return read_symbol_gaps(conn, symbol, min_gap_minutes=min_gap_minutes, since=since,
-                                            verify_candles=verify_candles)
+                                            verify_candles=verify_candles, price_decimals=decimals[symbol])
                 finally:
                     conn.rollback()
 
@@ -472,7 +489,7 @@ class GapFiller:
                 f"{gap.symbol}: {first_minute.isoformat()} is older than the OHLC endpoint's 720 newest candles"
             )
         last_minute = floor_minute(gap.end - MICROSECOND) if gap.end > gap.start else first_minute
-        page = self.client.get_ohlc(gap.symbol, 1, since=to_unix_seconds(first_minute) - 60)
+        page = self.client.get_ohlc(self.registry.get(gap.symbol), 1, since=to_unix_seconds(first_minute) - 60)
         rows = [
             r for r in page.finished_rows()
             if first_minute <= r.time <= last_minute
@@ -557,7 +574,7 @@ class GapFiller:
             details.update(found=report.found, filled=report.filled, verified_empty=report.verified_empty,
                            failed=len(report.failed))
         with connect(self.db_url) as conn, translate_errors(), conn.transaction():
-            store.write_sync_status(conn, DEFAULT_REGISTRY.normalize(symbol), SYNC_TYPE,
+            store.write_sync_status(conn, self.registry.normalize(symbol), SYNC_TYPE,
                                     last_time=check_aware(newest_time, "newest_time"), details=details)
 
     def refresh_continuous_aggregates(

@@ -38,7 +38,8 @@ from . import ownership, store
 from .db import connect, translate_errors
 from .errors import DatabaseUnavailableError, ExchangePermanentError, KrakenHistError, TransientError
 from .bounds import trade_id_problem
-from .pairs import DEFAULT_REGISTRY
+from .pair_store import GivenOrDatabaseRegistry
+from .pairs import PairRegistry
 from .parsing import TradesPage
 from .timeutils import UTC, floor_minute, to_unix_ns
 from .types import CandleRecord, CandleSource, HistoricalTrade, Refused, TradeRecord, TradeSource
@@ -379,9 +380,11 @@ class WebSocketDBIntegration:
         flush_timeout: float = 60.0,
         pages_per_turn: int = 10,
         name: str = "kraken-live",
+        registry: PairRegistry | None = None,
     ) -> None:
         self.writer = writer
         self.db_url = db_url
+        self._registry = registry
         self.rest = rest
         self.progress_interval = progress_interval
         self.retry_cap = retry_cap
@@ -402,6 +405,8 @@ class WebSocketDBIntegration:
         self._initial = list(symbols)  # normalized at start, once the database's pairs are known
         self._record = _RecordFactory()
 
+    registry = GivenOrDatabaseRegistry()  # the registry given, else the database's
+
     def callbacks(self) -> dict[str, Any]:
         """Keyword arguments for KrakenWSClient."""
         return {"on_trade": self.on_trade, "on_ohlc": self.on_ohlc, "on_connect": self.on_connect,
@@ -411,11 +416,8 @@ class WebSocketDBIntegration:
 
     def start(self) -> "WebSocketDBIntegration":
         """Read where each symbol's stored sequence ends; start the REST and progress threads."""
-        from .pair_store import load_known_pairs
-
-        load_known_pairs(self.db_url)
         if self._initial:
-            self.load_positions([DEFAULT_REGISTRY.normalize(s) for s in self._initial])
+            self.load_positions([self.registry.normalize(s) for s in self._initial])
         self._stop.clear()
         targets = [(f"{self.name}-progress", self._progress_loop)]
         if self.rest is not None:
@@ -583,7 +585,7 @@ class WebSocketDBIntegration:
             if item.trade_id is None or trade_id_problem(item.trade_id) is not None:
                 continue
             try:
-                name = DEFAULT_REGISTRY.normalize(item.symbol) if item.symbol else symbol
+                name = self.registry.normalize(item.symbol) if item.symbol else symbol
             except ValueError:
                 name = None
             if name is None:
@@ -818,31 +820,21 @@ class WebSocketDBIntegration:
         timeout = self.flush_timeout if flush_timeout is None else flush_timeout
         if not self.writer.flush(timeout=timeout):  # is everything accepted so far durable?
             raise DatabaseUnavailableError(f"writer did not commit within {timeout}s; resume point not advanced")
-        advanced = 0
-        with translate_errors(), connect(self.db_url) as conn:
+        with translate_errors(), connect(self.db_url) as conn, conn.transaction():
+            # coverage claims seconds: the symbols' data locks, all symbols in one transaction
+            ownership.lock_symbols(conn, [*todo, *refused])
             for symbol, items in refused.items():  # before the resume point that passes them
-                if symbol not in todo:
-                    with conn.transaction():
-                        self._write_refused(conn, symbol, items)
-            for symbol, (frontier, when, covered_from) in todo.items():
-                with conn.transaction():
-                    ownership.lock_symbol(conn, symbol)  # its coverage claims seconds: the one symbol lock
-                    self._write_refused(conn, symbol, refused.get(symbol, ()))
-                    current = store.read_sync_status(conn, symbol, "trades")
-                    stored_id = current["last_trade_id"] if current else None
-                    stored_time = current["last_time"] if current else None
-                    newer = (stored_id is None or stored_id < frontier) and (stored_time is None or stored_time <= when)
-                    if newer:
-                        store.write_sync_status(
-                            conn, symbol, "trades", last_time=when, cursor=str(to_unix_ns(when)),
-                            last_trade_id=frontier, details={"live": True},
-                        )
-                    if covered_from is not None and covered_from < when:
-                        store.add_coverage(conn, symbol, "ws", covered_from, when)
-                with self._lock:
-                    self._symbols[symbol].persisted = frontier
-                advanced += newer
-        return advanced
+                self._write_refused(conn, symbol, items)
+            advanced = store.advance_sync_status(conn, "trades", [
+                (symbol, when, str(to_unix_ns(when)), frontier) for symbol, (frontier, when, _) in todo.items()],
+                details={"live": True})
+            store.add_coverage_many(conn, "ws", [(symbol, covered_from, when)
+                                                 for symbol, (_, when, covered_from) in todo.items()
+                                                 if covered_from is not None])
+        with self._lock:
+            for symbol, (frontier, _, _) in todo.items():
+                self._symbols[symbol].persisted = frontier
+        return len(advanced)
 
     @staticmethod
     def _write_refused(conn: Any, symbol: str, items: Iterable[tuple[Refused, TradeSource]]) -> None:

@@ -158,7 +158,4 @@ def prepare_database(db_url: str | None = None, settings: "Settings | None" = No
     explicit = bool(db_url or settings.database_url)
     url = resolve_database_url(db_url, settings)
     ensure_schema(url, auto_upgrade=not explicit)
-    from .pair_store import load_known_pairs
-
-    load_known_pairs(url)  # every pair the database knows resolves in this process
     return url

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from . import gaps as ranges
+from .db import text_array
 from .timeutils import check_aware
 
 ONE_SECOND = timedelta(seconds=1)
@@ -47,6 +48,15 @@ ARCHIVE_OWNED = """EXISTS (
 ARCHIVE_TOUCHES = """
 SELECT coalesce(bool_or(ranges && tstzrange(%(lo)s, %(hi)s, '[)')), false)
 FROM coverage WHERE symbol = %(symbol)s AND source = 'csv'
+"""
+
+#: ARCHIVE_TOUCHES for many symbols at once: arrays ``symbol``, ``first`` and ``last`` (minute
+#: numbers: ``[first, last + 1)`` minutes); true if any.
+ARCHIVE_TOUCHES_ANY = """
+SELECT EXISTS (
+    SELECT 1 FROM unnest(%(symbol)s::text[], %(first)s::bigint[], %(last)s::bigint[]) AS p(symbol, first, last)
+    JOIN coverage c ON c.symbol = p.symbol AND c.source = 'csv'
+                   AND c.ranges && tstzrange(to_timestamp(p.first * 60), to_timestamp((p.last + 1) * 60), '[)'))
 """
 
 #: Seconds of ``[%(lo)s, %(hi)s)`` holding a stored id-bearing trade (positive Kraken id).
@@ -76,6 +86,13 @@ def lock_symbol(conn: psycopg.Connection, symbol: str, *, shared: bool = False) 
     """
     function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
     conn.execute(f"SELECT {function}(hashtextextended(%s, 0))", (f"symbol:{symbol}",))
+
+
+def lock_symbols(conn: psycopg.Connection, symbols: Iterable[str]) -> None:
+    """:func:`lock_symbol` (exclusive) for several symbols in one statement, in one order
+    (byte order of the names) so that two writers locking overlapping sets never deadlock."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('symbol:' || s, 0)) FROM unnest(%s::text[]) AS s",
+                 (text_array(sorted(set(symbols))),))  # unnest yields the array in its order
 
 
 # --------------------------------------------------------------------------- the pure rule

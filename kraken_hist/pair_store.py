@@ -3,8 +3,12 @@
 The first time a name is not known (or the table is older than ``Settings.pairs_max_age``),
 the whole ``AssetPairs`` answer is fetched once and stored; afterwards names resolve offline.
 Pairs that AssetPairs stops listing are kept and marked ``delisted``; pairs only archives
-know are added from their file names (``record_inferred``). Entry points build one
-:class:`PairResolver` and hand its registry to the services they start.
+know are added from their file names (``record_inferred``).
+
+There is no process-wide registry: a service is given one, or uses its database's
+(:func:`database_registry`: the built-ins plus that database's table, re-read when a name is
+missing, so a pair any process learnt can be fetched and stored by every other). Entry points
+build one :class:`PairResolver` per database, whose registry is that same one.
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from .db import connect, translate_errors
+from .db import connect, libpq_url, translate_errors
 from .errors import ExchangeTransientError, KrakenHistError, UnknownSymbolError
-from .pairs import BUILTIN_PAIRS, DEFAULT_REGISTRY, Pair, PairRegistry, pairs_from_asset_pairs
+from .pairs import BUILTIN_PAIRS, Pair, PairRegistry, pairs_from_asset_pairs
 from .timeutils import utcnow
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,17 @@ def write_pairs(conn: psycopg.Connection, pairs: Iterable[Pair], *, confirmed_at
         values.update(names=list(pair.names()), confirmed_at=confirmed_at)
         count += conn.execute(_UPSERT, values).rowcount
     return count
+
+
+def stored_price_decimals(conn: psycopg.Connection, symbol: str) -> int:
+    """The price decimals the database's table holds for `symbol` (a built-in pair's when the
+    table does not list it)."""
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT price_decimals FROM pairs WHERE symbol = %s", (symbol,)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        row = None
+    return int(row[0]) if row is not None else PairRegistry().get(symbol).price_decimals
 
 
 def table_age(conn: psycopg.Connection) -> datetime | None:
@@ -98,7 +114,7 @@ class PairResolver:
         self.db_url = db_url
         self.fetch_asset_pairs = fetch_asset_pairs
         self.max_age = timedelta(seconds=max_age)
-        self.registry = registry if registry is not None else DEFAULT_REGISTRY
+        self.registry = registry if registry is not None else database_registry(db_url)
         self._clock = clock
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -202,32 +218,77 @@ class PairResolver:
         return stored
 
 
-_LOADED: set[str] = set()
-_LOADED_LOCK = threading.Lock()
+class DatabaseRegistry(PairRegistry):
+    """The pairs one database knows: the built-ins plus its ``pairs`` table, read at first
+    use and read again (at most every `reread_after` seconds) when a name is missing, since
+    another process may have learnt it since. A database not migrated yet has the built-ins."""
 
+    def __init__(self, db_url: str, *, reread_after: float = 1.0) -> None:
+        super().__init__()
+        self.db_url = db_url
+        self._reread_after = reread_after
+        self._read_at: float | None = None
+        self._read_lock = threading.Lock()
 
-def load_known_pairs(db_url: str, registry: PairRegistry | None = None) -> PairRegistry:
-    """Add the database's pair table to `registry` (default: the process's), once per
-    database: a pair learnt by any process — from AssetPairs or an archive's file name —
-    can then be read, fetched and stored by this one. A database without the table (not
-    migrated yet) leaves the registry as it is."""
-    target = registry if registry is not None else DEFAULT_REGISTRY
-    key = f"{id(target)}:{db_url}"
-    with _LOADED_LOCK:
-        if key in _LOADED:
-            return target
+    def read_table(self) -> int:
+        """Add every pair of the table; returns how many it holds (0 without a table)."""
+        with self._read_lock:
+            self._read_at = time.monotonic()
+            try:
+                with connect(self.db_url, autocommit=True) as conn:
+                    pairs = read_pairs(conn)
+            except psycopg.errors.UndefinedTable:
+                return 0
+            except (psycopg.Error, KrakenHistError) as exc:
+                log.debug("pair table of %s not read (%s)", self.db_url, exc)
+                return 0
+            for pair in pairs:
+                self.add(pair)
+            return len(pairs)
+
+    def get(self, name: str) -> Pair:
+        if self._read_at is None:
+            self.read_table()
         try:
-            with connect(db_url, autocommit=True) as conn:
-                pairs = read_pairs(conn)
-        except psycopg.errors.UndefinedTable:
-            return target
-        except (psycopg.Error, KrakenHistError) as exc:
-            log.debug("pair table of %s not read (%s)", db_url, exc)
-            return target
-        for pair in pairs:
-            target.add(pair)
-        _LOADED.add(key)
-    return target
+            return super().get(name)
+        except UnknownSymbolError:
+            if time.monotonic() - (self._read_at or 0.0) < self._reread_after:
+                raise
+        self.read_table()
+        return super().get(name)
+
+    def pairs(self) -> list[Pair]:
+        if self._read_at is None:
+            self.read_table()
+        return super().pairs()
+
+
+_REGISTRIES: dict[str, DatabaseRegistry] = {}
+_REGISTRIES_LOCK = threading.Lock()
+
+
+class GivenOrDatabaseRegistry:
+    """A service's ``registry`` attribute: the registry it was given (``self._registry``), else
+    the registry of its database (``self.db_url``, looked up on first use: a service may
+    resolve its database lazily)."""
+
+    def __get__(self, service: Any, owner: type | None = None) -> PairRegistry:
+        if service is None:
+            return self  # type: ignore[return-value]
+        if service._registry is None:
+            service._registry = database_registry(service.db_url)
+        return service._registry
+
+
+def database_registry(db_url: str) -> DatabaseRegistry:
+    """The registry of the database at `db_url` (one per database URL in a process, so every
+    service on that database sees a pair as soon as any of them learnt it)."""
+    key = libpq_url(db_url)
+    with _REGISTRIES_LOCK:
+        registry = _REGISTRIES.get(key)
+        if registry is None:
+            registry = _REGISTRIES[key] = DatabaseRegistry(db_url)
+        return registry
 
 
 def resolver_for(settings: Any, db_url: str, *, client: Any = None) -> PairResolver:
@@ -253,4 +314,4 @@ def matches(pattern: str, pair: Pair) -> bool:
     return any(wanted in n for n in pair.names())
 
 
-__all__ = ["BUILTIN_PAIRS", "PairResolver", "read_pairs", "resolver_for", "store_asset_pairs", "write_pairs"]
+__all__ = ["BUILTIN_PAIRS", "DatabaseRegistry", "GivenOrDatabaseRegistry", "PairResolver", "database_registry", "stored_price_decimals", "read_pairs", "resolver_for", "store_asset_pairs", "write_pairs"]

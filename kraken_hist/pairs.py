@@ -260,17 +260,3 @@ def pairs_from_asset_pairs(result: Mapping[str, Mapping[str, Any]]) -> list[Pair
             origin="asset_pairs",
         ))
     return out
-
-
-#: The registry used when none is passed explicitly.
-DEFAULT_REGISTRY = PairRegistry()
-
-
-def get_pair(name: str) -> Pair:
-    """Pair for any known name, from the default registry."""
-    return DEFAULT_REGISTRY.get(name)
-
-
-def normalize_symbol(name: str) -> str:
-    """Canonical symbol for any known name, from the default registry."""
-    return DEFAULT_REGISTRY.normalize(name)

@@ -42,7 +42,8 @@ from .config import Settings
 from .db import connect, create_engine, has_timescaledb, libpq_url, translate_errors
 from .errors import ConfigurationError, KrakenHistError, PermanentError
 from .intervals import INTERVAL_RELATIONS, Interval
-from .pairs import DEFAULT_REGISTRY, normalize_symbol
+from .pair_store import database_registry
+from .pairs import PairRegistry
 from .schema import candle_changes, candles, interval_tables, sync_status
 from .timeutils import EPOCH, ONE_MINUTE, UTC, check_aware, floor_minute, parse_time, utcnow
 from .types import HistoricalCandle, HistoricalTrade
@@ -229,25 +230,35 @@ _new = object.__new__
 _MERGE_KEY = operator.attrgetter("time", "symbol")
 
 
-def _vwap_at_pair_decimals(vwap: Decimal, symbol: str, decimals: dict[str, int | None]) -> Decimal:
+class _PairDecimals(dict):
+    """Price decimals by symbol, looked up in a registry once each (None: a pair it does not know)."""
+
+    def __init__(self, registry: PairRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def __missing__(self, symbol: str) -> int | None:
+        places = self[symbol] = self.registry.get(symbol).price_decimals if self.registry.is_known(symbol) else None
+        return places
+
+
+def _vwap_at_pair_decimals(vwap: Decimal, symbol: str, decimals: _PairDecimals) -> Decimal:
     """An interval's vwap at the pair's price decimals, rounded down (aggregates.vwap_at_decimals)."""
-    if symbol not in decimals:
-        decimals[symbol] = DEFAULT_REGISTRY.get(symbol).price_decimals if DEFAULT_REGISTRY.is_known(symbol) else None
     places = decimals[symbol]
     return vwap if places is None else vwap_at_decimals(vwap, places)
 
 
-def _candles(rows: Iterable[Sequence[Any]], minutes: int) -> list[HistoricalCandle]:
+def _candles(rows: Iterable[Sequence[Any]], minutes: int, registry: PairRegistry) -> list[HistoricalCandle]:
     """HistoricalCandles from result rows (symbol, time, open, high, low, close, volume, vwap, trades)."""
-    return list(_iter_candles(rows, minutes))
+    return list(_iter_candles(rows, minutes, registry))
 
 
-def _iter_candles(rows: Iterable[Sequence[Any]], minutes: int) -> Iterator[HistoricalCandle]:
+def _iter_candles(rows: Iterable[Sequence[Any]], minutes: int, registry: PairRegistry) -> Iterator[HistoricalCandle]:
     """HistoricalCandles from result rows, one at a time. Fills the slots directly:
     HistoricalCandle has no validation to skip, and the keyword call of a frozen dataclass
     costs twice as much — this bounds get_candles and replay throughput."""
     s_symbol, s_interval, s_time, s_open, s_high, s_low, s_close, s_volume, s_vwap, s_trades = _SETTERS
-    quanta: dict[str, int | None] | None = None if minutes == 1 else {}
+    quanta = None if minutes == 1 else _PairDecimals(registry)
     for symbol, when, open_, high, low, close, volume, vwap, trades in rows:
         if quanta is not None and vwap is not None:  # an aggregated vwap: an exact quotient, 40+ digits
             vwap = _vwap_at_pair_decimals(vwap, symbol, quanta)
@@ -313,6 +324,7 @@ class HistoricalDataProvider:
         settings: Settings | None = None,
         engine: Engine | None = None,
         clock: Callable[[], datetime] = utcnow,
+        registry: PairRegistry | None = None,
     ) -> None:
         if pool_min_size < 0 or pool_max_size < max(1, pool_min_size):
             raise ValueError(f"need 0 <= pool_min_size <= pool_max_size >= 1, got {pool_min_size}, {pool_max_size}")
@@ -326,10 +338,21 @@ class HistoricalDataProvider:
             libpq_url(engine.url.render_as_string(hide_password=False)) if engine is not None else None
         )
         self._clock = clock
+        self._registry = registry
         # Compiled candle queries by request shape (see _query_candles); compiling is pure and
         # idempotent, so concurrent threads at worst compile one twice.
         self._queries: dict[tuple[Any, ...], _CompiledQuery] = {}
         self._views: bool | None = None  # are 5m … 1w continuous aggregates (TimescaleDB)?
+
+    @property
+    def registry(self) -> PairRegistry:
+        """The pairs this provider knows: the registry given, or its database's."""
+        if self._registry is None:
+            if self._url is None:
+                self.connect()
+            assert self._url is not None
+            self._registry = database_registry(self._url)
+        return self._registry
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -485,7 +508,7 @@ class HistoricalDataProvider:
         prepare = False if reads_minutes and self._views else None
         with self._driver() as driver:
             rows = driver.execute(query.sql, params, prepare=prepare).fetchall()
-        return _candles(rows, iv.minutes)
+        return _candles(rows, iv.minutes, self.registry)
 
     def _now(self) -> datetime:
         return check_aware(self._clock(), "clock()")
@@ -500,7 +523,7 @@ class HistoricalDataProvider:
     def _fetch(self, stmt: sa.Select[Any], minutes: int) -> list[HistoricalCandle]:
         with self._connection() as conn:
             rows = conn.execute(stmt).all()
-        return _candles(rows, minutes)
+        return _candles(rows, minutes, self.registry)
 
     # --- candles --------------------------------------------------------------------------
 
@@ -521,7 +544,7 @@ class HistoricalDataProvider:
         Stored candles only (holes where nothing traded) unless ``fill_quiet``; the bucket
         still forming at the cutoff is appended when ``include_forming``.
         """
-        name, iv = normalize_symbol(symbol), Interval.parse(interval)
+        name, iv = self.registry.normalize(symbol), Interval.parse(interval)
         lo_time, end_time = _time(start, "start"), _time(end, "end")
         cutoff, historical = self._cutoff(end_time)
         lo = _ceil(iv, lo_time) if lo_time is not None else None
@@ -550,7 +573,7 @@ class HistoricalDataProvider:
         fill_quiet: bool = False,
     ) -> list[HistoricalCandle]:
         """The `count` most recent complete candles, oldest first (plus the forming one if asked)."""
-        name, iv = normalize_symbol(symbol), Interval.parse(interval)
+        name, iv = self.registry.normalize(symbol), Interval.parse(interval)
         cutoff, historical = self._cutoff(None)
         result = self._latest(name, iv, cutoff, count, fill_quiet)
         if include_forming:
@@ -567,7 +590,7 @@ class HistoricalDataProvider:
 
         Raises InsufficientDataError when fewer are stored.
         """
-        name, iv = normalize_symbol(symbol), Interval.parse(interval)
+        name, iv = self.registry.normalize(symbol), Interval.parse(interval)
         if periods < 1:
             raise ValueError(f"periods must be at least 1, got {periods}")
         cutoff, _historical = self._cutoff(_time(end, "end"))
@@ -591,7 +614,7 @@ class HistoricalDataProvider:
         """Every timeframe as it was known at `end`: per interval (minutes), the `count` latest
         candles that had closed by ``min(now, end)``; with ``include_forming`` also each
         interval's bucket in progress, built only from 1-minute candles closed by then."""
-        name = normalize_symbol(symbol)
+        name = self.registry.normalize(symbol)
         cutoff, historical = self._cutoff(_time(end, "end"))
         out: dict[int, list[HistoricalCandle]] = {}
         for value in intervals:
@@ -660,7 +683,7 @@ class HistoricalDataProvider:
             raise ValueError(f"speed must not be negative, got {speed}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        names = [normalize_symbol(symbol)] if isinstance(symbol, str) else [normalize_symbol(s) for s in symbol]
+        names = [self.registry.normalize(symbol)] if isinstance(symbol, str) else [self.registry.normalize(s) for s in symbol]
         if not names:
             raise ValueError("replay needs at least one symbol")
         iv = Interval.parse(interval)
@@ -705,7 +728,7 @@ class HistoricalDataProvider:
             cursor = driver.cursor()
             rows = cursor.stream(query, params, size=batch_size) if chunked else cursor.stream(query, params)
             try:
-                yield from _iter_candles(rows, minutes)
+                yield from _iter_candles(rows, minutes, self.registry)
             finally:
                 rows.close()  # cancels the query if the caller stopped early
 
@@ -722,14 +745,14 @@ class HistoricalDataProvider:
                    batch_size: int = 10_000) -> Iterator[HistoricalTrade]:
         """Stored trades with ``start <= time < min(now, end)`` in (time, id) order, streamed
         with constant memory on a connection of their own (closed with the iterator)."""
-        name, (lo, hi) = normalize_symbol(symbol), self._trade_window(start, end)
+        name, (lo, hi) = self.registry.normalize(symbol), self._trade_window(start, end)
         assert self._url is not None
         return trades_out.read_trades(self._url, name, lo, hi, batch_size=batch_size)
 
     def iter_trades_df(self, symbol: str, start: TimeArg = None, end: TimeArg = None, *,
                        chunk_rows: int = 100_000, exact: bool = False) -> Iterator[pd.DataFrame]:
         """``get_trades`` as DataFrames of at most `chunk_rows` rows (constant memory)."""
-        name, (lo, hi) = normalize_symbol(symbol), self._trade_window(start, end)
+        name, (lo, hi) = self.registry.normalize(symbol), self._trade_window(start, end)
         assert self._url is not None
         return trades_out.read_trade_frames(self._url, name, lo, hi, chunk_rows=chunk_rows, exact=exact)
 
@@ -738,7 +761,7 @@ class HistoricalDataProvider:
         """``get_trades`` as one DataFrame: UTC index ``time``, columns trade_id, price, volume,
         side, ord_type; float64 prices and volumes unless ``exact=True`` (Decimals)."""
         return trades_out.concat_frames(self.iter_trades_df(symbol, start, end, exact=exact),
-                                        normalize_symbol(symbol), exact)
+                                        self.registry.normalize(symbol), exact)
 
     def replay_trades(self, symbol: str | Sequence[str], start: TimeArg = None, end: TimeArg = None,
                       speed: float = 0.0, *, batch_size: int = 10_000,
@@ -748,7 +771,7 @@ class HistoricalDataProvider:
         starts at `start` or the first trade). Nothing after ``min(now, end)``."""
         if speed < 0:
             raise ValueError(f"speed must not be negative, got {speed}")
-        names = [normalize_symbol(symbol)] if isinstance(symbol, str) else [normalize_symbol(s) for s in symbol]
+        names = [self.registry.normalize(symbol)] if isinstance(symbol, str) else [self.registry.normalize(s) for s in symbol]
         if not names:
             raise ValueError("replay needs at least one symbol")
         lo, hi = self._trade_window(start, end)
@@ -766,9 +789,9 @@ class HistoricalDataProvider:
         """Tick, volume or value bars of the trades in ``[start, min(now, end))``, counted from
         `start` (default: the first stored trade); complete bars only unless `include_forming`.
         See ``kraken_hist.bars`` for the rule."""
-        name, (lo, hi) = normalize_symbol(symbol), self._trade_window(start, end)
+        name, (lo, hi) = self.registry.normalize(symbol), self._trade_window(start, end)
         assert self._url is not None
-        decimals = DEFAULT_REGISTRY.get(name).price_decimals
+        decimals = self.registry.get(name).price_decimals
         with connect(self._url, autocommit=True, options="-c TimeZone=UTC") as conn, translate_errors():
             if lo == EPOCH:
                 first = conn.execute("SELECT min(time) FROM trades WHERE symbol = %s", (name,)).fetchone()
@@ -795,7 +818,7 @@ class HistoricalDataProvider:
 
     def get_data_range(self, symbol: str) -> DataRange | None:
         """First and last stored 1-minute candle, or None when nothing is stored."""
-        name = normalize_symbol(symbol)
+        name = self.registry.normalize(symbol)
         stmt = sa.select(sa.func.min(candles.c.time), sa.func.max(candles.c.time)).where(candles.c.symbol == name)
         with self._connection() as conn:
             first, last = conn.execute(stmt).one()
@@ -805,7 +828,7 @@ class HistoricalDataProvider:
         """Ingestion progress rows (symbol, data_type, last_time, cursor, last_trade_id, details, updated_at)."""
         stmt = sa.select(sync_status).order_by(sync_status.c.symbol, sync_status.c.data_type)
         if symbol is not None:
-            stmt = stmt.where(sync_status.c.symbol == normalize_symbol(symbol))
+            stmt = stmt.where(sync_status.c.symbol == self.registry.normalize(symbol))
         with self._connection() as conn:
             return [dict(row._mapping) for row in conn.execute(stmt)]
 

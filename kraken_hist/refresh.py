@@ -35,7 +35,8 @@ from psycopg import sql
 from . import ownership
 from .db import connect, has_timescaledb
 from .intervals import INTERVAL_RELATIONS, REFRESH_PARENT, Interval
-from .pairs import normalize_symbol
+from .pair_store import database_registry
+from .pairs import PairRegistry
 from .store import lock_symbol
 from .timescale import compress_due_chunks
 from .timeutils import check_aware
@@ -193,8 +194,11 @@ def refresh_aggregates(
     symbol: str | None = None,
     start: datetime | None = None,
     end: datetime | None = None,
+    *,
+    registry: PairRegistry | None = None,
 ) -> RefreshResult:
-    """Bring the interval relations up to date with the 1-minute candles.
+    """Bring the interval relations up to date with the 1-minute candles (`symbol`: any name
+    `registry`, default the database's, knows).
 
     Without `start`/`end`, recompute what ``candle_changes`` says changed (and consume those
     rows). With either, recompute that window (open ends: the stored data's ends) whatever
@@ -202,11 +206,8 @@ def refresh_aggregates(
     advisory lock, and every write is an idempotent upsert.
     """
     began = time.monotonic()
-    if symbol is not None:
-        from .pair_store import load_known_pairs
-
-        load_known_pairs(db_url)
-    canonical = normalize_symbol(symbol) if symbol is not None else None
+    pairs = registry if registry is not None else database_registry(db_url)
+    canonical = pairs.normalize(symbol) if symbol is not None else None
     lo = check_aware(start, "start") if start is not None else None
     hi = check_aware(end, "end") if end is not None else None
     if lo is not None and hi is not None and hi <= lo:

@@ -20,8 +20,8 @@ import requests
 import urllib3
 
 from .config import DEFAULT_REST_URL
-from .errors import ExchangePermanentError, ExchangeTransientError, ExchangeUnreachableError
-from .pairs import DEFAULT_REGISTRY, PairRegistry
+from .errors import ExchangePermanentError, ExchangeTransientError, ExchangeUnreachableError, UnknownSymbolError
+from .pairs import Pair, PairRegistry
 from .parsing import (
     OhlcPage,
     OhlcRow,
@@ -200,7 +200,10 @@ class KrakenRestClient:
         self._answered = False  # whether the host ever answered this client (then outages are retried in full)
         self.retry_base_delay = retry_base_delay
         self.limiter = limiter if limiter is not None else process_limiter(min_interval)
-        self.registry = registry if registry is not None else DEFAULT_REGISTRY
+        # names → pairs: the registry given (a service's), or the client's own, which learns
+        # Kraken's whole AssetPairs answer the first time a name is not a built-in pair
+        self.registry = registry if registry is not None else PairRegistry()
+        self._learns_pairs = registry is None
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
         self._session.headers.setdefault("User-Agent", "kraken-hist")
@@ -331,15 +334,24 @@ class KrakenRestClient:
                 raise ExchangeTransientError(f"{what}: reading the answer failed ({exc.__class__.__name__})") from exc
             return response.status_code, b"".join(pieces)
 
-    def _pair_name(self, symbol: str) -> tuple[str, str]:
-        pair = self.registry.get(symbol)
+    def _pair_name(self, symbol: "str | Pair") -> tuple[str, str]:
+        if isinstance(symbol, Pair):
+            return symbol.symbol, symbol.altname
+        try:
+            pair = self.registry.get(symbol)
+        except UnknownSymbolError:
+            if not self._learns_pairs:
+                raise
+            self.get_asset_pairs(register=True)
+            self._learns_pairs = False  # once: a name Kraken does not list stays unknown
+            pair = self.registry.get(symbol)
         return pair.symbol, pair.altname
 
     # --- endpoints ----------------------------------------------------------------------------
 
-    def get_trades(self, symbol: str, since: str | int | datetime | None = None, count: int = 1000) -> TradesPage:
-        """Up to `count` trades after `since` (a ``last`` cursor as received, ns as int, or a
-        datetime), oldest first."""
+    def get_trades(self, symbol: "str | Pair", since: str | int | datetime | None = None, count: int = 1000) -> TradesPage:
+        """Up to `count` trades of `symbol` (any name, or the Pair) after `since` (a ``last``
+        cursor as received, ns as int, or a datetime), oldest first."""
         canonical, name = self._pair_name(symbol)
         params: dict[str, Any] = {"pair": name, "count": count}
         if since is not None:
@@ -350,7 +362,7 @@ class KrakenRestClient:
         except ParseError as exc:
             raise ExchangeTransientError(f"Trades {canonical}: {exc}") from exc
 
-    def get_ohlc(self, symbol: str, interval: int = 1, since: int | datetime | None = None) -> OhlcPage:
+    def get_ohlc(self, symbol: "str | Pair", interval: int = 1, since: int | datetime | None = None) -> OhlcPage:
         """OHLC rows (at most the 720 most recent; since exclusive, in unix seconds); filler
         rows and the unfinished last row included."""
         if interval not in OHLC_INTERVALS:

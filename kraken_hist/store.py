@@ -7,7 +7,7 @@ resume point atomically. Nothing here commits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 
 from . import ownership
 from .bounds import trade_id_problem
-from .pairs import DEFAULT_REGISTRY
+from .db import number_array, text_array
 from .timeutils import check_aware, floor_minute
 
 #: Kraken's 1-minute candles of one symbol's stored trades in ``[%(start)s, %(end)s)``
@@ -119,16 +119,16 @@ def minute_window(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     return lo, max(hi, lo + timedelta(minutes=1))
 
 
-def rebuild_candles(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime) -> int:
+def rebuild_candles(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime, *, decimals: int) -> int:
     """Rebuild the 1-minute candles of every minute touching ``[start, end)`` from **all**
     stored trades of those minutes (a minute split across pages comes out whole).
 
     Candles of minutes that no longer hold trades are removed if they were built from
     trades; exchange candles in minutes that now hold trades are replaced (trades are
-    authoritative). Records the window in ``candle_changes``. Returns candles written.
+    authoritative). vwap at the pair's price `decimals`. Records the window in
+    ``candle_changes``. Returns candles written.
     """
     lo, hi = minute_window(start, end)
-    decimals = DEFAULT_REGISTRY.get(symbol).price_decimals
     cur = conn.execute(_REBUILD_CANDLES, {"symbol": symbol, "start": lo, "end": hi, "decimals": decimals})
     record_candle_change(conn, symbol, lo, hi)
     return cur.rowcount
@@ -136,21 +136,32 @@ def rebuild_candles(conn: psycopg.Connection, symbol: str, start: datetime, end:
 
 def record_candle_change(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime) -> None:
     """Note that 1-minute candles in ``[start, end)`` changed, for the incremental aggregate refresh."""
-    lo, hi = minute_window(start, end)
+    record_candle_changes(conn, [(symbol, start, end)])
+
+
+def record_candle_changes(conn: psycopg.Connection, changes: Sequence[tuple[str, datetime, datetime]]) -> None:
+    """:func:`record_candle_change` for many (symbol, start, end) windows, in one statement."""
+    if not changes:
+        return
+    windows = [minute_window(start, end) for _, start, end in changes]
     conn.execute(
-        "INSERT INTO candle_changes (symbol, start_time, end_time) VALUES (%s, %s, %s)",
-        (symbol, lo, hi),
+        "INSERT INTO candle_changes (symbol, start_time, end_time) "
+        "SELECT s, to_timestamp(lo), to_timestamp(hi) FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(s, lo, hi)",
+        (text_array(symbol for symbol, _, _ in changes), number_array(int(lo.timestamp()) for lo, _ in windows),
+         number_array(int(hi.timestamp()) for _, hi in windows)),
     )
 
 
 # An id-bearing source never claims what the archive owns (ownership.py: one owner per second).
 _ADD_COVERAGE = """
 INSERT INTO coverage AS c (symbol, source, ranges)
-SELECT %(symbol)s, %(source)s,
-       tstzmultirange(tstzrange(%(lo)s, %(hi)s, '[)'))
+SELECT u.symbol, %(source)s,
+       range_agg(tstzrange(u.lo, u.hi, '[)'))
        - coalesce((SELECT ranges FROM coverage
-                   WHERE symbol = %(symbol)s AND source = 'csv' AND %(source)s <> 'csv'),
+                   WHERE symbol = u.symbol AND source = 'csv' AND %(source)s <> 'csv'),
                   '{}'::tstzmultirange)
+FROM unnest(%(symbol)s::text[], %(lo)s::timestamptz[], %(hi)s::timestamptz[]) AS u(symbol, lo, hi)
+GROUP BY u.symbol
 ON CONFLICT (symbol, source) DO UPDATE
 SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now()
 """
@@ -159,10 +170,16 @@ SET ranges = c.ranges + EXCLUDED.ranges, updated_at = now()
 def add_coverage(conn: psycopg.Connection, symbol: str, source: str, start: datetime, end: datetime) -> None:
     """Record ``[start, end)`` as known complete for `symbol` from `source` (merged, idempotent);
     REST/WebSocket coverage leaves out the seconds the archive owns."""
-    lo, hi = check_aware(start, "start"), check_aware(end, "end")
-    if hi <= lo:
-        return
-    conn.execute(_ADD_COVERAGE, {"symbol": symbol, "source": source, "lo": lo, "hi": hi})
+    add_coverage_many(conn, source, [(symbol, start, end)])
+
+
+def add_coverage_many(conn: psycopg.Connection, source: str, spans: Iterable[tuple[str, datetime, datetime]]) -> None:
+    """:func:`add_coverage` for many (symbol, start, end) spans of one source, in one statement."""
+    kept = [(symbol, check_aware(start, "start"), check_aware(end, "end")) for symbol, start, end in spans]
+    kept = [span for span in kept if span[1] < span[2]]
+    if kept:
+        conn.execute(_ADD_COVERAGE, {"source": source, "symbol": [s[0] for s in kept], "lo": [s[1] for s in kept],
+                                     "hi": [s[2] for s in kept]})
 
 
 def read_coverage(
@@ -219,6 +236,34 @@ def read_sync_status(conn: psycopg.Connection, symbol: str, data_type: str) -> d
 def lock_symbol(conn: psycopg.Connection, purpose: str, symbol: str) -> None:
     """Serialise `purpose` work on `symbol` across processes until this transaction ends."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{purpose}:{symbol}",))
+
+
+_ADVANCE_SYNC = """
+INSERT INTO sync_status AS s (symbol, data_type, last_time, cursor, last_trade_id, details, updated_at)
+SELECT u.symbol, %(data_type)s, u.last_time, u.cursor, u.last_trade_id, %(details)s, now()
+FROM unnest(%(symbol)s::text[], %(last_time)s::timestamptz[], %(cursor)s::text[], %(last_trade_id)s::bigint[])
+     AS u(symbol, last_time, cursor, last_trade_id)
+ON CONFLICT (symbol, data_type) DO UPDATE
+SET last_time = EXCLUDED.last_time, cursor = EXCLUDED.cursor, last_trade_id = EXCLUDED.last_trade_id,
+    details = s.details || EXCLUDED.details, updated_at = now()
+WHERE (s.last_trade_id IS NULL OR s.last_trade_id < EXCLUDED.last_trade_id)
+  AND (s.last_time IS NULL OR s.last_time <= EXCLUDED.last_time)
+RETURNING symbol
+"""
+
+
+def advance_sync_status(conn: psycopg.Connection, data_type: str,
+                        frontiers: Sequence[tuple[str, datetime, str, int]], details: dict[str, Any]) -> list[str]:
+    """Move the resume points of many symbols forward — (symbol, last_time, cursor,
+    last_trade_id) each — where both the stored id and time are behind (never backwards), in one
+    statement. Returns the symbols that moved."""
+    if not frontiers:
+        return []
+    rows = conn.execute(_ADVANCE_SYNC, {
+        "data_type": data_type, "details": Jsonb(details), "symbol": [f[0] for f in frontiers],
+        "last_time": [f[1] for f in frontiers], "cursor": [f[2] for f in frontiers],
+        "last_trade_id": [f[3] for f in frontiers]}).fetchall()
+    return [row[0] for row in rows]
 
 
 def write_refused_trades(conn: psycopg.Connection, symbol: str, refused: Iterable[Any], source: str) -> int:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from .bounds import KRAKEN_FIRST_TRADE, MAX_CLOCK_SKEW, MAX_TRADE_ID, count_problem, time_problem
-from .pairs import DEFAULT_REGISTRY, symbol_from_wsname
+from .pairs import symbol_from_wsname
 from .timeutils import UTC, check_aware, utcnow
 
 
@@ -75,14 +75,16 @@ _SYMBOL_SHAPE = re.compile(r"^[A-Z0-9.]{1,16}/[A-Z0-9.]{1,16}$")
 
 
 def _symbol(value: str) -> str:
-    """A canonical ``BASE/QUOTE`` name as given (legacy asset names mapped: ``XBT/USD`` →
-    ``BTC/USD``); other names (``XBTUSD``) through the built-in table. Whether the pair is
-    one we store is for the writer to say, with the registry it was given."""
+    """A canonical ``BASE/QUOTE`` name (legacy asset names mapped: ``XBT/USD`` → ``BTC/USD``).
+    Other names (``XBTUSD``) need a pair registry, which a record does not have: the services
+    that take names resolve them through theirs; whether the pair is one we store is for the
+    writer to say, with the registry it was given."""
     if isinstance(value, str) and "/" in value:
         upper = value.strip().upper()
         if _SYMBOL_SHAPE.match(upper):
             return symbol_from_wsname(upper)
-    return DEFAULT_REGISTRY.normalize(value)
+    raise ValueError(f"symbol must be a BASE/QUOTE name such as 'BTC/USD', got {value!r} "
+                     "(a PairRegistry resolves Kraken's other names)")
 
 
 #: A time known to be possible: an earlier wall-clock now plus the skew. Anything between

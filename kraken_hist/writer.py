@@ -74,9 +74,10 @@ from psycopg.copy import LibpqWriter
 from . import spool as spoolfmt
 from . import ownership, store
 from .config import Settings, settings_or_env
-from .db import libpq_url, session_options
+from .db import libpq_url, number_array, session_options, text_array
 from .errors import DatabaseUnavailableError, PermanentError
-from .pairs import DEFAULT_REGISTRY
+from .pair_store import database_registry
+from .pairs import PairRegistry
 from .spool import Block, DatabaseIdentity, Spool, read_blocks
 from .spool import SpoolOwnerError as SpoolOwnerError  # raised by DatabaseWriter.start
 from .types import CandleRecord, CandleSource, TradeRecord, TradeSource
@@ -111,9 +112,15 @@ _COPY_TRADES = sql.SQL("COPY trades ({}) FROM STDIN").format(_COLUMN_LIST)
 _COPY_STAGE = sql.SQL("COPY writer_trades_stage ({}) FROM STDIN").format(_COLUMN_LIST)
 # Any stored trade of these ids near the batch's minutes (store.identity_window: the time bound
 # is what lets TimescaleDB read one or two chunks instead of all of them).
+# One statement for every symbol of the batch: per symbol its id range and first and last minute
+# (numbers), the time bound widened by store.IDENTITY_TIME_SLACK (%(slack)s).
 _PROBE_TRADES = """
-SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %(symbol)s AND trade_id BETWEEN %(low)s AND %(high)s
-                                      AND time >= %(lo)s AND time <= %(hi)s)
+SELECT EXISTS (
+    SELECT 1 FROM unnest(%(symbol)s::text[], %(low)s::bigint[], %(high)s::bigint[], %(first)s::bigint[],
+                         %(last)s::bigint[]) AS p(symbol, low, high, first, last)
+    WHERE EXISTS (SELECT 1 FROM trades t WHERE t.symbol = p.symbol AND t.trade_id BETWEEN p.low AND p.high
+                                           AND t.time >= to_timestamp(p.first * 60) - %(slack)s
+                                           AND t.time <= to_timestamp((p.last + 1) * 60) + %(slack)s))
 """
 
 _MERGE_TRADES = store.merge_staged_trades("writer_trades_stage", returning=True)
@@ -138,17 +145,18 @@ RETURNING symbol, time
 
 # Minutes travel as one array literal of minute numbers, numbers as array literals of their text:
 # no per-element work in the driver, and PostgreSQL reads each number with its own scale.
+# (symbol, minute) pairs: every symbol of a batch in one statement.
 _STORED_CANDLES = """
-SELECT time, source, trades, volume FROM candles
-WHERE symbol = %s AND time = ANY(ARRAY(SELECT to_timestamp(m * 60) FROM unnest(%s::bigint[]) AS m))
+SELECT p.symbol, p.m, c.source, c.trades, c.volume
+FROM unnest(%s::text[], %s::bigint[]) AS p(symbol, m)
+JOIN candles c ON c.symbol = p.symbol AND c.time = to_timestamp(p.m * 60)
 """
 
-# Which of these minutes hold stored trades (the whole span is asked first: new minutes cost one probe).
+# Which of these (symbol, minute) pairs hold stored trades.
 _MINUTES_WITH_TRADES = """
-SELECT m FROM unnest(ARRAY(SELECT to_timestamp(n * 60) FROM unnest(%(minutes)s::bigint[]) AS n)) AS m
-WHERE (SELECT EXISTS (SELECT 1 FROM trades WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s))
-  AND EXISTS (SELECT 1 FROM trades t
-              WHERE t.symbol = %(symbol)s AND t.time >= m AND t.time < m + interval '1 minute')
+SELECT p.symbol, p.m FROM unnest(%s::text[], %s::bigint[]) AS p(symbol, m)
+WHERE EXISTS (SELECT 1 FROM trades t WHERE t.symbol = p.symbol AND t.time >= to_timestamp(p.m * 60)
+                                       AND t.time < to_timestamp(p.m * 60) + interval '1 minute')
 """
 
 # The exact Sums of the stored trades of these minutes (minutes without trades are left out).
@@ -174,12 +182,13 @@ CROSS JOIN LATERAL (
 # chosen from its operands before trunc) is then the very one store.rebuild_candles computes.
 _UPSERT_FROM_SUMS = f"""
 INSERT INTO candles AS c (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
-SELECT %(symbol)s, to_timestamp(s.minute * 60), s.open, s.high, s.low, s.close,
-       CASE WHEN s.volume > 0 THEN trunc(s.notional / s.volume, %(decimals)s) ELSE 0 END,
+SELECT s.symbol, to_timestamp(s.minute * 60), s.open, s.high, s.low, s.close,
+       CASE WHEN s.volume > 0 THEN trunc(s.notional / s.volume, s.decimals) ELSE 0 END,
        s.volume, s.trades, 'trades', now()
-FROM unnest(%(minute)s::bigint[], %(open)s::numeric[], %(high)s::numeric[], %(low)s::numeric[],
-            %(close)s::numeric[], %(notional)s::numeric[], %(volume)s::numeric[], %(trades)s::integer[])
-     AS s(minute, open, high, low, close, notional, volume, trades)
+FROM unnest(%(symbol)s::text[], %(decimals)s::integer[], %(minute)s::bigint[], %(open)s::numeric[],
+            %(high)s::numeric[], %(low)s::numeric[], %(close)s::numeric[], %(notional)s::numeric[],
+            %(volume)s::numeric[], %(trades)s::integer[])
+     AS s(symbol, decimals, minute, open, high, low, close, notional, volume, trades)
 {store.UPSERT_TRADES_CANDLE}"""
 
 # last_time never moves backwards; cursor/last_trade_id are kept unless given; details merge.
@@ -241,7 +250,8 @@ def _number(value: object, field: str, *, positive: bool) -> Decimal:
 class _SymbolCheck:
     """Canonical symbols already checked (the registry can grow at run time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Callable[[], PairRegistry]) -> None:
+        self._registry = registry
         self._known: set[str] = set()
 
     def __call__(self, value: object) -> str:
@@ -250,7 +260,7 @@ class _SymbolCheck:
         if not isinstance(value, str):
             raise _bad("symbol", f"must be a str, got {type(value).__name__}")
         try:
-            canonical = DEFAULT_REGISTRY.normalize(value)
+            canonical = self._registry().normalize(value)
         except ValueError as exc:
             raise InvalidRecordError(f"symbol: {exc}") from None
         if canonical != value:
@@ -530,9 +540,17 @@ def _at(minute: int) -> datetime:
     return datetime.fromtimestamp(minute * 60, UTC)
 
 
-def _literal(values: Iterable[object]) -> str:
-    """An array literal of the values' text (numbers and minute numbers need no quoting)."""
-    return "{" + ",".join(map(str, values)) + "}"
+_literal = number_array
+_text_literal = text_array
+
+
+def _probe_params(meta: dict[str, list]) -> dict[str, Any]:
+    """_PROBE_TRADES' and ARCHIVE_TOUCHES_ANY's parameters (array literals: no per-element
+    work in the driver): per symbol its id range and first and last minute."""
+    entries = meta.values()
+    return {"symbol": _text_literal(meta), "low": _literal(e[0] for e in entries),
+            "high": _literal(e[1] for e in entries), "first": _literal(min(e[2]) for e in entries),
+            "last": _literal(max(e[2]) for e in entries), "slack": store.IDENTITY_TIME_SLACK}
 
 
 def _minute_of(when: datetime) -> int:
@@ -588,38 +606,49 @@ class _CandleSums:
                 del held[minute]
         self._staged, self._staged_newest = {}, {}
 
-    def queue_checks(self, conn: psycopg.Connection, symbol: str, batch: dict[int, Sums]) -> tuple:
-        """Send (in the caller's pipeline) the queries that prove or refute the held summaries."""
-        held = self.minutes.get(symbol, {})
-        warm = {minute: held[minute] for minute in batch if minute in held}
-        cold = sorted(minute for minute in batch if minute not in held)
-        stored = conn.execute(_STORED_CANDLES, (symbol, _literal(warm))) if warm else None
-        occupied = conn.execute(_MINUTES_WITH_TRADES, {
-            "symbol": symbol, "minutes": _literal(cold), "lo": _at(cold[0]), "hi": _at(cold[-1] + 1),
-        }) if cold else None
+    def queue_checks(self, conn: psycopg.Connection, batch: BatchSums) -> tuple:
+        """Send (in the caller's pipeline) the two queries that prove or refute the held
+        summaries of every symbol of the batch."""
+        warm: dict[str, dict[int, Sums]] = {}
+        asked: tuple[list[str], list[int]] = ([], [])
+        cold: tuple[list[str], list[int]] = ([], [])
+        for symbol, minutes in batch.items():
+            held = self.minutes.get(symbol, {})
+            warm[symbol] = {minute: held[minute] for minute in minutes if minute in held}
+            for minute in minutes:
+                into = asked if minute in held else cold
+                into[0].append(symbol)
+                into[1].append(minute)
+        stored = conn.execute(_STORED_CANDLES, (_text_literal(asked[0]), _literal(asked[1]))) if asked[0] else None
+        occupied = conn.execute(_MINUTES_WITH_TRADES, (_text_literal(cold[0]), _literal(cold[1]))) if cold[0] else None
         return warm, stored, occupied
 
     @staticmethod
-    def classify(batch: dict[int, Sums], checks: tuple) -> tuple[dict[int, Sums], list[int]]:
-        """The batch's minutes → ({minute: merged Sums} to write incrementally, [minutes to rebuild])."""
+    def classify(batch: BatchSums, checks: tuple) -> dict[str, tuple[dict[int, Sums], list[int]]]:
+        """The batch's minutes → per symbol ({minute: merged Sums} to write incrementally,
+        [minutes to rebuild])."""
         warm, stored, occupied = checks
-        rows = {_minute_of(row[0]): row[1:] for row in stored.fetchall()} if stored is not None else {}
-        has_trades = {_minute_of(row[0]) for row in occupied.fetchall()} if occupied is not None else set()
-        merged: dict[int, Sums] = {}
-        doubtful: list[int] = []
-        for minute, part in batch.items():
-            held = warm.get(minute)
-            if held is not None:
-                row = rows.get(minute)
-                if row is not None and row[0] == "trades" and row[1] == held[0] and row[2] == held[1]:
-                    merged[minute] = _merge_sums(held, part)
-                else:
+        rows = {(row[0], row[1]): row[2:] for row in stored.fetchall()} if stored is not None else {}
+        has_trades = {(row[0], row[1]) for row in occupied.fetchall()} if occupied is not None else set()
+        out: dict[str, tuple[dict[int, Sums], list[int]]] = {}
+        for symbol, minutes in batch.items():
+            held_by_minute = warm.get(symbol, {})
+            merged: dict[int, Sums] = {}
+            doubtful: list[int] = []
+            for minute, part in minutes.items():
+                held = held_by_minute.get(minute)
+                if held is not None:
+                    row = rows.get((symbol, minute))
+                    if row is not None and row[0] == "trades" and row[1] == held[0] and row[2] == held[1]:
+                        merged[minute] = _merge_sums(held, part)
+                    else:
+                        doubtful.append(minute)
+                elif (symbol, minute) in has_trades:
                     doubtful.append(minute)
-            elif minute in has_trades:
-                doubtful.append(minute)
-            else:
-                merged[minute] = part
-        return merged, doubtful
+                else:
+                    merged[minute] = part
+            out[symbol] = (merged, doubtful)
+        return out
 
     def seed(self, conn: psycopg.Connection, symbol: str, minutes: Iterable[int]) -> int:
         """After a rebuild: summarise the recent ones of `minutes` from the stored trades
@@ -636,18 +665,21 @@ class _CandleSums:
         return len(rows)
 
 
-def _upsert_from_sums(conn: psycopg.Connection, symbol: str, merged: dict[int, Sums]) -> None:
-    minutes = sorted(merged)
-    rows = [merged[m] for m in minutes]
+def _upsert_from_sums(conn: psycopg.Connection, merged: dict[str, dict[int, Sums]],
+                      decimals: dict[str, int]) -> None:
+    """Write the candles of merged Sums, every symbol in one statement, and note the changes."""
+    keys = [(symbol, minute) for symbol in merged for minute in sorted(merged[symbol])]
+    rows = [merged[symbol][minute] for symbol, minute in keys]
     conn.execute(_UPSERT_FROM_SUMS, {
-        "symbol": symbol, "decimals": DEFAULT_REGISTRY.get(symbol).price_decimals, "minute": _literal(minutes),
+        "symbol": _text_literal(symbol for symbol, _ in keys), "decimals": _literal(decimals[symbol] for symbol, _ in keys),
+        "minute": _literal(minute for _, minute in keys),
         "open": _literal(r[7] for r in rows), "high": _literal(r[3] for r in rows),
         "low": _literal(r[4] for r in rows), "close": _literal(r[10] for r in rows),
         "notional": _literal(r[2] for r in rows), "volume": _literal(r[1] for r in rows),
         "trades": _literal(r[0] for r in rows),
     })
-    for start, end in _minute_runs(minutes):
-        store.record_candle_change(conn, symbol, start, end)
+    store.record_candle_changes(conn, [(symbol, start, end) for symbol, minutes in merged.items()
+                                       for start, end in _minute_runs(minutes)])
 
 
 def backoff_delay(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> float:
@@ -692,6 +724,7 @@ class DatabaseWriter:
         max_retry_delay: float = 5.0,
         on_reject: Callable[[str, tuple, str], None] | None = None,
         adopt_unlabelled_spool: bool = False,
+        registry: PairRegistry | None = None,
     ) -> None:
         if not 1 <= trade_buffer_size <= self.MAX_TRADE_BUFFER_SIZE:
             raise ValueError(f"trade_buffer_size must be within 1..{self.MAX_TRADE_BUFFER_SIZE}, got {trade_buffer_size}")
@@ -715,7 +748,8 @@ class DatabaseWriter:
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._check_symbol = _SymbolCheck()
+        self._registry = registry
+        self._check_symbol = _SymbolCheck(lambda: self.registry)
         self._encode_trade = _TradeEncoder(self._check_symbol)
         self._state = "new"  # new → running → stopping → stopped
         self._abort = False
@@ -813,6 +847,16 @@ class DatabaseWriter:
                            description, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                            extra={"event": "writer_identity_pending"})
             return DatabaseIdentity(description)
+
+    @property
+    def registry(self) -> PairRegistry:
+        """The pairs this writer stores: the registry given, or (once started) its database's."""
+        if self._registry is None:
+            url = getattr(self, "url", None)
+            if url is None:
+                return PairRegistry()  # not started: the built-in pairs
+            self._registry = database_registry(url)
+        return self._registry
 
     def _resolve_url(self, settings: Settings) -> str:
         from . import migrate
@@ -968,7 +1012,7 @@ class DatabaseWriter:
         accepted before this call is committed. ``cursor`` and ``last_trade_id`` go to their
         columns; other details are merged into the jsonb ``details``. ``last_time`` never
         moves backwards."""
-        symbol = self._check_symbol(DEFAULT_REGISTRY.normalize(symbol))
+        symbol = self._check_symbol(self.registry.normalize(symbol))
         if not isinstance(data_type, str) or not data_type or any(c in data_type for c in "\t\n"):
             raise InvalidRecordError(f"data_type must be a non-empty name, got {data_type!r}")
         when = None if timestamp is None else _utc(timestamp, "timestamp")
@@ -1540,20 +1584,16 @@ class DatabaseWriter:
         cache = self._candle_sums
         cache.begin({symbol: entry[2] for symbol, entry in meta.items()})
         batch_sums = chunk.sums if self.build_candles and not merge else None
-        with conn.pipeline():  # the locks, probes and candle checks in one round trip
-            for symbol in sorted(meta):
-                ownership.lock_symbol(conn, symbol)
-            probes = [] if merge else [
-                conn.execute(_PROBE_TRADES, {"symbol": symbol, "low": low, "high": high,
-                                             **store.identity_window(_at(min(minutes)), _at(max(minutes) + 1))})
-                for symbol, (low, high, minutes) in meta.items()]
-            # seconds the archive owns are not ours to store: the merge leaves them out
-            probes += [] if merge else [
-                conn.execute(ownership.ARCHIVE_TOUCHES, {"symbol": symbol, "lo": _at(min(minutes)),
-                                                         "hi": _at(max(minutes) + 1)})
-                for symbol, (_, _, minutes) in meta.items()]
-            checks = {symbol: cache.queue_checks(conn, symbol, minutes)
-                      for symbol, minutes in (batch_sums or {}).items()}
+        # the locks, probes and candle checks: one statement each for all symbols, one round trip
+        with conn.pipeline():
+            ownership.lock_symbols(conn, meta)
+            params = None if merge else _probe_params(meta)
+            probes = [] if params is None else [
+                conn.execute(_PROBE_TRADES, params),
+                # seconds the archive owns are not ours to store: the merge leaves them out
+                conn.execute(ownership.ARCHIVE_TOUCHES_ANY, params),
+            ]
+            checks = cache.queue_checks(conn, batch_sums) if batch_sums else None
         merge = merge or any(cursor.fetchone()[0] for cursor in probes)
         minutes: dict[str, Iterable[int]]
         if not merge:
@@ -1579,35 +1619,42 @@ class DatabaseWriter:
             "candles_rebuilt": 0, "candles_incremental": 0, "candles_fallback": 0, "candles_seeded": 0,
         }
         if self.build_candles:
-            for symbol, symbol_minutes in minutes.items():
-                self._maintain_candles(conn, symbol, symbol_minutes, None if merge else checks.get(symbol),
-                                       batch_sums, counts, fast=not merge)
+            self._maintain_candles(conn, minutes, None if merge else checks, batch_sums, counts, fast=not merge)
         return counts
 
-    def _maintain_candles(self, conn: psycopg.Connection, symbol: str, minutes: Iterable[int],
+    def _maintain_candles(self, conn: psycopg.Connection, minutes: dict[str, Iterable[int]],
                           checks: tuple | None, batch_sums: BatchSums | None, counts: dict[str, int], *,
                           fast: bool) -> None:
-        """Bring the candles of `symbol`'s touched `minutes` up to date: merged from exact
-        Sums where the held summary is proven current, rebuilt from stored trades otherwise."""
+        """Bring the candles of the touched `minutes` ({symbol: minutes}) up to date: merged
+        from exact Sums where the held summary is proven current (every symbol in one
+        statement), rebuilt from stored trades otherwise."""
         cache = self._candle_sums
+        pairs = self.registry
+        rebuild: dict[str, list[tuple[datetime, datetime]]] = {}
         if checks is not None and batch_sums is not None:
-            merged, doubtful = cache.classify(batch_sums[symbol], checks)
+            plans = cache.classify(batch_sums, checks)
+            merged = {symbol: plan[0] for symbol, plan in plans.items() if plan[0]}
             if merged:
-                _upsert_from_sums(conn, symbol, merged)
-                for minute, sums in merged.items():
-                    cache.stage(symbol, minute, sums)
-            runs = _minute_runs(doubtful, gap=1)  # never re-aggregate a merged (maybe dense) minute
-            counts["candles_incremental"] += len(merged)
-            counts["candles_fallback"] += len(doubtful)
-        else:
-            doubtful = list(minutes)
-            runs = _minute_runs(doubtful)
-            if fast:
+                _upsert_from_sums(conn, merged, {symbol: pairs.get(symbol).price_decimals for symbol in merged})
+                for symbol, sums_by_minute in merged.items():
+                    for minute, sums in sums_by_minute.items():
+                        cache.stage(symbol, minute, sums)
+            for symbol, (symbol_merged, doubtful) in plans.items():
+                counts["candles_incremental"] += len(symbol_merged)
                 counts["candles_fallback"] += len(doubtful)
-        for start, end in runs:
-            counts["candles_rebuilt"] += store.rebuild_candles(conn, symbol, start, end)
-        if doubtful:
-            counts["candles_seeded"] += cache.seed(conn, symbol, doubtful)
+                if doubtful:  # never re-aggregate a merged (maybe dense) minute
+                    rebuild[symbol] = _minute_runs(doubtful, gap=1)
+            doubtful_by_symbol = {symbol: plan[1] for symbol, plan in plans.items() if plan[1]}
+        else:
+            doubtful_by_symbol = {symbol: list(symbol_minutes) for symbol, symbol_minutes in minutes.items()}
+            rebuild = {symbol: _minute_runs(doubtful) for symbol, doubtful in doubtful_by_symbol.items()}
+            if fast:
+                counts["candles_fallback"] += sum(len(doubtful) for doubtful in doubtful_by_symbol.values())
+        for symbol, runs in rebuild.items():
+            decimals = pairs.get(symbol).price_decimals
+            for start, end in runs:
+                counts["candles_rebuilt"] += store.rebuild_candles(conn, symbol, start, end, decimals=decimals)
+            counts["candles_seeded"] += cache.seed(conn, symbol, doubtful_by_symbol[symbol])
 
     def _store_candles(self, conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, int]:
         latest: dict[tuple[str, datetime], tuple] = {}

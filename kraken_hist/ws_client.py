@@ -29,7 +29,7 @@ import websocket
 
 from .config import DEFAULT_WS_URL, Settings
 from .errors import ExchangePermanentError, ExchangeTransientError, KrakenHistError
-from .pairs import ASSET_ALIASES, DEFAULT_REGISTRY, PairRegistry
+from .pairs import ASSET_ALIASES, PairRegistry
 from .ws_parsing import (
     FrameError,
     HeartbeatMessage,
@@ -102,13 +102,15 @@ class ClientState:
     refused_items: int = 0  # trade/ohlc items left out for impossible values (logged one by one)
 
 
-def to_ws_symbol(name: str, registry: PairRegistry = DEFAULT_REGISTRY) -> str:
+def to_ws_symbol(name: str, registry: PairRegistry | None = None) -> str:
     """Any Kraken name → the canonical v2 name: ``XBTUSD``, ``XXBTZUSD``, ``xbt/usd`` → ``BTC/USD``.
 
     The AssetPairs wsname (``XBT/USD``) is refused by v2, so legacy asset names are mapped
     through ASSET_ALIASES. Names the registry does not know are sent as given (stripped) so
-    Kraken's refusal reaches the caller instead of a silent drop.
+    Kraken's refusal reaches the caller instead of a silent drop. Default registry: the
+    built-in pairs (a service passes its own).
     """
+    registry = registry if registry is not None else PairRegistry()
     raw = str(name).strip()
     if registry.is_known(raw):
         return registry.normalize(raw)
@@ -150,7 +152,7 @@ class KrakenWSClient:
         backoff_cap: float = 60.0,
         poll_interval: float = 0.2,
         name: str = "kraken-ws",
-        registry: PairRegistry = DEFAULT_REGISTRY,
+        registry: PairRegistry | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.url = url
@@ -164,7 +166,7 @@ class KrakenWSClient:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.poll_interval = poll_interval
         self.trade_snapshot, self.ohlc_snapshot = trade_snapshot, ohlc_snapshot
-        self._registry = registry
+        self._registry = registry if registry is not None else PairRegistry()
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._wanted: list[Subscription] = []

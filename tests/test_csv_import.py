@@ -19,7 +19,7 @@ from kraken_hist import store
 from kraken_hist.aggregates import candles_from_trades, resample
 from kraken_hist.csv_formats import StrictModeError, synthetic_trade_id
 from kraken_hist.csv_import import BulkCSVImporter, ImportRefusedError, compare_exchange_candles
-from kraken_hist.pairs import DEFAULT_REGISTRY
+from kraken_hist.pairs import PAIR_MAP
 from kraken_hist.timeutils import EPOCH, floor_minute, since_cursor, to_unix_ns
 from kraken_hist.types import HistoricalTrade
 
@@ -163,7 +163,7 @@ def test_candles_equal_sql_over_the_stored_trades_to_the_last_digit(db_url, tmp_
         lo, hi = conn.execute("SELECT min(time), max(time) + interval '1 minute' FROM trades").fetchone()
         from_trades = conn.execute(
             f"SELECT minute, {columns} FROM ({store.MINUTE_CANDLES_FROM_TRADES}) b ORDER BY minute",
-            {"symbol": SYMBOL, "start": lo, "end": hi, "decimals": DEFAULT_REGISTRY.get(SYMBOL).price_decimals},
+            {"symbol": SYMBOL, "start": lo, "end": hi, "decimals": PAIR_MAP[SYMBOL].price_decimals},
         ).fetchall()
     assert len(stored) > 500
     assert stored == from_trades
@@ -306,7 +306,7 @@ def test_seconds_covered_by_rest_are_left_to_rest_and_coverage_stays_without_hol
                                 "FROM STDIN") as copy:
             for t in rest_trades:
                 copy.write_row((SYMBOL, t.trade_id, t.time, t.price, t.volume, t.side, t.ord_type, "rest"))
-        store.rebuild_candles(conn, SYMBOL, lo, hi)  # as the backfill that stored them did
+        store.rebuild_candles(conn, SYMBOL, lo, hi, decimals=PAIR_MAP[SYMBOL].price_decimals)  # as the backfill that stored them did
         store.add_coverage(conn, SYMBOL, "rest", lo, hi)
         store.write_sync_status(conn, SYMBOL, "trades", last_time=hi, cursor=str(to_unix_ns(hi)), last_trade_id=1999)
 

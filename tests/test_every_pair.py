@@ -190,3 +190,57 @@ def test_one_stream_carries_hundreds_of_pairs(db_url, settings):
 
 def fake_has_all(market: FakeMarket, symbols: list[str]) -> bool:
     return all(market.has(s) for s in symbols)
+
+
+def _pair_of(name: str):
+    from kraken_hist.pairs import Pair
+
+    item = default_universe().find(name)
+    assert item is not None
+    return Pair(symbol=item.symbol, altname=item.altname, rest_key=item.rest_key, wsname=item.wsname,
+                price_decimals=item.price_decimals, lot_decimals=item.lot_decimals, origin="asset_pairs")
+
+
+def test_the_registry_a_service_is_given_is_the_one_it_fetches_and_stores_with(db_url, fake, market, settings):
+    """No global decides: a backfill given a registry that knows ADA/USD (the database's table
+    does not, and AssetPairs is never asked) fetches and stores it; the same backfill without a
+    registry uses its database's and refuses the name."""
+    from kraken_hist.backfill import KrakenTradesBackfill
+    from kraken_hist.errors import UnknownSymbolError
+    from kraken_hist.pairs import PairRegistry
+    from kraken_hist.rest_client import KrakenRestClient
+
+    registry = PairRegistry()
+    registry.add(_pair_of("ADAUSD"))
+    with KrakenRestClient(fake.url, min_interval=0) as client:
+        with KrakenTradesBackfill(db_url, client, settings=settings, registry=registry) as job:
+            job.backfill_symbol("ADAUSD", since=START)
+        with KrakenTradesBackfill(db_url, client, settings=settings) as job, pytest.raises(UnknownSymbolError):
+            job.backfill_symbol("SOLEUR", since=START)
+    assert fake.calls.get("AssetPairs", 0) == 0
+    assert stored(db_url, "SELECT count(*) FROM trades WHERE symbol = 'ADA/USD'")[0][0] == len(market.trades("ADA/USD"))
+    assert stored(db_url, "SELECT time, open, high, low, close, vwap, volume, trades FROM candles "
+                          "WHERE symbol = 'ADA/USD' ORDER BY time") == fake_candles(market, "ADA/USD")
+
+
+def test_a_pair_another_process_learnt_is_known_to_a_running_writer(db_url):
+    """The database's registry reads the table again when a name is missing: a pair another
+    process stored in the table is accepted by a writer started before it was there."""
+    from decimal import Decimal
+
+    from kraken_hist.pair_store import database_registry, write_pairs
+    from kraken_hist.types import TradeRecord
+    from kraken_hist.writer import DatabaseWriter
+
+    pair = _pair_of("DOTUSD")
+    assert not database_registry(db_url).is_known(pair.symbol)
+    with DatabaseWriter(db_url, trade_flush_interval=0.05) as writer:
+        with psycopg.connect(db_url, autocommit=True) as conn:  # as `kraken-hist pairs --refresh` elsewhere
+            write_pairs(conn, [pair])
+        deadline = datetime.now(UTC) + timedelta(seconds=5)
+        while not database_registry(db_url).is_known(pair.symbol):  # re-read at most once a second
+            assert datetime.now(UTC) < deadline
+        writer.write_trade(TradeRecord(symbol=pair.symbol, trade_id=1, time=START, price=Decimal("4.1234"),
+                                       volume=Decimal("2"), side="b", ord_type="l"))
+        assert writer.flush(timeout=10)
+    assert stored(db_url, "SELECT symbol, vwap FROM candles") == [(pair.symbol, Decimal("4.1234"))]

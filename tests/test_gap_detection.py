@@ -9,6 +9,7 @@ from kraken_hist import gaps, store
 from kraken_hist.gap_detection import read_symbol_gaps
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.types import GapKind, HistoricalTrade
+from kraken_hist.pairs import PAIR_MAP
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
@@ -23,7 +24,7 @@ def load(conn, trades, *, source="rest", coverage=None):
         for t in trades:
             copy.write_row((t.symbol, t.trade_id, t.time, t.price, t.volume, t.side, t.ord_type, source))
     if trades:
-        store.rebuild_candles(conn, trades[0].symbol, trades[0].time, trades[-1].time + timedelta(microseconds=1))
+        store.rebuild_candles(conn, trades[0].symbol, trades[0].time, trades[-1].time + timedelta(microseconds=1), decimals=PAIR_MAP[trades[0].symbol].price_decimals)
     if coverage:
         store.add_coverage(conn, trades[0].symbol if trades else SYMBOL, source, *coverage)
     elif trades:

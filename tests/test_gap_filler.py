@@ -15,6 +15,7 @@ from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
 from kraken_hist.types import GapKind
+from kraken_hist.pairs import PAIR_MAP
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
@@ -151,7 +152,7 @@ def test_a_range_found_empty_is_covered_and_never_fetched_again(db_url, conn, ex
     with conn.cursor().copy("COPY trades (symbol, trade_id, time, price, volume, source) FROM STDIN") as copy:
         for i, t in enumerate(early):
             copy.write_row((SYMBOL, -(i + 1), t.time, t.price, t.volume, "csv"))
-    store.rebuild_candles(conn, SYMBOL, T0, T0 + timedelta(hours=1))
+    store.rebuild_candles(conn, SYMBOL, T0, T0 + timedelta(hours=1), decimals=PAIR_MAP[SYMBOL].price_decimals)
     store.add_coverage(conn, SYMBOL, "csv", T0, T0 + timedelta(hours=1))
     conn.commit()
     backfill(db_url, ex, since=T0 + timedelta(hours=3))
@@ -175,7 +176,7 @@ def test_an_uncovered_range_with_trades_is_filled_and_covered(db_url, conn, exch
     with conn.cursor().copy("COPY trades (symbol, trade_id, time, price, volume, source) FROM STDIN") as copy:
         for i, t in enumerate(t for t in history if t.time < cut):
             copy.write_row((SYMBOL, -(i + 1), t.time, t.price, t.volume, "csv"))
-    store.rebuild_candles(conn, SYMBOL, T0, cut)
+    store.rebuild_candles(conn, SYMBOL, T0, cut, decimals=PAIR_MAP[SYMBOL].price_decimals)
     store.add_coverage(conn, SYMBOL, "csv", T0, cut)
     conn.commit()
     backfill(db_url, ex, since=resume)

@@ -3,7 +3,10 @@ import json
 import pytest
 
 from kraken_hist.errors import UnknownSymbolError
-from kraken_hist.pairs import PAIR_MAP, Pair, PairRegistry, get_pair, normalize_symbol
+from kraken_hist.pairs import PAIR_MAP, Pair, PairRegistry
+
+BUILTIN = PairRegistry()
+normalize_symbol, get_pair = BUILTIN.normalize, BUILTIN.get
 
 # canonical, REST altname (= CSV name), REST pair key, price decimals (KRAKEN.md's table)
 KRAKEN_TABLE = [

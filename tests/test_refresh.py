@@ -13,7 +13,7 @@ import pytest
 from kraken_hist import store
 from kraken_hist.aggregates import resample, vwap_at_decimals
 from kraken_hist.intervals import INTERVAL_RELATIONS, Interval
-from kraken_hist.pairs import DEFAULT_REGISTRY
+from kraken_hist.pairs import PAIR_MAP
 from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.refresh import merge_windows, refresh_aggregates, refresh_order, widen_windows
 from kraken_hist.types import CandleRecord
@@ -84,7 +84,7 @@ def assert_same(actual, expected):
             # the relations hold the exact quotient; the provider gives it at the pair's price
             # decimals, rounded down (issue 18)
             assert abs(a.vwap - e.vwap) <= abs(e.vwap) * Decimal("1e-12") or a.vwap == vwap_at_decimals(
-                e.vwap, DEFAULT_REGISTRY.get(e.symbol).price_decimals), a.time
+                e.vwap, PAIR_MAP[e.symbol].price_decimals), a.time
 
 
 def stored(conn, minutes, symbol):

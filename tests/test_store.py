@@ -7,6 +7,7 @@ from decimal import Decimal
 from kraken_hist import store
 from kraken_hist.aggregates import candles_from_trades
 from kraken_hist.types import HistoricalTrade
+from kraken_hist.pairs import PAIR_MAP
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
@@ -40,7 +41,7 @@ def stored_candles(conn):
 def test_rebuilt_candles_equal_the_pure_twin(conn):
     trades = random_trades(3000)
     insert(conn, trades)
-    store.rebuild_candles(conn, "BTC/USD", trades[0].time, trades[-1].time)
+    store.rebuild_candles(conn, "BTC/USD", trades[0].time, trades[-1].time, decimals=PAIR_MAP["BTC/USD"].price_decimals)
     expected = [(c.time, c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, "trades") for c in candles_from_trades(trades)]
     assert stored_candles(conn) == expected
 
@@ -48,9 +49,9 @@ def test_rebuilt_candles_equal_the_pure_twin(conn):
 def test_a_minute_split_across_two_pages_comes_out_whole(conn):
     trades = random_trades(400)
     insert(conn, trades[:200])
-    store.rebuild_candles(conn, "BTC/USD", trades[0].time, trades[199].time)
+    store.rebuild_candles(conn, "BTC/USD", trades[0].time, trades[199].time, decimals=PAIR_MAP["BTC/USD"].price_decimals)
     insert(conn, trades[200:])
-    store.rebuild_candles(conn, "BTC/USD", trades[200].time, trades[-1].time)
+    store.rebuild_candles(conn, "BTC/USD", trades[200].time, trades[-1].time, decimals=PAIR_MAP["BTC/USD"].price_decimals)
     assert [row[:8] for row in stored_candles(conn)] == [
         (c.time, c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades) for c in candles_from_trades(trades)
     ]
@@ -68,7 +69,7 @@ def test_trades_replace_exchange_candles_and_stale_trade_candles_go(conn):
     )
     trade = HistoricalTrade(symbol="BTC/USD", trade_id=1, time=minute + timedelta(seconds=3), price=Decimal("50.5"), volume=Decimal("2"))
     insert(conn, [trade])
-    store.rebuild_candles(conn, "BTC/USD", minute, minute + timedelta(minutes=3))
+    store.rebuild_candles(conn, "BTC/USD", minute, minute + timedelta(minutes=3), decimals=PAIR_MAP["BTC/USD"].price_decimals)
     rows = stored_candles(conn)
     assert [(r[0], r[1], r[8]) for r in rows] == [
         (minute, Decimal("50.5"), "trades"),  # trades win over the exchange candle

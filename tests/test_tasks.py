@@ -27,6 +27,7 @@ from kraken_hist import store
 from kraken_hist.config import Settings
 from kraken_hist.errors import PermanentError, TransientError
 from kraken_hist.locks import JobLock, lock_name
+from kraken_hist.pairs import PAIR_MAP
 
 pytestmark = [pytest.mark.redis]
 
@@ -105,7 +106,7 @@ def insert_trades(db_url: str, symbol: str, start: datetime, count: int, step: t
                 "VALUES (%s, %s, %s, %s, %s, 'b', 'l', 'rest')",
                 (symbol, i + 1, start + i * step, Decimal("100.5") + i, Decimal("0.25")),
             )
-        store.rebuild_candles(conn, symbol, start, start + count * step)
+        store.rebuild_candles(conn, symbol, start, start + count * step, decimals=PAIR_MAP[symbol].price_decimals)
 
 
 # --- refresh_aggregates: the service that exists in the foundation's neighbourhood ---------
@@ -365,7 +366,7 @@ def store_with_hole(db_url: str, history: list[Any], hole: range) -> None:
         ) as copy:
             for t in kept:
                 copy.write_row((t.symbol, t.trade_id, t.time, t.price, t.volume, None, None, "rest"))
-        store.rebuild_candles(conn, "BTC/USD", kept[0].time, kept[-1].time + timedelta(minutes=1))
+        store.rebuild_candles(conn, "BTC/USD", kept[0].time, kept[-1].time + timedelta(minutes=1), decimals=PAIR_MAP["BTC/USD"].price_decimals)
 
 
 def test_fill_gaps_runs_on_the_worker_and_repairs_a_hole(

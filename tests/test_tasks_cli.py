@@ -23,6 +23,7 @@ from celery.result import AsyncResult
 import celery_app
 from kraken_hist import store
 from kraken_hist.config import Settings
+from kraken_hist.pairs import PAIR_MAP
 
 from .test_tasks import close_app
 
@@ -110,7 +111,8 @@ def test_readme_worker_with_beat_runs_the_scheduled_refresh(db_url: str, redis_u
                 "VALUES ('BTC/USD', %s, %s, 100.0, 1, 'rest')",
                 (i + 1, start + timedelta(minutes=i)),
             )
-        store.rebuild_candles(conn, "BTC/USD", start, start + timedelta(minutes=7))
+        store.rebuild_candles(conn, "BTC/USD", start, start + timedelta(minutes=7),
+            decimals=PAIR_MAP["BTC/USD"].price_decimals)
     env = {
         **os.environ,
         "KRAKEN_HIST_DATABASE_URL": db_url,

@@ -10,7 +10,7 @@ T0 = datetime(2025, 11, 10, 17, 23, 53, 971744, tzinfo=UTC)
 
 
 def trade(**overrides):
-    values = dict(symbol="XBTUSD", trade_id=1, time=T0, price=Decimal("105433.6"), volume=Decimal("0.00027625"), side="b", ord_type="l")
+    values = dict(symbol="xbt/usd", trade_id=1, time=T0, price=Decimal("105433.6"), volume=Decimal("0.00027625"), side="b", ord_type="l")
     values.update(overrides)
     return TradeRecord(**values)
 
@@ -31,7 +31,8 @@ def test_trade_record_normalises_symbol_and_keeps_decimals():
         ({"price": 1.5}, "price must be a Decimal"),
         ({"volume": Decimal("-0.1")}, "volume must not be negative"),
         ({"time": datetime(2025, 1, 1)}, "time must be timezone-aware"),
-        ({"symbol": "NOPE"}, "unknown symbol 'NOPE'"),
+        ({"symbol": "NOPE"}, "symbol must be a BASE/QUOTE name"),
+        ({"symbol": "XBTUSD"}, "symbol must be a BASE/QUOTE name"),
         ({"side": "buy"}, "side must be"),
         ({"trade_id": "7"}, "trade_id must be an int"),
     ],

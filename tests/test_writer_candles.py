@@ -13,6 +13,7 @@ from kraken_hist import aggregates, store, writer as writer_module
 from kraken_hist.types import CandleRecord, CandleSource, TradeRecord, TradeSource
 from kraken_hist import ownership
 from kraken_hist.writer import DatabaseWriter
+from kraken_hist.pairs import PAIR_MAP
 
 T0 = datetime(2024, 6, 3, 10, 0, tzinfo=timezone.utc)
 CANDLE_COLUMNS = "symbol, time, open, high, low, close, vwap, volume, trades, source"
@@ -67,7 +68,8 @@ def rebuilt_rows(db_url: str) -> dict:
     with psycopg.connect(db_url) as conn:
         spans = conn.execute("SELECT symbol, min(time), max(time) FROM trades GROUP BY symbol").fetchall()
         for symbol, first, last in spans:
-            store.rebuild_candles(conn, symbol, first, last + timedelta(minutes=1))
+            store.rebuild_candles(conn, symbol, first, last + timedelta(minutes=1),
+                decimals=PAIR_MAP[symbol].price_decimals)
         rows = candle_rows(conn)
         conn.rollback()
     return rows
@@ -103,7 +105,8 @@ def other_source_stores(db_url: str, trades: list[TradeRecord]) -> None:
             )
         for symbol in {t.symbol for t in trades}:
             times = [t.time for t in trades if t.symbol == symbol]
-            store.rebuild_candles(conn, symbol, min(times), max(times) + timedelta(microseconds=1))
+            store.rebuild_candles(conn, symbol, min(times), max(times) + timedelta(microseconds=1),
+                decimals=PAIR_MAP[symbol].price_decimals)
         conn.commit()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from kraken_hist import store
+from kraken_hist.pairs import PAIR_MAP
 
 
 def store_trades(conn, trades, source="rest"):
@@ -16,7 +17,8 @@ def store_trades(conn, trades, source="rest"):
             copy.write_row((t.symbol, t.trade_id, t.time, t.price, t.volume, t.side, t.ord_type, source))
     for symbol in {t.symbol for t in trades}:
         times = [t.time for t in trades if t.symbol == symbol]
-        store.rebuild_candles(conn, symbol, min(times), max(times) + timedelta(microseconds=1))
+        store.rebuild_candles(conn, symbol, min(times), max(times) + timedelta(microseconds=1),
+            decimals=PAIR_MAP[symbol].price_decimals)
     conn.commit()
 
 

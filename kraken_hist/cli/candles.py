@@ -12,11 +12,12 @@ import click
 
 from ..aggregates import vwap_at_decimals
 from ..intervals import Interval
-from ..pairs import DEFAULT_REGISTRY
+from ..migrate import prepare_database
+from ..pair_store import database_registry
 from ..provider import HistoricalDataProvider
 from ..refresh import refresh_aggregates
 from ..types import HistoricalCandle
-from .common import friendly_errors, parse_time_option, settings_from
+from .common import friendly_errors, parse_time_option, resolve_symbols, settings_from
 
 FIELDS = ("time", "open", "high", "low", "close", "volume", "vwap", "trades")
 
@@ -36,8 +37,7 @@ def _price_text(value: Decimal | None, price_decimals: int | None) -> str:
     return str(at_decimals) if at_decimals == value or exponent >= -price_decimals else str(value)
 
 
-def _row(candle: HistoricalCandle) -> list[str]:
-    decimals = DEFAULT_REGISTRY.get(candle.symbol).price_decimals if DEFAULT_REGISTRY.is_known(candle.symbol) else None
+def _row(candle: HistoricalCandle, decimals: int | None) -> list[str]:
     vwap = candle.vwap if candle.vwap is None or decimals is None else vwap_at_decimals(candle.vwap, decimals)
     return [
         candle.time.isoformat(), *(_price_text(v, decimals) for v in (candle.open, candle.high, candle.low, candle.close)),
@@ -45,8 +45,8 @@ def _row(candle: HistoricalCandle) -> list[str]:
     ]
 
 
-def _show(candles: Sequence[HistoricalCandle], fmt: str) -> None:
-    rows = [_row(c) for c in candles]
+def _show(candles: Sequence[HistoricalCandle], fmt: str, decimals: int | None) -> None:
+    rows = [_row(c, decimals) for c in candles]
     if fmt == "json":
         # Decimals as strings (exact), trades as a number, a missing vwap as null.
         objects = [dict(zip(FIELDS, r)) | {"vwap": r[6] or None, "trades": c.trades} for r, c in zip(rows, candles)]
@@ -98,7 +98,10 @@ def candles(ctx: click.Context, symbol: str, interval: Interval, start: object, 
         raise click.BadParameter(f"{end.isoformat()} is not after --start {start.isoformat()}",  # type: ignore[attr-defined]
                                  param_hint="'--end'")
     settings = settings_from(ctx)
-    with HistoricalDataProvider(settings=settings) as provider:
+    url = prepare_database(None, settings)
+    pair = database_registry(url).get(resolve_symbols(settings, url, [symbol])[0])
+    symbol = pair.symbol
+    with HistoricalDataProvider(url) as provider:
         if start is None:
             series = provider.get_multi_timeframe_candles(
                 symbol, end, [interval], last or 20, include_forming=include_forming, fill_quiet=fill_quiet
@@ -106,7 +109,7 @@ def candles(ctx: click.Context, symbol: str, interval: Interval, start: object, 
         else:
             series = provider.get_candles(symbol, interval, start, end, include_forming=include_forming,
                                           fill_quiet=fill_quiet)
-    _show(series, fmt)
+    _show(series, fmt, pair.price_decimals)
 
 
 @click.command()
@@ -118,8 +121,6 @@ def candles(ctx: click.Context, symbol: str, interval: Interval, start: object, 
 @friendly_errors
 def refresh(ctx: click.Context, symbol: str | None, start: object, end: object, as_json: bool = False) -> None:
     """Update the 5m … 1w aggregates from the 1-minute candles (all symbols, or SYMBOL)."""
-    from ..migrate import prepare_database
-
     settings = settings_from(ctx)
     url = prepare_database(None, settings)
     result = refresh_aggregates(url, symbol, start, end)  # type: ignore[arg-type]

@@ -11,10 +11,9 @@ from ..charts import write_candles_chart, write_coverage_map
 from ..coverage_map import read_coverage_map
 from ..intervals import Interval
 from ..migrate import prepare_database
-from ..pairs import normalize_symbol
 from ..provider import HistoricalDataProvider
 from .candles import _interval_option, _time_option
-from .common import friendly_errors, settings_from
+from .common import friendly_errors, resolve_symbols, settings_from
 
 
 @click.command()
@@ -30,9 +29,11 @@ def chart(ctx: click.Context, symbol: str, interval: Interval, last: int, end: d
     """Draw SYMBOL's last complete candles with their volume."""
     if output.suffix.lower() not in (".png", ".html"):
         raise click.BadParameter("must end in .png or .html", param_hint="--output")
-    with HistoricalDataProvider(settings=settings_from(ctx)) as provider:
-        series = provider.get_multi_timeframe_candles(symbol, end, [interval], last)[interval.minutes]
-    name = normalize_symbol(symbol)
+    settings = settings_from(ctx)
+    url = prepare_database(None, settings)
+    name = resolve_symbols(settings, url, [symbol])[0]
+    with HistoricalDataProvider(url) as provider:
+        series = provider.get_multi_timeframe_candles(name, end, [interval], last)[interval.minutes]
     if not series:
         raise click.ClickException(f"no complete {interval} candles stored for {name}")
     title = f"{name} {interval}  {series[0].time:%Y-%m-%d %H:%M} - {series[-1].end:%Y-%m-%d %H:%M} UTC"
@@ -53,8 +54,9 @@ def coverage(ctx: click.Context, symbols: tuple[str, ...], output: Path, min_gap
     candles, and the gaps (red)."""
     if output.suffix.lower() != ".png":
         raise click.BadParameter("must end in .png", param_hint="--output")
-    url = prepare_database(None, settings_from(ctx))
-    names = [normalize_symbol(s) for s in symbols]
+    settings = settings_from(ctx)
+    url = prepare_database(None, settings)
+    names = resolve_symbols(settings, url, symbols) if symbols else []
     if not names:
         with HistoricalDataProvider(url) as provider:
             names = provider.get_symbols()

@@ -12,11 +12,10 @@ from tqdm import tqdm
 from ..db import connect, translate_errors
 from ..export import ExportKind, Partition, Piece, export, plan_pieces
 from ..intervals import Interval
-from ..pairs import normalize_symbol
 from ..migrate import prepare_database
 from ..timeutils import utcnow
 from .candles import _interval_option, _time_option
-from .common import friendly_errors, settings_from
+from .common import friendly_errors, resolve_symbols, settings_from
 
 
 def _stored_range(url: str, kind: ExportKind, symbol: str) -> tuple[datetime | None, datetime | None]:
@@ -58,8 +57,9 @@ def export_command(ctx: click.Context, symbol: str, kind: str, interval: Interva
     """Write SYMBOL's stored trades or candles to Parquet or CSV (exact decimals) and print a
     JSON summary (files, rows, bytes, seconds)."""
     settings = settings_from(ctx)
-    name, what = normalize_symbol(symbol), ExportKind(kind)
+    what = ExportKind(kind)
     url = prepare_database(None, settings)
+    name = resolve_symbols(settings, url, [symbol])[0]
     first, last = _stored_range(url, what, name)
     if first is None or last is None:
         raise click.ClickException(f"nothing stored for {name}")

@@ -11,7 +11,7 @@ import click
 
 from ..db import connect
 from ..migrate import prepare_database
-from ..pair_store import matches, read_pairs, resolver_for, write_pairs
+from ..pair_store import database_registry, matches, read_pairs, resolver_for, write_pairs
 from ..pairs import Pair
 from .common import friendly_errors, settings_from
 
@@ -57,13 +57,12 @@ def _set_decimals(url: str, spec: str) -> Pair:
             ownership.lock_symbol(conn, pair.symbol)
             write_pairs(conn, [fixed])
             span = conn.execute("SELECT min(time), max(time) FROM trades WHERE symbol = %s", (pair.symbol,)).fetchone()
+        database_registry(url).add(fixed)
         if span and span[0] is not None:
-            from ..pairs import DEFAULT_REGISTRY
-
-            DEFAULT_REGISTRY.add(fixed)
             with conn.transaction():
                 ownership.lock_symbol(conn, pair.symbol)
-                store.rebuild_candles(conn, pair.symbol, span[0], span[1] + timedelta(microseconds=1))
+                store.rebuild_candles(conn, pair.symbol, span[0], span[1] + timedelta(microseconds=1),
+                                      decimals=fixed.price_decimals)
     refresh_aggregates(url, pair.symbol)
     return fixed
 

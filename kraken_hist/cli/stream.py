@@ -25,6 +25,7 @@ from ..errors import UnknownSymbolError
 from ..live import WebSocketDBIntegration
 from ..metrics import StreamCollector, TradeTracker, stream_health
 from ..migrate import prepare_database
+from ..pair_store import database_registry
 from ..rest_client import KrakenRestClient
 from ..writer import DatabaseWriter
 from ..ws_client import KrakenWSClient
@@ -81,20 +82,21 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    registry = database_registry(db_url)  # every part of the stream knows the same pairs
     writer = DatabaseWriter(db_url, trade_buffer_size=buffer_size, trade_flush_interval=flush_interval,
-                            settings=settings, adopt_unlabelled_spool=adopt_unlabelled_spool)
+                            settings=settings, adopt_unlabelled_spool=adopt_unlabelled_spool, registry=registry)
     writer.start()
-    rest = KrakenRestClient.from_settings(settings)
-    backfill = KrakenTradesBackfill(db_url, client=rest, settings=settings)
+    rest = KrakenRestClient.from_settings(settings, registry=registry)
+    backfill = KrakenTradesBackfill(db_url, client=rest, settings=settings, registry=registry)
     integration = WebSocketDBIntegration(writer, db_url=db_url, rest=backfill, symbols=canonical,
                                          progress_interval=max(1.0, flush_interval),
-                                         flush_timeout=_PROGRESS_FLUSH_TIMEOUT)
+                                         flush_timeout=_PROGRESS_FLUSH_TIMEOUT, registry=registry)
     tracker = TradeTracker()
     callbacks = integration.callbacks()
     callbacks["on_trade"] = tracker.wrap(callbacks["on_trade"])
     client = KrakenWSClient.from_settings(
         settings, canonical, ohlc_intervals=() if no_ohlc else ohlc_intervals,
-        heartbeat_timeout=heartbeat_timeout, **callbacks,
+        heartbeat_timeout=heartbeat_timeout, registry=registry, **callbacks,
     )
     port = settings.metrics_port if metrics_port is None else metrics_port
     exporter = None if port is None else StreamMetrics(

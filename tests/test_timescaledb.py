@@ -235,10 +235,11 @@ def test_duplicate_probes_read_one_or_two_chunks_of_many(settings, conn):
         SELECT 'BTC/USD', i, %s + i * interval '1 hour', 100, 1, 'rest' FROM generate_series(1, 24 * 365) i""", (T0,))
     conn.commit()
     assert rows(conn, "SELECT count(*) FROM show_chunks('trades')")[0][0] >= 52
-    from kraken_hist.writer import _PROBE_TRADES
+    from kraken_hist.writer import _PROBE_TRADES, _probe_params
     window = store.identity_window(T0 + timedelta(hours=4000), T0 + timedelta(hours=4010))
+    minutes = [int((T0 + timedelta(hours=h)).timestamp()) // 60 for h in (4000, 4010)]
     (plan,), = rows(conn, "EXPLAIN (ANALYZE, FORMAT JSON) " + _PROBE_TRADES,
-                    {"symbol": "BTC/USD", "low": 4000, "high": 4010, **window})[0]
+                    _probe_params({"BTC/USD": [4000, 4010, minutes]}))[0]
     assert 1 <= _chunks_scanned(plan["Plan"]) <= 2
     conn.execute("CREATE TEMP TABLE stage (LIKE trades)")
     conn.execute("INSERT INTO stage SELECT * FROM trades WHERE trade_id BETWEEN 4000 AND 4010")

@@ -22,10 +22,12 @@ import heapq
 import logging
 import operator
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from itertools import repeat
 from typing import Any
 
 import pandas as pd
@@ -161,18 +163,32 @@ def _symbol_filter(column: sa.ColumnElement[Any], symbols: Sequence[str]) -> sa.
     return column.in_(list(symbols))
 
 
+def _vwap_at_places(vwap: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """`vwap` at the price decimals of the named parameter ``places``, rounded down: the rule of
+    ``aggregates.vwap_at_decimals`` in SQL (a vwap with no more decimals stays as it is, digit
+    for digit; ``places`` NULL leaves every vwap as it is). PostgreSQL sends a few digits instead
+    of an exact quotient's 20-40, and Python need not round each candle (~3 µs a candle)."""
+    places = sa.bindparam("places", None, type_=sa.Integer)
+    return sa.func.trunc(vwap, sa.func.least(places, sa.func.scale(vwap)))
+
+
 def select_candles(
-    interval: Interval, symbols: Sequence[str], lo: datetime | None, hi: datetime | None
+    interval: Interval, symbols: Sequence[str], lo: datetime | None, hi: datetime | None, *,
+    vwap_places: bool = False,
 ) -> sa.Select[Any]:
     """Buckets of `interval` starting in ``[lo, hi)`` (bounds aligned by the caller), unordered.
 
     Columns: symbol, time, open, high, low, close, volume, vwap, trades. The single symbol and
     the bounds are the named parameters ``symbol``, ``lo`` and ``hi``, so the compiled text
-    depends only on the shape of the request (see ``_CompiledQuery``).
+    depends only on the shape of the request (see ``_CompiledQuery``). With `vwap_places`, the
+    vwap comes at the price decimals of the parameter ``places`` (``_vwap_at_places``).
     """
     if interval.is_stored:
         t = interval_tables[interval.minutes]
-        stmt = sa.select(t.c.symbol, t.c.time, t.c.open, t.c.high, t.c.low, t.c.close, t.c.volume, t.c.vwap,
+        vwap: sa.ColumnElement[Any] = t.c.vwap
+        if vwap_places:
+            vwap = _vwap_at_places(vwap).label("vwap")
+        stmt = sa.select(t.c.symbol, t.c.time, t.c.open, t.c.high, t.c.low, t.c.close, t.c.volume, vwap,
                          t.c.trades).where(_symbol_filter(t.c.symbol, symbols))
         time_col = t.c.time
     else:
@@ -180,8 +196,11 @@ def select_candles(
         bucket = sa.func.date_bin(
             sa.literal(interval.delta, sa.Interval), p.c.time, sa.literal(interval.origin, sa.DateTime(timezone=True))
         ).label("time")
+        columns = _aggregate_columns(p)
+        if vwap_places:
+            columns = [_vwap_at_places(c.element).label("vwap") if c.name == "vwap" else c for c in columns]
         stmt = (
-            sa.select(p.c.symbol, bucket, *_aggregate_columns(p))
+            sa.select(p.c.symbol, bucket, *columns)
             .where(_symbol_filter(p.c.symbol, symbols))
             .group_by(p.c.symbol, bucket)
         )
@@ -248,17 +267,29 @@ def _vwap_at_pair_decimals(vwap: Decimal, symbol: str, decimals: _PairDecimals) 
     return vwap if places is None else vwap_at_decimals(vwap, places)
 
 
-def _candles(rows: Iterable[Sequence[Any]], minutes: int, registry: PairRegistry) -> list[HistoricalCandle]:
-    """HistoricalCandles from result rows (symbol, time, open, high, low, close, volume, vwap, trades)."""
-    return list(_iter_candles(rows, minutes, registry))
+def _candles(rows: Sequence[Sequence[Any]], minutes: int, registry: PairRegistry | None) -> list[HistoricalCandle]:
+    """HistoricalCandles from result rows (symbol, time, open, high, low, close, volume, vwap,
+    trades); `registry` None: their vwap is at the pair's decimals already (``_vwap_at_places``).
+
+    Column by column: each slot setter is mapped over the whole column (``_iter_candles``
+    calls ten setters a row from Python; mapped, the calls stay in C: ~20% less time)."""
+    if not rows or (minutes != 1 and registry is not None):
+        return list(_iter_candles(rows, minutes, registry))
+    out = list(map(_new, repeat(HistoricalCandle, len(rows))))
+    columns = list(zip(*rows))
+    columns.insert(1, repeat(minutes))
+    consume = deque(maxlen=0).extend
+    for setter, values in zip(_SETTERS, columns):
+        consume(map(setter, out, values))
+    return out
 
 
-def _iter_candles(rows: Iterable[Sequence[Any]], minutes: int, registry: PairRegistry) -> Iterator[HistoricalCandle]:
-    """HistoricalCandles from result rows, one at a time. Fills the slots directly:
-    HistoricalCandle has no validation to skip, and the keyword call of a frozen dataclass
-    costs twice as much — this bounds get_candles and replay throughput."""
+def _iter_candles(rows: Iterable[Sequence[Any]], minutes: int, registry: PairRegistry | None) -> Iterator[HistoricalCandle]:
+    """HistoricalCandles from result rows, one at a time (`registry` as in ``_candles``). Fills
+    the slots directly: HistoricalCandle has no validation to skip, and the keyword call of a
+    frozen dataclass costs twice as much — this bounds get_candles and replay throughput."""
     s_symbol, s_interval, s_time, s_open, s_high, s_low, s_close, s_volume, s_vwap, s_trades = _SETTERS
-    quanta = None if minutes == 1 else _PairDecimals(registry)
+    quanta = None if minutes == 1 or registry is None else _PairDecimals(registry)
     for symbol, when, open_, high, low, close, volume, vwap, trades in rows:
         if quanta is not None and vwap is not None:  # an aggregated vwap: an exact quotient, 40+ digits
             vwap = _vwap_at_pair_decimals(vwap, symbol, quanta)
@@ -429,7 +460,7 @@ class HistoricalDataProvider:
         query = self._queries.get(key)
         if query is None:
             assert self._engine is not None
-            stmt = _ordered(select_candles(iv, ["-"], lo, hi), desc=desc, limit=limit)
+            stmt = _ordered(select_candles(iv, ["-"], lo, hi, vwap_places=iv.minutes != 1), desc=desc, limit=limit)
             query = self._queries[key] = _CompiledQuery.compile(stmt, self._engine.dialect)
         return query
 
@@ -499,7 +530,7 @@ class HistoricalDataProvider:
         self, name: str, iv: Interval, lo: datetime | None, hi: datetime | None, desc: bool, limit: int | None
     ) -> list[HistoricalCandle]:
         query = self._compiled(iv, lo, hi, desc, limit)
-        params = query.params(symbol=name, lo=lo, hi=hi, limit=limit)
+        params = query.params(symbol=name, lo=lo, hi=hi, limit=limit, places=self._places(name))
         # Plans: psycopg prepares a statement from its fifth run and PostgreSQL may then keep a
         # generic plan. That is what a continuous aggregate wants (planning its nested real-time
         # views takes 1-6 ms, running the query well under 1 ms); a read of the ``candles``
@@ -508,7 +539,11 @@ class HistoricalDataProvider:
         prepare = False if reads_minutes and self._views else None
         with self._driver() as driver:
             rows = driver.execute(query.sql, params, prepare=prepare).fetchall()
-        return _candles(rows, iv.minutes, self.registry)
+        return _candles(rows, iv.minutes, None)
+
+    def _places(self, name: str) -> int | None:
+        """The pair's price decimals: the parameter ``places`` of the candle queries (``_vwap_at_places``)."""
+        return _PairDecimals(self.registry)[name]
 
     def _now(self) -> datetime:
         return check_aware(self._clock(), "clock()")
@@ -694,8 +729,8 @@ class HistoricalDataProvider:
         if self._engine is None:
             self.connect()
         query = self._compiled(iv, lo, hi, False, None)
-        streams = [self._stream(query.sql, query.params(symbol=name, lo=lo, hi=hi), iv.minutes, batch_size)
-                   for name in names]
+        streams = [self._stream(query.sql, query.params(symbol=name, lo=lo, hi=hi, places=self._places(name)),
+                                iv.minutes, batch_size) for name in names]
         try:
             merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_MERGE_KEY)
             if speed == 0:
@@ -728,7 +763,7 @@ class HistoricalDataProvider:
             cursor = driver.cursor()
             rows = cursor.stream(query, params, size=batch_size) if chunked else cursor.stream(query, params)
             try:
-                yield from _iter_candles(rows, minutes, self.registry)
+                yield from _iter_candles(rows, minutes, None)
             finally:
                 rows.close()  # cancels the query if the caller stopped early
 

@@ -248,3 +248,41 @@ def test_reads_lend_the_pooled_connection_back_as_they_found_it(db_url, conn, lo
 def test_constructor_checks_pool_sizes():
     with pytest.raises(ValueError, match="pool"):
         HistoricalDataProvider("postgresql://x@127.0.0.1/db", pool_min_size=5, pool_max_size=2)
+
+
+def test_every_read_hands_out_an_interval_s_vwap_at_the_pair_decimals(db_url, conn, loaded):
+    """Above one minute a vwap is the exact quotient of its bucket's sums rounded down to the
+    pair's price decimals (aggregates.vwap_at_decimals), digit for digit, on every read path;
+    a 1-minute vwap is handed out as stored."""
+    from kraken_hist.aggregates import vwap_at_decimals
+    from kraken_hist.intervals import Interval
+
+    places = {"BTC/USD": 1, "ETH/USD": 2}
+
+    def exact(symbol, minutes, before):
+        iv = Interval(minutes)
+        rows = conn.execute("""
+            SELECT date_bin(%s, time, %s), sum(vwap * volume) / NULLIF(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0)
+            FROM candles WHERE symbol = %s AND time < %s GROUP BY 1""", (iv.delta, iv.origin, symbol, before)).fetchall()
+        return {t: None if v is None or minutes == 1 else str(vwap_at_decimals(v, places[symbol])) for t, v in rows}
+
+    def check(candles, symbol, minutes, before=END):
+        assert candles
+        expected = exact(symbol, minutes, before)
+        if minutes == 1:
+            expected = {t: str(v) if v is not None else None for t, v in conn.execute(
+                "SELECT time, vwap FROM candles WHERE symbol = %s", (symbol,)).fetchall()}
+        assert {c.time: None if c.vwap is None else str(c.vwap) for c in candles} == \
+            {c.time: expected[c.time] for c in candles}, (symbol, minutes)
+
+    with HistoricalDataProvider(db_url) as provider:
+        for symbol in places:
+            for minutes in (1, 5, 60, 1440, 3, 45, 120):
+                check(provider.get_candles(symbol, minutes, T0, END), symbol, minutes)
+                check(provider.get_candles(symbol, minutes, T0, END, limit=40), symbol, minutes)
+                check(provider.get_warmup_data(symbol, minutes, 3, END), symbol, minutes)
+                check(list(provider.replay_candles(symbol, minutes, T0, END)), symbol, minutes)
+            forming = provider.get_multi_timeframe_candles(symbol, END, [60], count=1, include_forming=True)[60]
+            check(forming[-1:], symbol, 60, END.replace(second=0))  # in progress at END: minutes closed by then
+        hours = provider.get_candles("ETH/USD", 60, T0, END)
+    assert any(c.vwap is not None and -c.vwap.as_tuple().exponent == 2 for c in hours)  # rounded, not vacuous

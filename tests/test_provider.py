@@ -250,6 +250,20 @@ def test_constructor_checks_pool_sizes():
         HistoricalDataProvider("postgresql://x@127.0.0.1/db", pool_min_size=5, pool_max_size=2)
 
 
+def test_reads_survive_the_server_ending_the_pooled_connections(db_url, conn, loaded):
+    """A pooled connection is checked without a round trip (has the server said goodbye?): one
+    the server ended (a restart, pg_terminate_backend) is replaced, and the read works."""
+    with HistoricalDataProvider(db_url, pool_min_size=2) as provider:
+        first = provider.get_candles("BTC/USD", 60, T0, limit=5)
+        for _ in range(2):
+            ended = conn.execute("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                                 "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                                 "AND backend_type = 'client backend'").fetchone()[0]
+            assert ended >= 1
+            assert provider.get_candles("BTC/USD", 60, T0, limit=5) == first
+            assert provider.get_data_range("BTC/USD") is not None  # the SQLAlchemy path too
+
+
 def test_every_read_hands_out_an_interval_s_vwap_at_the_pair_decimals(db_url, conn, loaded):
     """Above one minute a vwap is the exact quotient of its bucket's sums rounded down to the
     pair's price decimals (aggregates.vwap_at_decimals), digit for digit, on every read path;

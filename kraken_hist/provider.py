@@ -945,18 +945,23 @@ class HistoricalDataProvider:
             return self._fill(self._query_candles(name, iv, lo, hi), iv, lo, hi, name)
         if iv.is_stored:
             return self._query_candles(name, iv, None, hi, desc=True, limit=count)[::-1]
-        # Aggregated on the fly: read a window wide enough for `count` buckets, widen if sparse.
-        # (The first 1-minute candle bounds every level; on TimescaleDB min() over a continuous
-        # aggregate would scan its view, over ``candles`` it is one index probe.)
-        with self._connection() as conn:
-            first = conn.execute(sa.select(sa.func.min(candles.c.time)).where(candles.c.symbol == name)).scalar()
-        if first is None:
-            return []
-        span = 2 * count
+        # Aggregated on the fly: read a window of `count` buckets and a little room for quiet
+        # ones, widened where sparse, down to the first 1-minute candle, asked only then (it
+        # bounds every level; on TimescaleDB min() over a continuous aggregate would scan its
+        # view, over ``candles`` it is one index probe).
+        first: datetime | None = None
+        span = count + count // 4 + 1
         while True:
-            lo = max(hi - span * iv.delta, iv.bucket_start(first))
+            lo = hi - span * iv.delta if first is None else max(hi - span * iv.delta, iv.bucket_start(first))
             rows = self._query_candles(name, iv, lo, hi, desc=True, limit=count)
-            if len(rows) >= count or lo <= first:
+            if len(rows) >= count:
+                return rows[::-1]
+            if first is None:
+                with self._connection() as conn:
+                    first = conn.execute(sa.select(sa.func.min(candles.c.time)).where(candles.c.symbol == name)).scalar()
+                if first is None:
+                    return []
+            if lo <= first:
                 return rows[::-1]
             span *= 4
 

@@ -147,6 +147,11 @@ def test_quiet_minutes_filled_on_request(db_url, conn):
         three = provider.get_latest_candles("BTC/USD", 3, 20, fill_quiet=True)
         assert len(three) == 20 and three[-1].close == Decimal(12) and three[-1].volume == 0
         assert provider.get_warmup_data("BTC/USD", 5, 12, fill_quiet=True)[-1].time == T0 + timedelta(minutes=55)
+        # on the fly without filling: the window widens over the quiet hour down to the first minute
+        assert [(c.time.minute, c.trades) for c in provider.get_latest_candles("BTC/USD", 3, 3)] == \
+            [(0, 1), (3, 1), (6, 1)]
+        with pytest.raises(InsufficientDataError, match="only 3"):
+            provider.get_warmup_data("BTC/USD", 3, 4)
 
 
 def test_frames_have_the_shape_backtesting_libraries_take(db_url, loaded):

@@ -340,8 +340,7 @@ def _drop_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     restart, pg_terminate_backend) has something to read — the server's last message, the end
     of the stream — and is replaced (SQLAlchemy connects anew); an idle live one has nothing.
     (``pool_pre_ping`` sends SELECT 1 at every checkout: 0.1-0.25 ms, 3-5% of a 1,000-bar read.)"""
-    readable, _writable, _failed = select.select([dbapi_connection.fileno()], [], [], 0)
-    if readable or dbapi_connection.closed:
+    if dbapi_connection.closed or select.select([dbapi_connection.fileno()], [], [], 0)[0]:
         raise sa.exc.DisconnectionError("the server closed this pooled connection")
 
 

@@ -167,9 +167,9 @@ def stream_run(admin_url: str, symbols: list[str], trades: int, rate: int, secon
                 started = time.perf_counter()
                 parent.recv()
                 while pipe.writer.get_stats()["trades_written"] < trades:
-                    time.sleep(0.005)
+                    time.sleep(0.05)  # polling is not free: it takes the writer lock
                 throughput = trades / (time.perf_counter() - started)
-                p99 = steady_latency(db.url, parent, rate, seconds, pipe)
+                p99 = steady_latency(db.url, parent, rate, seconds, pipe) if seconds > 0 else float("nan")
     finally:
         parent.send(("stop",))
         server.join(10)
@@ -282,6 +282,7 @@ def main() -> None:
     parser.add_argument("--trades", type=int, default=200_000)
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--repeat", type=int, default=3, help="stream rounds (one pair, then many, each round)")
     parser.add_argument("--archive-pairs", type=int, default=200)
     parser.add_argument("--archive-rows", type=int, default=2_000_000)
     parser.add_argument("--admin-url", default=ADMIN_URL)
@@ -303,12 +304,27 @@ def main() -> None:
 
 
 def stream_part(args: argparse.Namespace, many: list[str]) -> None:
-    one_rate, one_p99 = stream_run(args.admin_url, ["BTC/USD"], args.trades, args.rate, args.latency_seconds)
-    all_rate, all_p99 = stream_run(args.admin_url, many, args.trades, args.rate, args.latency_seconds)
-    print(f"stream, 1-3 trades a message, {args.trades:,} trades socket → committed:")
+    # Rounds alternate one pair and many, so a busy moment of the machine does not fall on one
+    # side only; the best round of each is compared (latency: first round only).
+    rates: dict[int, list[float]] = {1: [], len(many): []}
+    p99s: dict[int, float] = {}
+    for round_ in range(args.repeat):
+        for symbols in (["BTC/USD"], many):
+            rate, p99 = stream_run(args.admin_url, symbols, args.trades, args.rate,
+                                   args.latency_seconds if round_ == 0 else 0)
+            rates[len(symbols)].append(rate)
+            p99s.setdefault(len(symbols), p99)
+    one_rate, all_rate = max(rates[1]), max(rates[len(many)])
+    one_p99, all_p99 = p99s[1], p99s[len(many)]
+    ratios = sorted(b / a for a, b in zip(rates[1], rates[len(many)]))
+    print(f"stream, 1-3 trades a message, {args.trades:,} trades socket → committed "
+          f"(best of {args.repeat} alternating rounds):")
+    print("  rounds, trades/s (1 pair / many): "
+          + ", ".join(f"{a:,.0f} / {b:,.0f}" for a, b in zip(rates[1], rates[len(many)])))
     print(f"  1 pair:         {one_rate:,.0f} trades/s, p99 latency {one_p99 * 1000:.0f} ms at {args.rate:,}/s")
     print(f"  {len(many)} pairs:      {all_rate:,.0f} trades/s, p99 latency {all_p99 * 1000:.0f} ms at {args.rate:,}/s")
-    print(f"  ratio {all_rate / one_rate:.2f} (goal ≥ {STREAM_GOAL})")
+    print(f"  ratio of the best rounds {all_rate / one_rate:.2f}, median ratio of a round "
+          f"{ratios[len(ratios) // 2]:.2f} (goal ≥ {STREAM_GOAL})")
 
 
 def archive_part(args: argparse.Namespace, many: list[str]) -> None:

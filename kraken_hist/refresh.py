@@ -23,6 +23,7 @@ imports) — and both backends give the same digits.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
@@ -243,60 +244,84 @@ def refresh_aggregates(
 
 
 def _refresh_plain(
-    db_url: str, symbol: str | None, start: datetime | None, end: datetime | None, explicit: bool
+    db_url: str, symbol: str | None, start: datetime | None, end: datetime | None, explicit: bool,
+    workers: int = 2,
 ) -> RefreshResult:
-    written = {m: 0 for m in refresh_order()}
-    deleted = dict.fromkeys(written, 0)
-    windows_by_symbol: dict[str, list[Window]] = {}
-    failed: dict[str, str] = {}
-    consumed = 0
+    """Per symbol, one transaction: its change rows consumed and its levels recomputed. Many
+    symbols (an archive's) are shared among `workers` connections: aggregating is the
+    server's CPU work, and symbols never wait for one another."""
     with connect(db_url) as conn:
         symbols = [symbol] if symbol else _symbols_to_refresh(conn, explicit)
-        conn.rollback()
-        for name in symbols:
-            mine_written, mine_deleted = dict.fromkeys(written, 0), dict.fromkeys(deleted, 0)
-            try:
-                with conn.transaction():
-                    lock_symbol(conn, "refresh", name)
-                    # the symbol's data lock, shared: wait for a writer's transaction in flight (its
-                    # candles and change rows commit together) and keep writers out until done
-                    ownership.lock_symbol(conn, name, shared=True)
-                    if explicit:
-                        windows = _explicit_window(conn, name, start, end)
-                    else:
-                        rows = conn.execute(
-                            "DELETE FROM candle_changes WHERE symbol = %s RETURNING start_time, end_time", (name,)
-                        ).fetchall()
-                        windows = merge_windows((row[0], row[1]) for row in rows)
-                    if windows:
-                        _refresh_levels(conn, name, windows, mine_written, mine_deleted)
-            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
-                if conn.broken:
-                    raise
-                # this symbol's data cannot be aggregated (its transaction rolled back, so its
-                # changes stay queued): the others are refreshed all the same. A missing table,
-                # an outage and the like are everyone's problem and are raised.
-                failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                log.error("aggregate refresh of %s failed: %s", name, failed[name],
-                          extra={"event": "refresh.symbol_failed"})
-                continue
-            if not explicit:
-                consumed += len(rows)
-            if not windows:
-                continue
-            windows_by_symbol[name] = windows
-            for minutes in written:
-                written[minutes] += mine_written[minutes]
-                deleted[minutes] += mine_deleted[minutes]
+    outcomes: dict[str, _SymbolRefresh] = {}
+
+    def run(names: list[str]) -> None:
+        with connect(db_url) as conn:
+            for name in names:
+                outcomes[name] = _refresh_symbol(conn, name, start, end, explicit)
+
+    shares = [symbols[i::workers] for i in range(min(workers, len(symbols)))]
+    if len(shares) > 1:
+        with concurrent.futures.ThreadPoolExecutor(len(shares), thread_name_prefix="refresh") as pool:
+            for future in [pool.submit(run, share) for share in shares]:
+                future.result()
+    elif shares:
+        run(shares[0])
+    written = {m: 0 for m in refresh_order()}
+    deleted = dict.fromkeys(written, 0)
+    for outcome in outcomes.values():
+        for minutes in written:
+            written[minutes] += outcome.written.get(minutes, 0)
+            deleted[minutes] += outcome.deleted.get(minutes, 0)
     return RefreshResult(
         timescaledb=False,
-        symbols=tuple(windows_by_symbol),
-        changes_consumed=consumed,
-        windows=windows_by_symbol,
+        symbols=tuple(name for name in symbols if outcomes[name].windows),
+        changes_consumed=sum(outcome.consumed for outcome in outcomes.values()),
+        windows={name: outcomes[name].windows for name in symbols if outcomes[name].windows},
         written=written,
         deleted=deleted,
-        failed=failed,
+        failed={name: outcome.failed for name, outcome in outcomes.items() if outcome.failed},
     )
+
+
+@dataclass(slots=True)
+class _SymbolRefresh:
+    windows: list[Window] = field(default_factory=list)
+    consumed: int = 0
+    written: dict[int, int] = field(default_factory=dict)
+    deleted: dict[int, int] = field(default_factory=dict)
+    failed: str = ""
+
+
+def _refresh_symbol(conn: psycopg.Connection, name: str, start: datetime | None, end: datetime | None,
+                    explicit: bool) -> _SymbolRefresh:
+    out = _SymbolRefresh(written=dict.fromkeys(refresh_order(), 0), deleted=dict.fromkeys(refresh_order(), 0))
+    try:
+        with conn.transaction():
+            lock_symbol(conn, "refresh", name)
+            # the symbol's data lock, shared: wait for a writer's transaction in flight (its
+            # candles and change rows commit together) and keep writers out until done
+            ownership.lock_symbol(conn, name, shared=True)
+            if explicit:
+                windows = _explicit_window(conn, name, start, end)
+            else:
+                rows = conn.execute(
+                    "DELETE FROM candle_changes WHERE symbol = %s RETURNING start_time, end_time", (name,)
+                ).fetchall()
+                windows = merge_windows((row[0], row[1]) for row in rows)
+                out.consumed = len(rows)
+            if windows:
+                _refresh_levels(conn, name, windows, out.written, out.deleted)
+    except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+        if conn.broken:
+            raise
+        # this symbol's data cannot be aggregated (its transaction rolled back, so its
+        # changes stay queued): the others are refreshed all the same. A missing table,
+        # an outage and the like are everyone's problem and are raised.
+        out.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        log.error("aggregate refresh of %s failed: %s", name, out.failed, extra={"event": "refresh.symbol_failed"})
+        return _SymbolRefresh(failed=out.failed)
+    out.windows = windows
+    return out
 
 
 def _symbols_to_refresh(conn: psycopg.Connection, explicit: bool) -> list[str]:

@@ -144,12 +144,19 @@ def record_candle_changes(conn: psycopg.Connection, changes: Sequence[tuple[str,
     if not changes:
         return
     windows = [minute_window(start, end) for _, start, end in changes]
-    conn.execute(
-        "INSERT INTO candle_changes (symbol, start_time, end_time) "
-        "SELECT s, to_timestamp(lo), to_timestamp(hi) FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(s, lo, hi)",
-        (text_array(symbol for symbol, _, _ in changes), number_array(int(lo.timestamp()) for lo, _ in windows),
-         number_array(int(hi.timestamp()) for _, hi in windows)),
-    )
+    record_candle_minute_changes(conn, [symbol for symbol, _, _ in changes],
+                                 [int(lo.timestamp()) // 60 for lo, _ in windows],
+                                 [int(hi.timestamp()) // 60 for _, hi in windows])
+
+
+def record_candle_minute_changes(conn: psycopg.Connection, symbols: Sequence[str], starts: Sequence[int],
+                                 ends: Sequence[int]) -> None:
+    """:func:`record_candle_changes` of windows given in minute numbers (since the epoch)."""
+    if symbols:
+        conn.execute(
+            "INSERT INTO candle_changes (symbol, start_time, end_time) SELECT s, to_timestamp(lo * 60), "
+            "to_timestamp(hi * 60) FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(s, lo, hi)",
+            (text_array(symbols), number_array(starts), number_array(ends)))
 
 
 # An id-bearing source never claims what the archive owns (ownership.py: one owner per second).

@@ -522,6 +522,12 @@ def _classify(exc: BaseException) -> Exception:
 def _minute_runs(minutes: Iterable[int], gap: int = _MERGE_GAP_MINUTES) -> list[tuple[datetime, datetime]]:
     """Touched minutes (numbers since the epoch) → a few [start, end) windows (minutes at most
     `gap` apart joined; gap 1: only consecutive minutes)."""
+    return [(datetime.fromtimestamp(a * 60, UTC), datetime.fromtimestamp(b * 60, UTC))
+            for a, b in _minute_number_runs(minutes, gap)]
+
+
+def _minute_number_runs(minutes: Iterable[int], gap: int = _MERGE_GAP_MINUTES) -> list[tuple[int, int]]:
+    """:func:`_minute_runs` as minute numbers."""
     ordered = sorted(set(minutes))
     runs: list[tuple[datetime, datetime]] = []
     if not ordered:
@@ -533,7 +539,7 @@ def _minute_runs(minutes: Iterable[int], gap: int = _MERGE_GAP_MINUTES) -> list[
             start = minute
         prev = minute
     runs.append((start, prev + 1))
-    return [(datetime.fromtimestamp(a * 60, UTC), datetime.fromtimestamp(b * 60, UTC)) for a, b in runs]
+    return runs
 
 
 def _at(minute: int) -> datetime:
@@ -668,18 +674,24 @@ class _CandleSums:
 def _upsert_from_sums(conn: psycopg.Connection, merged: dict[str, dict[int, Sums]],
                       decimals: dict[str, int]) -> None:
     """Write the candles of merged Sums, every symbol in one statement, and note the changes."""
-    keys = [(symbol, minute) for symbol in merged for minute in sorted(merged[symbol])]
-    rows = [merged[symbol][minute] for symbol, minute in keys]
-    conn.execute(_UPSERT_FROM_SUMS, {
-        "symbol": _text_literal(symbol for symbol, _ in keys), "decimals": _literal(decimals[symbol] for symbol, _ in keys),
-        "minute": _literal(minute for _, minute in keys),
-        "open": _literal(r[7] for r in rows), "high": _literal(r[3] for r in rows),
-        "low": _literal(r[4] for r in rows), "close": _literal(r[10] for r in rows),
-        "notional": _literal(r[2] for r in rows), "volume": _literal(r[1] for r in rows),
-        "trades": _literal(r[0] for r in rows),
-    })
-    store.record_candle_changes(conn, [(symbol, start, end) for symbol, minutes in merged.items()
-                                       for start, end in _minute_runs(minutes)])
+    columns: dict[str, list] = {name: [] for name in (
+        "symbol", "decimals", "minute", "open", "high", "low", "close", "notional", "volume", "trades")}
+    changed: tuple[list[str], list[int], list[int]] = ([], [], [])
+    for symbol, by_minute in merged.items():
+        places = decimals[symbol]
+        for minute in sorted(by_minute):
+            row = by_minute[minute]
+            for name, value in (("symbol", symbol), ("decimals", places), ("minute", minute), ("open", row[7]),
+                                ("high", row[3]), ("low", row[4]), ("close", row[10]), ("notional", row[2]),
+                                ("volume", row[1]), ("trades", row[0])):
+                columns[name].append(value)
+        for start, end in _minute_number_runs(by_minute):
+            changed[0].append(symbol)
+            changed[1].append(start)
+            changed[2].append(end)
+    conn.execute(_UPSERT_FROM_SUMS, {name: _text_literal(values) if name == "symbol" else _literal(values)
+                                     for name, values in columns.items()})
+    store.record_candle_minute_changes(conn, *changed)
 
 
 def backoff_delay(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> float:

@@ -509,8 +509,8 @@ class FakeKrakenWS:
                 text = '{"channel":"trade","type":"update","data":[' + ",".join(trade_item(t) for t in chunk) + "]}"
                 for conn in trade_conns:
                     self._send_text(conn, text, trades=len(chunk))
-        intervals = {s[2] for c in self._connections.values() for s in c.subscriptions
-                     if s[0] == "ohlc" and s[1] == symbol}
+        # (by lookups, not a scan of every subscription: a connection may hold hundreds of pairs)
+        intervals = {i for i in OHLC_INTERVALS for c in self._connections.values() if ("ohlc", symbol, i) in c.subscriptions}
         for interval in sorted(intervals):
             candles = self._update_running(symbol, interval, trades)
             items = ",".join(candle_item(c) for c in candles)

@@ -112,15 +112,23 @@ _COPY_TRADES = sql.SQL("COPY trades ({}) FROM STDIN").format(_COLUMN_LIST)
 _COPY_STAGE = sql.SQL("COPY writer_trades_stage ({}) FROM STDIN").format(_COLUMN_LIST)
 # Any stored trade of these ids near the batch's minutes (store.identity_window: the time bound
 # is what lets TimescaleDB read one or two chunks instead of all of them).
-# One statement for every symbol of the batch: per symbol its id range and first and last minute
-# (numbers), the time bound widened by store.IDENTITY_TIME_SLACK (%(slack)s).
+# The statements below serve every symbol of a batch at once. Each probes the index once per
+# symbol (LATERAL … LIMIT 1: never a hash join over the whole table, whatever the planner
+# thinks of the array) and carries the batch's whole time span as constants (%(lo)s, %(hi)s), so
+# TimescaleDB excludes every other chunk when it plans.
+
+# Per symbol its id range and first and last minute (numbers), the time bound widened by
+# store.IDENTITY_TIME_SLACK (%(slack)s).
 _PROBE_TRADES = """
 SELECT EXISTS (
     SELECT 1 FROM unnest(%(symbol)s::text[], %(low)s::bigint[], %(high)s::bigint[], %(first)s::bigint[],
                          %(last)s::bigint[]) AS p(symbol, low, high, first, last)
-    WHERE EXISTS (SELECT 1 FROM trades t WHERE t.symbol = p.symbol AND t.trade_id BETWEEN p.low AND p.high
-                                           AND t.time >= to_timestamp(p.first * 60) - %(slack)s
-                                           AND t.time <= to_timestamp((p.last + 1) * 60) + %(slack)s))
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM trades t
+        WHERE t.symbol = p.symbol AND t.trade_id BETWEEN p.low AND p.high
+          AND t.time >= to_timestamp(p.first * 60) - %(slack)s AND t.time <= to_timestamp((p.last + 1) * 60) + %(slack)s
+          AND t.time >= %(lo)s AND t.time <= %(hi)s
+        LIMIT 1) AS hit)
 """
 
 _MERGE_TRADES = store.merge_staged_trades("writer_trades_stage", returning=True)
@@ -145,18 +153,24 @@ RETURNING symbol, time
 
 # Minutes travel as one array literal of minute numbers, numbers as array literals of their text:
 # no per-element work in the driver, and PostgreSQL reads each number with its own scale.
-# (symbol, minute) pairs: every symbol of a batch in one statement.
+# The stored candles of these (symbol, minute) pairs.
 _STORED_CANDLES = """
 SELECT p.symbol, p.m, c.source, c.trades, c.volume
-FROM unnest(%s::text[], %s::bigint[]) AS p(symbol, m)
-JOIN candles c ON c.symbol = p.symbol AND c.time = to_timestamp(p.m * 60)
+FROM unnest(%(symbol)s::text[], %(minute)s::bigint[]) AS p(symbol, m)
+CROSS JOIN LATERAL (
+    SELECT source, trades, volume FROM candles
+    WHERE symbol = p.symbol AND time = to_timestamp(p.m * 60) AND time >= %(lo)s AND time < %(hi)s) AS c
 """
 
 # Which of these (symbol, minute) pairs hold stored trades.
 _MINUTES_WITH_TRADES = """
-SELECT p.symbol, p.m FROM unnest(%s::text[], %s::bigint[]) AS p(symbol, m)
-WHERE EXISTS (SELECT 1 FROM trades t WHERE t.symbol = p.symbol AND t.time >= to_timestamp(p.m * 60)
-                                       AND t.time < to_timestamp(p.m * 60) + interval '1 minute')
+SELECT p.symbol, p.m
+FROM unnest(%(symbol)s::text[], %(minute)s::bigint[]) AS p(symbol, m)
+CROSS JOIN LATERAL (
+    SELECT 1 FROM trades t
+    WHERE t.symbol = p.symbol AND t.time >= to_timestamp(p.m * 60) AND t.time < to_timestamp((p.m + 1) * 60)
+      AND t.time >= %(lo)s AND t.time < %(hi)s
+    LIMIT 1) AS hit
 """
 
 # The exact Sums of the stored trades of these minutes (minutes without trades are left out).
@@ -552,11 +566,18 @@ _text_literal = text_array
 
 def _probe_params(meta: dict[str, list]) -> dict[str, Any]:
     """_PROBE_TRADES' and ARCHIVE_TOUCHES_ANY's parameters (array literals: no per-element
-    work in the driver): per symbol its id range and first and last minute."""
+    work in the driver): per symbol its id range and first and last minute; the whole span."""
     entries = meta.values()
+    firsts, lasts = [min(e[2]) for e in entries], [max(e[2]) for e in entries]
     return {"symbol": _text_literal(meta), "low": _literal(e[0] for e in entries),
-            "high": _literal(e[1] for e in entries), "first": _literal(min(e[2]) for e in entries),
-            "last": _literal(max(e[2]) for e in entries), "slack": store.IDENTITY_TIME_SLACK}
+            "high": _literal(e[1] for e in entries), "first": _literal(firsts), "last": _literal(lasts),
+            "slack": store.IDENTITY_TIME_SLACK, **store.identity_window(_at(min(firsts)), _at(max(lasts) + 1))}
+
+
+def _pairs_params(symbols: list[str], minutes: list[int]) -> dict[str, Any]:
+    """(symbol, minute) pairs as _STORED_CANDLES and _MINUTES_WITH_TRADES take them."""
+    return {"symbol": _text_literal(symbols), "minute": _literal(minutes), "lo": _at(min(minutes)),
+            "hi": _at(max(minutes) + 1)}
 
 
 def _minute_of(when: datetime) -> int:
@@ -625,8 +646,8 @@ class _CandleSums:
                 into = asked if minute in held else cold
                 into[0].append(symbol)
                 into[1].append(minute)
-        stored = conn.execute(_STORED_CANDLES, (_text_literal(asked[0]), _literal(asked[1]))) if asked[0] else None
-        occupied = conn.execute(_MINUTES_WITH_TRADES, (_text_literal(cold[0]), _literal(cold[1]))) if cold[0] else None
+        stored = conn.execute(_STORED_CANDLES, _pairs_params(*asked)) if asked[0] else None
+        occupied = conn.execute(_MINUTES_WITH_TRADES, _pairs_params(*cold)) if cold[0] else None
         return warm, stored, occupied
 
     @staticmethod

@@ -8,9 +8,10 @@ drops the database:
 * trades read (``get_trades``, ``get_trades_df``, ``replay_trades`` at speed 0) of `--read-rows`
   rows, in rows/s, divided by a raw psycopg fetch of the same rows (``execute().fetchall()``
   of the same SELECT: tuples of Decimals and nothing else) — goal >= 0.7x;
-* volume bars over the whole year (``get_bars``), in seconds — goal <= 2 s — and, for scale,
-  against one plain scan summing the year's trade volumes (what any exact pass over the
-  trades costs at least);
+* volume bars over the whole year (``get_bars``: two halves at once on two connections), in
+  seconds — goal <= 2 s — and as one query on one connection (``read_bars(...,
+  parallel_span=None)``); for scale, against one plain scan summing the year's trade volumes
+  (what any exact pass over the trades costs at least);
 * ``export`` of `--export-days` days of trades to Parquet and CSV (monthly files) divided by a
   raw ``COPY (same query) TO STDOUT`` of the same rows, read and dropped — goal >= 0.5x.
 
@@ -36,6 +37,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kraken_hist import migrate  # noqa: E402
+from kraken_hist.bars import BarKind, read_bars  # noqa: E402
 from kraken_hist.export import copy_statement, export, plan_pieces  # noqa: E402
 from kraken_hist.provider import HistoricalDataProvider  # noqa: E402
 from kraken_hist.store import MINUTE_CANDLES_FROM_TRADES  # noqa: E402
@@ -145,11 +147,18 @@ def main() -> None:
                 rate = rows / best(timed(fn, args.repeat))
                 print(f"  {label:<24} {rate:>11,.0f} rows/s  {rate / limit:.2f}x the limit (goal >= {GOALS['read']}x)")
 
+            def one_query(size: Decimal) -> None:
+                with psycopg.connect(url, autocommit=True, options="-c TimeZone=UTC") as conn:
+                    read_bars(conn, SYMBOL, BarKind.VOLUME, size, first, year_hi, price_decimals=1, parallel_span=None)
+
             bar_runs = []
             for size in (Decimal(v) for v in args.bar_volume.split(",")):
                 bars = provider.get_bars(SYMBOL, "volume", size, first, year_hi, include_forming=True)
-                bar_runs.append((size, len(bars), timed(lambda: provider.get_bars(SYMBOL, "volume", size, first, year_hi),
-                                                        args.repeat)))
+                halves, single = [], []
+                for _ in range(args.repeat):  # alternating, so both see the same load
+                    halves += timed(lambda: provider.get_bars(SYMBOL, "volume", size, first, year_hi), 1)
+                    single += timed(lambda: one_query(size), 1)
+                bar_runs.append((size, len(bars), halves, single))
 
         def scan() -> None:
             with psycopg.connect(url) as conn:
@@ -160,9 +169,10 @@ def main() -> None:
         scan_s = best(timed(scan, args.repeat))
         print(f"\nvolume bars over {(last - first).days + 1} days ({trades:,} trades); one plain scan summing the "
               f"trades' volume takes {scan_s:.2f} s")
-        for size, count, bar_s in bar_runs:
+        for size, count, bar_s, single_s in bar_runs:
             print(f"  every {size} BTC: {count:,} bars in {best(bar_s):.2f} s (median {statistics.median(bar_s):.2f} s; "
-                  f"goal <= {GOALS['bars_s']} s), {best(bar_s) / scan_s:.2f}x the plain scan")
+                  f"goal <= {GOALS['bars_s']} s), {best(bar_s) / scan_s:.2f}x the plain scan; one query on one "
+                  f"connection {best(single_s):.2f} s (median {statistics.median(single_s):.2f} s)")
 
         export_hi = min(year_hi, first + timedelta(days=args.export_days))
         statement, fixed = copy_statement("trades", None)

@@ -17,29 +17,36 @@ The rule (one place; ``tests/test_bars.py`` holds a plain-Python twin):
   interval: a minute during which the running total crosses no threshold lies wholly inside
   one bar and counts with its 1-minute vwap (Kraken's rule: Σp·v/Σv rounded down to the pair's
   price decimals); the trades of a minute in which a threshold falls count with their own
-  price. So vwap is within one price tick of Σp·v/Σv of the bar's trades.
+  price. The bar's vwap is handed out like every interval's: at the pair's price decimals,
+  rounded down (``aggregates.vwap_at_decimals``) — within one price tick of Σp·v/Σv of its trades.
 
 How it is fast: the minutes of ``[start, end)`` come from the stored 1-minute candles built
-from trades (the "minute index"; minutes cut by `start`/`end` are summed from their trades),
-so a year is ~525k minute rows, not millions of trades; only the minutes in which a threshold
-falls are read trade by trade. Value bars need Σp·v per minute, which candles do not keep, so
-they (and ``from_trades=True``) build the minute index from the trades themselves — exact
-whatever the candles say, and slower. The candle index is as good as the candles: a minute
-whose candle disagrees with its trades is a ``candles`` gap (``kraken-hist gaps`` finds it,
-``--fill`` repairs it).
+from trades (the "minute index"), so a year is ~525k minute rows, not millions of trades: one
+ordered pass keeps the running total and sums the minutes in which no threshold falls per bar.
+Only the minutes in which a threshold falls — and the minutes cut by `start` and `end` — are
+read trade by trade. Value bars need Σp·v per minute, which candles do not keep, so they (and
+``from_trades=True``) build the minute index from the trades themselves — exact whatever the
+candles say, and slower. The candle index is as good as the candles: a minute whose candle
+disagrees with its trades is a ``candles`` gap (``kraken-hist gaps`` finds it, ``--fill``
+repairs it). A long range from the candle index is computed in two halves at once, on the
+caller's connection and a second one opened like it (the second half's running total starts
+from the first half's, summed from the same candles), and the bar the halves share is joined.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import Any
 
 import pandas as pd
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from .timeutils import UTC, floor_minute
 
@@ -79,74 +86,143 @@ class InformationBar:
 BAR_FRAME_COLUMNS = ("end_time", "open", "high", "low", "close", "volume", "vwap", "trades",
                      "first_trade_id", "last_trade_id", "complete")
 
-# The minute measure and the trade measure of each kind (SQL fragments, never user input).
-_MEASURES = {BarKind.TICK: ("n", "1"), BarKind.VOLUME: ("v", "t.volume"), BarKind.VALUE: ("val", "t.price * t.volume")}
+#: A range at least this long (from the candle index) is computed in two halves at once.
+PARALLEL_SPAN = timedelta(days=14)
 
-#: Per-minute sums of one symbol's trades in ``[lo, hi)`` {where}: the 1-minute candle rule of
+# The measure of a trade row, of a minute summed from trades, of a candle (SQL, never user input).
+_TRADE_MEASURE = {BarKind.TICK: "1", BarKind.VOLUME: "volume", BarKind.VALUE: "price * volume"}
+_MINUTE_MEASURE = {BarKind.TICK: "n", BarKind.VOLUME: "v", BarKind.VALUE: "val"}
+_CANDLE_MEASURE = {BarKind.TICK: "trades::bigint", BarKind.VOLUME: "volume"}
+
+#: The minute index from candles built from trades: whole minutes ``[c_lo, c_hi)``, in key order.
+_MINUTES_FROM_CANDLES = """
+        SELECT time AS minute, trades::bigint AS n, volume AS v, high, low, vwap, {x} AS x
+        FROM candles
+        WHERE symbol = %(symbol)s AND source = 'trades' AND time >= %(c_lo)s AND time < %(c_hi)s
+        ORDER BY time"""
+
+#: ... or summed from the trades of ``[lo, hi)``: the 1-minute candle rule of
 #: ``store.MINUTE_CANDLES_FROM_TRADES`` (vwap truncated to the pair's decimals) plus Σp·v.
 _MINUTES_FROM_TRADES = """
-    SELECT date_trunc('minute', time) AS minute, count(*)::bigint AS n, sum(volume) AS v,
-           sum(price * volume) AS val, max(price) AS high, min(price) AS low,
-           CASE WHEN sum(volume) > 0 THEN trunc(sum(price * volume) / sum(volume), %(decimals)s) ELSE 0 END AS vwap
-    FROM trades
-    WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s {where}
-    GROUP BY 1"""
+        SELECT minute, n, v, high, low, vwap, {x} AS x FROM (
+            SELECT date_trunc('minute', time) AS minute, count(*)::bigint AS n, sum(volume) AS v,
+                   sum(price * volume) AS val, max(price) AS high, min(price) AS low,
+                   CASE WHEN sum(volume) > 0 THEN trunc(sum(price * volume) / sum(volume), %(decimals)s) ELSE 0 END
+                   AS vwap
+            FROM trades
+            WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s
+            GROUP BY 1) per_minute
+        ORDER BY minute"""
 
-#: The same sums read from candles built from trades, for the whole minutes ``[lo_min, hi_min)``
-#: (read in key order, so the running total needs no sort) ...
-_MINUTES_FROM_CANDLES = """
-    SELECT time AS minute, trades::bigint AS n, volume AS v, NULL::numeric AS val, high, low, vwap
-    FROM candles
-    WHERE symbol = %(symbol)s AND source = 'trades' AND time >= %(lo_min)s AND time < %(hi_min)s"""
+#: The running total before ``lo`` when the query is the second half of a range: the first
+#: half's cut minute [ot_lo, ot_hi) and whole minutes [oc_lo, oc_hi).
+_OFFSET = """(SELECT coalesce(sum({tx}), 0) FROM trades
+            WHERE symbol = %(symbol)s AND time >= %(ot_lo)s AND time < %(ot_hi)s)
+           + (SELECT coalesce(sum({cx}), 0) FROM candles
+              WHERE symbol = %(symbol)s AND source = 'trades' AND time >= %(oc_lo)s AND time < %(oc_hi)s)"""
 
-#: ... and the minutes cut by a `start` or `end` inside them from their trades.
-_CUT_MINUTES = "\n    UNION ALL" + _MINUTES_FROM_TRADES.format(where="AND (time < %(lo_min)s OR time >= %(hi_min)s)")
-
+# How the query goes:
+# * cuts: the measures of the minute cut by `start` ([lo, f_hi)) and by `end` ([l_lo, hi)),
+#   read from trades, and the running total before lo (o: 0 unless second half).
+# * groups: one ordered pass over the minute index keeps the running total (`after` a minute;
+#   `before` = after - its measure) and groups the minutes by the bar the total is in after
+#   them. A minute in which a threshold falls ("split": before < bar_after * size) is the
+#   first of its group; the others lie wholly in that bar and are summed as they are.
+# * splits: the minutes read trade by trade — the split ones, and the cut minutes — with
+#   hb, the bar of their first trade; r, what is left to hb's threshold; multi, whether more
+#   than one threshold falls in them; whole, a cut minute in which none falls (its trades then
+#   weigh with the minute's truncated vwap, like any minute wholly inside a bar).
+# * pieces: each such minute's trades in (time, id) order with the running total c before each
+#   (from 0 at the minute's start): a trade's bar is hb + k, k = the thresholds at or below c.
+#   Pieces are grouped by bar and by whether they are the bar's head — the part at the start
+#   of a minute that continues a bar begun earlier (is_head), which comes after that bar's
+#   whole minutes — or not (the bar begins inside the minute). A piece's first and last trade
+#   are found from the trade before and after it (lag, lead).
+# * bars: a bar is [its piece that begins it] [its whole minutes] [its head piece]; a bar that
+#   begins (ends) with a whole minute takes that minute's first (last) trade in [lo, hi).
 _BARS = """
-WITH cum AS (
-    SELECT minute, n, v, high, low, vwap, {mx} AS x, sum({mx}) OVER (ORDER BY minute ROWS UNBOUNDED PRECEDING) AS after
-    FROM ({minutes}) m
-), marked AS MATERIALIZED (
-    SELECT minute, n, v, high, low, vwap, after - x AS before,
-           floor((after - x) / %(size)s) AS bar, floor(after / %(size)s) AS bar_after
-    FROM cum
-), whole AS (          -- minutes inside one bar: summed as they are
-    SELECT bar, min(minute) AS first_minute, max(minute) AS last_minute, max(high) AS high, min(low) AS low,
-           sum(v) AS volume, sum(vwap * v) AS weight, sum(n) AS trades
-    FROM marked WHERE bar = bar_after GROUP BY bar
-), split AS (          -- minutes in which a threshold falls: trade by trade
-    SELECT floor((m.before + sum({tx}) OVER w - {tx}) / %(size)s) AS bar, t.time, t.trade_id, t.price, t.volume
-    FROM marked m
-    JOIN trades t ON t.symbol = %(symbol)s AND t.time >= m.minute AND t.time < m.minute + interval '1 minute'
-                 AND t.time >= %(lo)s AND t.time < %(hi)s
-    WHERE m.bar <> m.bar_after
-    WINDOW w AS (PARTITION BY m.minute ORDER BY t.time, t.trade_id ROWS UNBOUNDED PRECEDING)
-), parts AS (
-    SELECT bar,
-           min(ARRAY[extract(epoch FROM time) * 1000000, trade_id, price]) AS first,
-           max(ARRAY[extract(epoch FROM time) * 1000000, trade_id, price]) AS last,
-           max(price) AS high, min(price) AS low, sum(volume) AS volume, sum(price * volume) AS weight,
+WITH cuts AS MATERIALIZED (
+    SELECT (SELECT coalesce(sum({tx}), 0) FROM trades
+            WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(f_hi)s) AS f,
+           (SELECT coalesce(sum({tx}), 0) FROM trades
+            WHERE symbol = %(symbol)s AND time >= %(l_lo)s AND time < %(hi)s) AS l,
+           {offset} AS o
+), groups AS MATERIALIZED (
+    SELECT bar_after AS bar,
+           min(minute) FILTER (WHERE NOT split) AS first_minute, max(minute) FILTER (WHERE NOT split) AS last_minute,
+           max(high) FILTER (WHERE NOT split) AS high, min(low) FILTER (WHERE NOT split) AS low,
+           sum(v) FILTER (WHERE NOT split) AS volume, sum(vwap * v) FILTER (WHERE NOT split) AS weight,
+           sum(n) FILTER (WHERE NOT split) AS trades,
+           max(minute) FILTER (WHERE split) AS split_minute, max(after - x) FILTER (WHERE split) AS split_before,
+           max(x) FILTER (WHERE split) AS split_x, max(after) AS after
+    FROM (SELECT minute, n, v, high, low, vwap, x, {c0}sum(x) OVER w AS after,
+                 div({c0}sum(x) OVER w, %(size)s)::bigint AS bar_after,
+                 {c0}sum(x) OVER w - x < div({c0}sum(x) OVER w, %(size)s) * %(size)s AS split
+          FROM ({minutes}) m
+          WINDOW w AS (ORDER BY minute ROWS UNBOUNDED PRECEDING)) per_minute
+    GROUP BY bar_after
+), splits AS MATERIALIZED (
+    SELECT minute, hb, (hb + 1) * %(size)s - before AS r, head_ok,
+           x >= (hb + 2) * %(size)s - before AS multi, cut AND div(before + x, %(size)s) = hb AS whole
+    FROM (SELECT minute, before, div(before, %(size)s)::bigint AS hb, head_ok, x, cut
+          FROM (SELECT split_minute AS minute, split_before AS before, true AS head_ok, split_x AS x, false AS cut
+                FROM groups WHERE split_minute IS NOT NULL
+                UNION ALL
+                SELECT %(f_minute)s::timestamptz, (SELECT o FROM cuts), false, (SELECT f FROM cuts), true
+                WHERE %(f_hi)s::timestamptz > %(lo)s
+                UNION ALL
+                SELECT %(l_lo)s::timestamptz, coalesce((SELECT max(after) FROM groups), (SELECT o + f FROM cuts)), true,
+                       (SELECT l FROM cuts), true
+                WHERE %(l_lo)s::timestamptz < %(hi)s) listed) numbered
+    ORDER BY minute
+), pieces AS (
+    SELECT bar, is_head,
+           max(time) FILTER (WHERE opens) AS first_time, max(trade_id) FILTER (WHERE opens) AS first_id,
+           max(price) FILTER (WHERE opens) AS first_price,
+           max(time) FILTER (WHERE closes) AS last_time, max(trade_id) FILTER (WHERE closes) AS last_id,
+           max(price) FILTER (WHERE closes) AS last_price,
+           max(price) AS high, min(price) AS low, sum(volume) AS volume,
+           CASE WHEN bool_or(whole) THEN trunc(sum(price * volume) / nullif(sum(volume), 0), %(decimals)s) * sum(volume)
+                ELSE sum(price * volume) END AS weight,
            count(*) AS trades
-    FROM split GROUP BY bar
+    FROM (SELECT time, trade_id, price, volume, whole,
+                 hb + CASE WHEN c < r THEN 0 WHEN NOT multi THEN 1 ELSE 1 + div(c - r, %(size)s)::bigint END AS bar,
+                 head_ok AND c < r AS is_head,
+                 prev IS NULL OR (c >= r AND (c - prev < r OR multi
+                                              AND div(c - prev - r, %(size)s) < div(c - r, %(size)s))) AS opens,
+                 following IS NULL OR (c < r AND c + x >= r)
+                                   OR multi AND c >= r AND div(c + x - r, %(size)s) > div(c - r, %(size)s) AS closes
+          FROM (SELECT t.time, t.trade_id, t.price, t.volume, {ttx} AS x, s.hb, s.r, s.head_ok, s.multi, s.whole,
+                       sum({ttx}) OVER w - {ttx} AS c, lag({ttx}) OVER w AS prev, lead({ttx}) OVER w AS following
+                FROM (SELECT * FROM splits ORDER BY minute) s
+                CROSS JOIN LATERAL (
+                    SELECT time, trade_id, price, volume FROM trades
+                    WHERE symbol = %(symbol)s AND time >= s.minute AND time < s.minute + interval '1 minute'
+                      AND time >= %(lo)s AND time < %(hi)s
+                    OFFSET 0) t
+                WINDOW w AS (PARTITION BY s.minute ORDER BY t.time, t.trade_id ROWS UNBOUNDED PRECEDING)) per_trade
+          OFFSET 0) classified
+    GROUP BY bar, is_head
 ), bars AS (
     SELECT bar, w.first_minute, w.last_minute,
-           timestamptz 'epoch' + p.first[1] * interval '1 microsecond' AS first_time, p.first[2] AS first_id,
-           p.first[3] AS first_price,
-           timestamptz 'epoch' + p.last[1] * interval '1 microsecond' AS last_time, p.last[2] AS last_id,
-           p.last[3] AS last_price,
-           greatest(w.high, p.high) AS high, least(w.low, p.low) AS low,
-           coalesce(w.volume, 0) + coalesce(p.volume, 0) AS volume,
-           coalesce(w.weight, 0) + coalesce(p.weight, 0) AS weight,
-           coalesce(w.trades, 0) + coalesce(p.trades, 0) AS trades
-    FROM whole w FULL JOIN parts p USING (bar)
+           coalesce(o.first_time, h.first_time) AS first_time, coalesce(o.first_id, h.first_id) AS first_id,
+           coalesce(o.first_price, h.first_price) AS first_price,
+           coalesce(h.last_time, o.last_time) AS last_time, coalesce(h.last_id, o.last_id) AS last_id,
+           coalesce(h.last_price, o.last_price) AS last_price,
+           greatest(w.high, o.high, h.high) AS high, least(w.low, o.low, h.low) AS low,
+           coalesce(w.volume, 0) + coalesce(o.volume, 0) + coalesce(h.volume, 0) AS volume,
+           coalesce(w.weight, 0) + coalesce(o.weight, 0) + coalesce(h.weight, 0) AS weight,
+           coalesce(w.trades, 0) + coalesce(o.trades, 0) + coalesce(h.trades, 0) AS trades
+    FROM (SELECT * FROM groups WHERE trades IS NOT NULL) w
+    FULL JOIN (SELECT * FROM pieces WHERE NOT is_head) o USING (bar)
+    FULL JOIN (SELECT * FROM pieces WHERE is_head) h USING (bar)
 )
 SELECT b.bar, coalesce(f.time, b.first_time), coalesce(l.time, b.last_time),
-       coalesce(f.price, b.first_price), b.high, b.low, coalesce(l.price, b.last_price),
-       b.volume, b.weight / nullif(b.volume, 0), b.trades,
-       coalesce(f.trade_id, b.first_id::bigint), coalesce(l.trade_id, b.last_id::bigint),
-       b.bar < (SELECT max(bar_after) FROM marked)
+       coalesce(f.price, b.first_price), b.high, b.low, coalesce(l.price, b.last_price), b.volume, b.weight,
+       CASE WHEN b.volume > 0 THEN trunc(div(b.weight * %(unit)s, b.volume) / %(unit)s, %(decimals)s) END,
+       b.trades::bigint, coalesce(f.trade_id, b.first_id), coalesce(l.trade_id, b.last_id),
+       b.bar < div(coalesce((SELECT max(after) FROM groups), (SELECT o + f FROM cuts)) + (SELECT l FROM cuts), %(size)s)
 FROM bars b
--- a bar that opens (closes) with a whole minute: that minute's first (last) trade in [lo, hi)
 LEFT JOIN LATERAL (
     SELECT time, trade_id, price FROM trades
     WHERE b.first_minute < coalesce(b.first_time, 'infinity') AND symbol = %(symbol)s
@@ -161,17 +237,26 @@ ORDER BY b.bar
 """
 
 
-def bars_sql(kind: BarKind, *, from_trades: bool, cut_minutes: bool = True) -> str:
-    """The bar query for `kind`, its minute index from candles (plus, if `cut_minutes`, the
-    minutes cut by the range's ends) or from trades. Parameters: symbol, lo, hi, lo_min,
-    hi_min, size, decimals."""
+def bars_sql(kind: BarKind, *, from_trades: bool, first_cut: bool = True, offset: bool = False) -> str:
+    """The bar query for `kind`, its minute index from candles or (`from_trades`, value bars)
+    from trades. `first_cut`: the range starts inside a minute; `offset`: the running total
+    starts from the sums named by ot_lo/ot_hi/oc_lo/oc_hi (the second half of a range, candle
+    index only). Parameters: symbol, lo, hi, f_minute, f_hi, l_lo, c_lo, c_hi, size, decimals,
+    unit (10 ** decimals) and the offset's."""
     kind = BarKind(kind)
-    mx, tx = _MEASURES[kind]
+    tx = _TRADE_MEASURE[kind]
+    ttx = tx.replace("price", "t.price").replace("volume", "t.volume")
     if from_trades or kind is BarKind.VALUE:
-        minutes = _MINUTES_FROM_TRADES.format(where="")
+        if offset:
+            raise ValueError("an offset needs the candle index")
+        minutes = _MINUTES_FROM_TRADES.format(x=_MINUTE_MEASURE[kind])
+        first_cut = False  # the trades' own minutes include the cut ones
     else:
-        minutes = _MINUTES_FROM_CANDLES + (_CUT_MINUTES if cut_minutes else "")
-    return _BARS.format(mx=mx, tx=tx, minutes=minutes)
+        minutes = _MINUTES_FROM_CANDLES.format(x=_CANDLE_MEASURE[kind])
+    return _BARS.format(
+        tx=tx, ttx=ttx, minutes=minutes,
+        offset=_OFFSET.format(tx=tx, cx=_CANDLE_MEASURE.get(kind, "0")) if offset else "0",
+        c0="(SELECT o + f FROM cuts) + " if first_cut or offset else "")
 
 
 def check_size(kind: BarKind, size: Decimal | int | str) -> Decimal:
@@ -194,6 +279,120 @@ def _ceil_minute(when: datetime) -> datetime:
     return start if start == when else start + timedelta(minutes=1)
 
 
+def _ranges(lo: datetime, hi: datetime, *, candles: bool) -> dict[str, Any]:
+    """How ``[lo, hi)`` is read (``lo < hi``): whole minutes [c_lo, c_hi) from candles, the
+    minute cut by lo ([lo, f_hi)) and the one cut by hi ([l_lo, hi)) from trades; empty ranges
+    are ``lo``/``hi`` on both sides. From trades, every minute comes from the trades."""
+    out = {"lo": lo, "hi": hi, "f_minute": floor_minute(lo), "f_hi": lo, "l_lo": hi, "c_lo": lo, "c_hi": lo}
+    if not candles:
+        return out
+    lo_min, hi_min = _ceil_minute(lo), floor_minute(hi)
+    if lo_min >= hi_min:  # no whole minute: one minute cut (or two, when lo and hi are in neighbours)
+        if floor_minute(lo) == floor_minute(hi) or hi <= lo_min:
+            out["f_hi"] = hi
+        else:
+            out["f_hi"] = out["l_lo"] = lo_min
+        return out
+    out.update(c_lo=lo_min, c_hi=hi_min, f_hi=lo_min)
+    if hi > hi_min:
+        out["l_lo"] = hi_min
+    return out
+
+
+#: A row of the query: bar, first time, last time, open, high, low, close, volume, weight, vwap,
+#: trades, first id, last id, complete.
+_Row = tuple[Any, ...]
+
+
+def _run(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> list[_Row]:
+    """`query`'s rows, inside a transaction the caller holds open."""
+    conn.execute("SET LOCAL jit = off")  # compiling costs more than these scans (planners overestimate them)
+    conn.execute("SET LOCAL work_mem = '256MB'")  # the running totals and the piece sums stay in memory
+    return conn.execute(query, params).fetchall()
+
+
+def _vwap(weight: Decimal, volume: Decimal, decimals: int) -> Decimal | None:
+    """weight / volume rounded down to `decimals`, digit for digit the query's rule."""
+    if volume <= 0:
+        return None
+    with localcontext() as ctx:
+        ctx.prec, ctx.rounding = 80, ROUND_DOWN
+        unit = Decimal(10) ** decimals
+        return ((weight * unit) // volume / unit).quantize(Decimal(1).scaleb(-decimals))
+
+
+def _join_halves(first: list[_Row], second: list[_Row], decimals: int) -> list[_Row]:
+    """The rows of two halves of a range; the bar both have (the first half's last, still
+    forming at the cut) becomes one: its first trade from the first half, its last from the second."""
+    if not first or not second or first[-1][0] != second[0][0]:
+        return first + second
+    a, b = first[-1], second[0]
+    volume, weight = a[7] + b[7], a[8] + b[8]
+    joined = (a[0], a[1], b[2], a[3], max(a[4], b[4]), min(a[5], b[5]), b[6], volume, weight,
+              _vwap(weight, volume, decimals), a[10] + b[10], a[11], b[12], b[13])
+    return first[:-1] + [joined] + second[1:]
+
+
+def _sibling(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
+    """A second connection opened with `conn`'s own parameters (password included), or None."""
+    options = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
+    try:
+        return psycopg.connect(make_conninfo(**options), autocommit=True)
+    except psycopg.Error:
+        return None
+
+
+def _read_halves(conn: psycopg.Connection[Any], kind: BarKind, fixed: dict[str, Any], lo: datetime,
+                 middle: datetime, hi: datetime) -> list[_Row] | None:
+    """Rows of ``[lo, middle)`` on `conn` and of ``[middle, hi)`` on a second connection at the
+    same time, both in one snapshot (exported by `conn`'s transaction), joined. None when `conn`
+    is inside a transaction of the caller's (a second connection would not see its writes) or
+    no second connection can be opened."""
+    if conn.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE:
+        return None
+    other = _sibling(conn)
+    if other is None:
+        return None
+    first = fixed | _ranges(lo, middle, candles=True)
+    second = fixed | _ranges(middle, hi, candles=True) | {
+        "ot_lo": lo, "ot_hi": first["f_hi"], "oc_lo": first["c_lo"], "oc_hi": first["c_hi"]}
+    result: dict[str, Any] = {}
+    imported = threading.Event()
+
+    def run_second(snapshot: str) -> None:
+        try:
+            with other.transaction():
+                other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                imported.set()
+                result["rows"] = _run(other, bars_sql(kind, from_trades=False, offset=True), second)
+        except BaseException as exc:  # raised again in the caller's thread
+            result["error"] = exc
+        finally:
+            imported.set()
+
+    with other, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        try:
+            with conn.transaction():  # a savepoint: a server that cannot export leaves the range to one query
+                snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        except psycopg.Error:
+            return None
+        worker = threading.Thread(target=run_second, args=(snapshot,), name="bars-second-half", daemon=True)
+        worker.start()
+        imported.wait()
+        try:
+            rows = _run(conn, bars_sql(kind, from_trades=False, first_cut=first["f_hi"] > lo), first)
+        except BaseException:
+            other.cancel_safe()
+            raise
+        finally:
+            worker.join()
+    if "error" in result:
+        raise result["error"]
+    return _join_halves(rows, result["rows"], fixed["decimals"])
+
+
 def read_bars(
     conn: psycopg.Connection[Any],
     symbol: str,
@@ -205,29 +404,32 @@ def read_bars(
     price_decimals: int,
     from_trades: bool = False,
     include_forming: bool = False,
+    parallel_span: timedelta | None = PARALLEL_SPAN,
 ) -> list[InformationBar]:
-    """Bars of `symbol`'s trades in ``[lo, hi)`` counted from `lo` (see the module's rule)."""
+    """Bars of `symbol`'s trades in ``[lo, hi)`` counted from `lo` (see the module's rule), vwap
+    at `price_decimals`. A range of at least `parallel_span` (None: never) from the candle index
+    is computed in two halves at once, the second on a connection opened like `conn`."""
     kind = BarKind(kind)
     size = check_size(kind, size)
     if hi <= lo:
         return []
-    lo_min, hi_min = _ceil_minute(lo), floor_minute(hi)
-    if hi_min < lo_min:  # the whole range lies inside one minute
-        lo_min = hi_min = floor_minute(lo)
-    params = {"symbol": symbol, "lo": lo, "hi": hi, "lo_min": lo_min, "hi_min": hi_min, "size": size,
-              "decimals": price_decimals}
-    with conn.transaction():
-        conn.execute("SET LOCAL jit = off")  # compiling costs more than these scans (planners overestimate them)
-        conn.execute("SET LOCAL work_mem = '256MB'")  # the minute window and the piece sums stay in memory
-        query = bars_sql(kind, from_trades=from_trades, cut_minutes=(lo, hi) != (lo_min, hi_min))
-        rows = conn.execute(query, params).fetchall()
-    out = [
-        InformationBar(symbol=symbol, kind=kind, size=size, number=int(bar), time=first, end_time=last, open=open_,
-                       high=high, low=low, close=close, volume=volume, vwap=vwap, trades=int(trades),
-                       first_trade_id=int(first_id), last_trade_id=int(last_id), complete=complete)
-        for bar, first, last, open_, high, low, close, volume, vwap, trades, first_id, last_id, complete in rows
+    candles = not (from_trades or kind is BarKind.VALUE)
+    fixed = {"symbol": symbol, "size": size, "decimals": price_decimals, "unit": Decimal(10) ** price_decimals}
+    rows: list[_Row] | None = None
+    middle = floor_minute(lo + (hi - lo) / 2)
+    if candles and parallel_span is not None and hi - lo >= parallel_span and lo < middle:
+        rows = _read_halves(conn, kind, fixed, lo, middle, hi)
+    if rows is None:
+        params = fixed | _ranges(lo, hi, candles=candles)
+        with conn.transaction():
+            rows = _run(conn, bars_sql(kind, from_trades=from_trades, first_cut=params["f_hi"] > lo), params)
+    return [
+        InformationBar(symbol=symbol, kind=kind, size=size, number=bar, time=first, end_time=last, open=open_,
+                       high=high, low=low, close=close, volume=volume, vwap=vwap, trades=trades,
+                       first_trade_id=first_id, last_trade_id=last_id, complete=complete)
+        for bar, first, last, open_, high, low, close, volume, _, vwap, trades, first_id, last_id, complete in rows
+        if complete or include_forming
     ]
-    return out if include_forming else [b for b in out if b.complete]
 
 
 def bars_to_frame(bars: Sequence[InformationBar], *, exact: bool = False) -> pd.DataFrame:

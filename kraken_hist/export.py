@@ -7,8 +7,9 @@ Memory stays at about one block whatever the range.
 
 Column types (Parquet): ``time`` timestamp[us, UTC]; ids and counts int64; prices, volumes and
 vwap ``decimal128(38, 18)`` — exact: a value that would not fit (more than 18 decimals) fails
-the export instead of being rounded. Aggregated candles' vwap (an exact quotient with more
-digits) is rounded to 18 decimals on the server, in CSV and Parquet alike.
+the export instead of being rounded. Candles' vwap comes as every read hands it out: at the
+pair's price decimals, rounded down (``aggregates.vwap_at_decimals``; the provider's
+``_vwap_at_places`` on the server), in CSV and Parquet alike.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .copy_out import copy_blocks, count_rows, has_pyarrow, parse_block
 from .db import connect, translate_errors
 from .errors import ConfigurationError
 from .intervals import Interval
+from .pair_store import database_registry
+from .pairs import PairRegistry
 from .timeutils import UTC
 
 #: Parquet's exact decimal type for prices, volumes and vwap.
@@ -115,22 +118,31 @@ ORDER BY time, trade_id
 """
 
 
-def candles_query(interval: Interval) -> tuple[str, dict[str, Any]]:
+def candles_query(interval: Interval, price_decimals: int | None = None) -> tuple[str, dict[str, Any]]:
     """Candles of `interval` whose bucket starts in ``[lo, hi)`` (the provider's
-    ``select_candles``), vwap rounded to the Parquet scale; the query and its other parameters."""
+    ``select_candles``), vwap at `price_decimals` rounded down like every read hands it out
+    (None: as stored, at most the Parquet scale); the query and its other parameters."""
     from .provider import select_candles  # the query layer's one definition of every interval
 
     probe = datetime(2000, 1, 1, tzinfo=UTC)
-    inner = select_candles(interval, ["-"], probe, probe).compile(dialect=postgresql.psycopg.dialect())
-    query = (f"SELECT time, open, high, low, close, volume, round(vwap, {DECIMAL[1]}) AS vwap, trades "
-             f"FROM ({inner.string}) c ORDER BY time")
-    return query, dict(inner.params)
+    inner = select_candles(interval, ["-"], probe, probe, vwap_places=price_decimals is not None).compile(
+        dialect=postgresql.psycopg.dialect())
+    vwap = "vwap" if price_decimals is not None and price_decimals <= DECIMAL[1] else f"round(vwap, {DECIMAL[1]})"
+    query = f"SELECT time, open, high, low, close, volume, {vwap} AS vwap, trades FROM ({inner.string}) c ORDER BY time"
+    params = dict(inner.params)
+    if price_decimals is not None:
+        params["places"] = price_decimals
+    return query, params
 
 
-def copy_statement(kind: ExportKind | str, interval: Interval | None) -> tuple[str, dict[str, Any]]:
+def copy_statement(kind: ExportKind | str, interval: Interval | None,
+                   price_decimals: int | None = None) -> tuple[str, dict[str, Any]]:
     """``COPY (query) TO STDOUT`` for `kind` and its fixed parameters; symbol, lo and hi are
-    added per file (psycopg binds COPY parameters client-side)."""
-    query, params = (_TRADES_QUERY, {}) if ExportKind(kind) is ExportKind.TRADES else candles_query(interval or Interval(1))
+    added per file (psycopg binds COPY parameters client-side). Candles' vwap at `price_decimals`."""
+    if ExportKind(kind) is ExportKind.TRADES:
+        query, params = _TRADES_QUERY, {}
+    else:
+        query, params = candles_query(interval or Interval(1), price_decimals)
     return f"COPY ({query.strip()}) TO STDOUT (FORMAT csv)", params
 
 
@@ -214,10 +226,12 @@ def export(
     partition: Partition | str = Partition.AUTO,
     interval: Interval | None = None,
     on_progress: Callable[[Piece, int], None] | None = None,
+    registry: PairRegistry | None = None,
 ) -> ExportResult:
     """Write `symbol`'s `kind` rows in ``[lo, hi)`` (candles: buckets starting there, already
     cut at the last complete bucket by the caller) to `out`: a file when unpartitioned, else a
     directory of ``YYYY-MM[-DD].<format>`` files (days or months without rows get none).
+    Candles' vwap is at the pair's price decimals, from `registry` (default: the database's).
 
     `on_progress(piece, rows)` is called as blocks are written. Returns what was written."""
     kind, fmt = ExportKind(kind), ExportFormat(fmt)
@@ -231,7 +245,10 @@ def export(
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
     columns = _columns(kind)
-    statement, fixed = copy_statement(kind, interval)
+    decimals = None
+    if kind is ExportKind.CANDLES:
+        decimals = (registry or database_registry(url)).get(symbol).price_decimals
+    statement, fixed = copy_statement(kind, interval, decimals)
     result = ExportResult()
     began = time.perf_counter()
     # Blocks are parsed and written on a thread of their own (pyarrow releases the GIL) while

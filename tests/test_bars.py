@@ -6,11 +6,13 @@ from fractions import Fraction
 from itertools import groupby
 from math import floor
 
+import psycopg
 import pytest
 
-from kraken_hist.bars import BarKind, bars_to_frame, check_size
+from kraken_hist.bars import BarKind, bars_to_frame, check_size, read_bars
 from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
+from kraken_hist.timeutils import floor_minute
 from kraken_hist.types import HistoricalTrade
 
 from .trade_data import store_trades
@@ -22,7 +24,8 @@ T0 = datetime(2025, 2, 3, tzinfo=UTC)
 def reference_bars(trades, kind, size, decimals, lo, hi):
     """The rule of kraken_hist.bars, trade by trade: bar k = floor(total before the trade / size);
     vwap weights a minute that crosses no threshold by its truncated 1-minute vwap, other trades
-    by their own price. Returns dicts, complete ones flagged."""
+    by their own price, and is handed out rounded down to `decimals`. Returns dicts, complete
+    ones flagged."""
     ordered = [t for t in sorted(trades, key=lambda t: (t.time, t.trade_id)) if lo <= t.time < hi]
     measure = {"tick": lambda t: Fraction(1), "volume": lambda t: Fraction(t.volume),
                "value": lambda t: Fraction(t.price) * Fraction(t.volume)}[kind]
@@ -46,22 +49,24 @@ def reference_bars(trades, kind, size, decimals, lo, hi):
         items = list(group)
         members = [t for _n, t, _w in items]
         volume = sum((t.volume for t in members), Decimal(0))
+        vwap = sum(w for _n, _t, w in items) / Fraction(volume)
         bars.append(dict(
             number=number, time=members[0].time, end_time=members[-1].time, open=members[0].price,
             high=max(t.price for t in members), low=min(t.price for t in members), close=members[-1].price,
-            volume=volume, vwap=sum(w for _n, _t, w in items) / Fraction(volume), trades=len(members),
+            volume=volume, vwap=Fraction(floor(vwap * 10 ** decimals), 10 ** decimals), trades=len(members),
             first_trade_id=members[0].trade_id, last_trade_id=members[-1].trade_id,
             complete=floor(total / size) > number,
         ))
     return bars
 
 
-def assert_bars(actual, expected):
+def assert_bars(actual, expected, decimals=1):
+    """Equal field by field; vwap exactly, at `decimals` places (the pair's, like every candle's)."""
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         got = {k: getattr(a, k) for k in e if k != "vwap"}
         assert got == {k: v for k, v in e.items() if k != "vwap"}, e["number"]
-        assert abs(Fraction(a.vwap) - e["vwap"]) <= e["vwap"] * Fraction(1, 10 ** 12), e["number"]
+        assert Fraction(a.vwap) == e["vwap"] and a.vwap.as_tuple().exponent == -decimals, (e["number"], a.vwap)
 
 
 @pytest.fixture
@@ -153,3 +158,35 @@ def test_a_start_inside_a_minute_leaves_out_its_earlier_trades(db_url, conn):
             bars = provider.get_bars("BTC/USD", kind, size, lo, hi, include_forming=True)
             assert [(b.first_trade_id, b.last_trade_id, b.trades) for b in bars] == [(6, 29, 24)], kind
             assert_bars(bars, reference_bars(trades, kind, size, 1, lo, hi))
+
+
+@pytest.mark.parametrize("kind,size", [("tick", Decimal(37)), ("volume", Decimal("2.5"))])
+def test_a_long_range_in_two_halves_at_once_equals_one_query(db_url, history, kind, size):
+    # The second half runs on a connection opened like the caller's, from the first half's
+    # running total, in the same snapshot; the bar both halves hold at the cut becomes one.
+    lo = T0 + timedelta(minutes=7, seconds=13, microseconds=5)
+    hi = T0 + timedelta(hours=2, minutes=51, seconds=40)
+    middle = floor_minute(lo + (hi - lo) / 2)
+    expected = reference_bars(history, kind, size, 1, lo, hi)
+    assert any(e["time"] < middle <= e["end_time"] for e in expected)  # a bar is cut by the halves
+    with psycopg.connect(db_url, autocommit=True, options="-c TimeZone=UTC") as conn:
+        halves = read_bars(conn, "BTC/USD", BarKind(kind), size, lo, hi, price_decimals=1, include_forming=True,
+                           parallel_span=timedelta(minutes=30))
+        one = read_bars(conn, "BTC/USD", BarKind(kind), size, lo, hi, price_decimals=1, include_forming=True,
+                        parallel_span=None)
+        assert halves == one
+        assert_bars(halves, expected)
+        # inside a transaction of the caller's a second connection would not see its writes: one query
+        with conn.transaction():
+            assert read_bars(conn, "BTC/USD", BarKind(kind), size, lo, hi, price_decimals=1, include_forming=True,
+                             parallel_span=timedelta(minutes=30)) == one
+
+
+def test_vwap_at_the_price_decimals_given(db_url, history):
+    # Whatever the pair's decimals (here 3 asked of BTC/USD's trades), the minutes and the bars'
+    # vwap follow them: rounded down, digit for digit the reference.
+    lo, hi = T0 + timedelta(minutes=3, seconds=1), T0 + timedelta(hours=1, minutes=2)
+    with psycopg.connect(db_url, autocommit=True, options="-c TimeZone=UTC") as conn:
+        bars = read_bars(conn, "BTC/USD", BarKind.VOLUME, Decimal("2.5"), lo, hi, price_decimals=3,
+                         from_trades=True, include_forming=True)
+    assert_bars(bars, reference_bars(history, "volume", Decimal("2.5"), 3, lo, hi), decimals=3)

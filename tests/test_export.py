@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from kraken_hist.aggregates import vwap_at_decimals
 from kraken_hist.cli.main import cli
 from kraken_hist.export import Partition, Piece, export, plan_pieces
 from kraken_hist.intervals import Interval
+from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.refresh import refresh_aggregates
 from kraken_hist.testing.history import generate_trades
 
@@ -79,7 +81,9 @@ def test_candles_to_csv_are_the_stored_ones(db_url, conn, history, tmp_path):
     for row, s in zip(got[1:], stored):
         assert datetime.fromisoformat(row[0]) == s[0]
         assert [Decimal(v) for v in row[1:6]] == list(s[1:6])
-        assert Decimal(row[6]) == s[6].quantize(Decimal("1e-18")) and int(row[7]) == s[7]
+        # vwap as every read hands it out: at ETH/USD's 2 price decimals, rounded down
+        assert row[6] == str(vwap_at_decimals(s[6], 2)) and int(row[7]) == s[7]
+    assert any(s[6] != vwap_at_decimals(s[6], 2) for s in stored)  # the stored quotients have more digits
 
 
 def test_an_empty_single_file_still_has_its_columns(db_url, tmp_path):
@@ -101,6 +105,11 @@ def test_export_command(db_url, history, tmp_path):
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
     buckets = sorted({epoch + timedelta(seconds=(t.time - epoch).total_seconds() // 2700 * 2700) for t in history})
     assert times == buckets and len(times) == summary["rows"]
+    # an interval computed on the fly: vwap at the pair's decimals, the provider's digits
+    vwaps = [r["vwap"] for f in summary["files"] for r in pq.read_table(f).to_pylist()]
+    with HistoricalDataProvider(db_url) as provider:
+        candles = provider.get_candles("ETH/USD", "45m", buckets[0], buckets[-1] + timedelta(minutes=45))
+    assert vwaps == [c.vwap for c in candles] and all(v == v.quantize(Decimal("0.01")) for v in vwaps)
     # a file name with the format's suffix means one file; without --end the export stops at the
     # newest stored trade, and --start is the first bucket starting at or after it
     one = CliRunner().invoke(cli, ["export", "ETH/USD", "--kind", "candles", "-i", "45m", "--start",

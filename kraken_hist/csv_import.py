@@ -557,6 +557,7 @@ class BulkCSVImporter:
         self._batching = True
 
         def finish(results: list[ImportResult]) -> list[ImportResult]:
+            self._flush_wal()  # the files' final commits did not wait for the disk: this does
             pending = [r for r in results if r.ok and r.candles and not r.refreshed]
             if not (pending and self.refresh and self._refresh_all()):
                 return results
@@ -712,14 +713,22 @@ class BulkCSVImporter:
                 except psycopg.Error:
                     conn.close()
 
-    @staticmethod
     @contextlib.contextmanager
-    def _durably(conn: psycopg.Connection) -> Iterator[None]:
-        """A transaction that commits synchronously: its commit flushes the WAL of every chunk
-        committed before it (a server crash before then loses whole chunks, which a re-run stores)."""
+    def _durably(self, conn: psycopg.Connection) -> Iterator[None]:
+        """A file's final transaction, committed synchronously: its commit flushes the WAL of
+        every chunk committed before it (a server crash before then loses whole chunks, which a
+        re-run stores). In a batch (an archive's members) one flush at the batch's end does it
+        for every file (``_flush_wal``): a file costs no disk flush of its own."""
         with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = on")
+            if not self._batching:
+                conn.execute("SET LOCAL synchronous_commit = on")
             yield
+
+    def _flush_wal(self) -> None:
+        """Make every commit so far durable: a synchronous commit flushes the WAL up to it."""
+        with contextlib.closing(connect(self.db_url, autocommit=True)) as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute("SELECT txid_current()")  # a transaction id: its commit is a WAL record
 
     def _transaction(self, conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
         """Strict mode: the whole file in one transaction (chunks become savepoints)."""

@@ -126,12 +126,13 @@ _OFFSET = """(SELECT coalesce(sum({tx}), 0) FROM trades
 #   read from trades, and the running total before lo (o: 0 unless second half).
 # * groups: one ordered pass over the minute index keeps the running total (`after` a minute;
 #   `before` = after - its measure) and groups the minutes by the bar the total is in after
-#   them. A minute in which a threshold falls ("split": before < bar_after * size) is the
+#   them. A minute in which a threshold falls ("split": after mod size < its measure) is the
 #   first of its group; the others lie wholly in that bar and are summed as they are.
 # * splits: the minutes read trade by trade — the split ones, and the cut minutes — with
 #   hb, the bar of their first trade; r, what is left to hb's threshold; multi, whether more
-#   than one threshold falls in them; whole, a cut minute in which none falls (its trades then
-#   weigh with the minute's truncated vwap, like any minute wholly inside a bar).
+#   than one threshold falls in them (the bar after them is past hb + 1); whole, a cut minute
+#   in which none falls (its trades then weigh with the minute's truncated vwap, like any
+#   minute wholly inside a bar).
 # * pieces: each such minute's trades in (time, id) order with the running total c before each
 #   (from 0 at the minute's start): a trade's bar is hb + k, k = the thresholds at or below c.
 #   Pieces are grouped by bar and by whether they are the bar's head — the part at the start
@@ -154,25 +155,24 @@ WITH cuts AS MATERIALIZED (
            sum(v) FILTER (WHERE NOT split) AS volume, sum(vwap * v) FILTER (WHERE NOT split) AS weight,
            sum(n) FILTER (WHERE NOT split) AS trades,
            max(minute) FILTER (WHERE split) AS split_minute, max(after - x) FILTER (WHERE split) AS split_before,
-           max(x) FILTER (WHERE split) AS split_x, max(after) AS after
+           max(after) AS after
     FROM (SELECT minute, n, v, high, low, vwap, x, {c0}sum(x) OVER w AS after,
                  div({c0}sum(x) OVER w, %(size)s)::bigint AS bar_after,
-                 {c0}sum(x) OVER w - x < div({c0}sum(x) OVER w, %(size)s) * %(size)s AS split
+                 mod({c0}sum(x) OVER w, %(size)s) < x AS split
           FROM ({minutes}) m
           WINDOW w AS (ORDER BY minute ROWS UNBOUNDED PRECEDING)) per_minute
     GROUP BY bar_after
 ), splits AS MATERIALIZED (
-    SELECT minute, hb, (hb + 1) * %(size)s - before AS r, head_ok,
-           x >= (hb + 2) * %(size)s - before AS multi, cut AND div(before + x, %(size)s) = hb AS whole
-    FROM (SELECT minute, before, div(before, %(size)s)::bigint AS hb, head_ok, x, cut
-          FROM (SELECT split_minute AS minute, split_before AS before, true AS head_ok, split_x AS x, false AS cut
+    SELECT minute, hb, (hb + 1) * %(size)s - before AS r, head_ok, ba > hb + 1 AS multi, cut AND ba = hb AS whole
+    FROM (SELECT minute, before, div(before, %(size)s)::bigint AS hb, ba, head_ok, cut
+          FROM (SELECT split_minute AS minute, split_before AS before, bar AS ba, true AS head_ok, false AS cut
                 FROM groups WHERE split_minute IS NOT NULL
                 UNION ALL
-                SELECT %(f_minute)s::timestamptz, (SELECT o FROM cuts), false, (SELECT f FROM cuts), true
+                SELECT %(f_minute)s::timestamptz, o, div(o + f, %(size)s)::bigint, false, true FROM cuts
                 WHERE %(f_hi)s::timestamptz > %(lo)s
                 UNION ALL
-                SELECT %(l_lo)s::timestamptz, coalesce((SELECT max(after) FROM groups), (SELECT o + f FROM cuts)), true,
-                       (SELECT l FROM cuts), true
+                SELECT %(l_lo)s::timestamptz, before, div(before + l, %(size)s)::bigint, true, true
+                FROM (SELECT coalesce((SELECT max(after) FROM groups), o + f) AS before, l FROM cuts) last_cut
                 WHERE %(l_lo)s::timestamptz < %(hi)s) listed) numbered
     ORDER BY minute
 ), pieces AS (
@@ -218,7 +218,8 @@ WITH cuts AS MATERIALIZED (
     FULL JOIN (SELECT * FROM pieces WHERE is_head) h USING (bar)
 )
 SELECT b.bar, coalesce(f.time, b.first_time), coalesce(l.time, b.last_time),
-       coalesce(f.price, b.first_price), b.high, b.low, coalesce(l.price, b.last_price), b.volume, b.weight,
+       coalesce(f.price, b.first_price), b.high, b.low, coalesce(l.price, b.last_price), b.volume,
+       CASE WHEN lag(b.bar) OVER o IS NULL OR lead(b.bar) OVER o IS NULL THEN b.weight END,  -- to join halves
        CASE WHEN b.volume > 0 THEN trunc(div(b.weight * %(unit)s, b.volume) / %(unit)s, %(decimals)s) END,
        b.trades::bigint, coalesce(f.trade_id, b.first_id), coalesce(l.trade_id, b.last_id),
        b.bar < div(coalesce((SELECT max(after) FROM groups), (SELECT o + f FROM cuts)) + (SELECT l FROM cuts), %(size)s)
@@ -233,6 +234,7 @@ LEFT JOIN LATERAL (
     WHERE b.last_minute > coalesce(b.last_time, '-infinity') AND symbol = %(symbol)s
       AND time >= greatest(b.last_minute, %(lo)s) AND time < least(b.last_minute + interval '1 minute', %(hi)s)
     ORDER BY time DESC, trade_id DESC LIMIT 1) l ON true
+WINDOW o AS (ORDER BY b.bar)
 ORDER BY b.bar
 """
 
@@ -299,8 +301,8 @@ def _ranges(lo: datetime, hi: datetime, *, candles: bool) -> dict[str, Any]:
     return out
 
 
-#: A row of the query: bar, first time, last time, open, high, low, close, volume, weight, vwap,
-#: trades, first id, last id, complete.
+#: A row of the query: bar, first time, last time, open, high, low, close, volume, weight (of the
+#: first and the last bar only: what joining two halves needs), vwap, trades, first id, last id, complete.
 _Row = tuple[Any, ...]
 
 
@@ -371,23 +373,26 @@ def _read_halves(conn: psycopg.Connection[Any], kind: BarKind, fixed: dict[str, 
         finally:
             imported.set()
 
-    with other, conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        try:
-            with conn.transaction():  # a savepoint: a server that cannot export leaves the range to one query
-                snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        except psycopg.Error:
-            return None
-        worker = threading.Thread(target=run_second, args=(snapshot,), name="bars-second-half", daemon=True)
-        worker.start()
-        imported.wait()
-        try:
-            rows = _run(conn, bars_sql(kind, from_trades=False, first_cut=first["f_hi"] > lo), first)
-        except BaseException:
-            other.cancel_safe()
+    exported = False
+    try:
+        with other, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+            exported = True
+            worker = threading.Thread(target=run_second, args=(snapshot,), name="bars-second-half", daemon=True)
+            worker.start()
+            imported.wait()
+            try:
+                rows = _run(conn, bars_sql(kind, from_trades=False, first_cut=first["f_hi"] > lo), first)
+            except BaseException:
+                other.cancel_safe()
+                raise
+            finally:
+                worker.join()
+    except psycopg.Error:
+        if exported:
             raise
-        finally:
-            worker.join()
+        return None  # a server that cannot export a snapshot: the range as one query
     if "error" in result:
         raise result["error"]
     return _join_halves(rows, result["rows"], fixed["decimals"])

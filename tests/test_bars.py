@@ -9,6 +9,7 @@ from math import floor
 import psycopg
 import pytest
 
+from kraken_hist import bars as bars_module
 from kraken_hist.bars import BarKind, bars_to_frame, check_size, read_bars
 from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
@@ -161,7 +162,7 @@ def test_a_start_inside_a_minute_leaves_out_its_earlier_trades(db_url, conn):
 
 
 @pytest.mark.parametrize("kind,size", [("tick", Decimal(37)), ("volume", Decimal("2.5"))])
-def test_a_long_range_in_two_halves_at_once_equals_one_query(db_url, history, kind, size):
+def test_a_long_range_in_two_halves_at_once_equals_one_query(db_url, history, kind, size, monkeypatch):
     # The second half runs on a connection opened like the caller's, from the first half's
     # running total, in the same snapshot; the bar both halves hold at the cut becomes one.
     lo = T0 + timedelta(minutes=7, seconds=13, microseconds=5)
@@ -169,17 +170,26 @@ def test_a_long_range_in_two_halves_at_once_equals_one_query(db_url, history, ki
     middle = floor_minute(lo + (hi - lo) / 2)
     expected = reference_bars(history, kind, size, 1, lo, hi)
     assert any(e["time"] < middle <= e["end_time"] for e in expected)  # a bar is cut by the halves
+    queries = []
+    run = bars_module._run
+    monkeypatch.setattr(bars_module, "_run",
+                        lambda conn, query, params: queries.append(conn) or run(conn, query, params))
+
+    def read(conn, span):
+        queries.clear()
+        out = read_bars(conn, "BTC/USD", BarKind(kind), size, lo, hi, price_decimals=1, include_forming=True,
+                        parallel_span=span)
+        return out, len({id(c) for c in queries})
+
     with psycopg.connect(db_url, autocommit=True, options="-c TimeZone=UTC") as conn:
-        halves = read_bars(conn, "BTC/USD", BarKind(kind), size, lo, hi, price_decimals=1, include_forming=True,
-                           parallel_span=timedelta(minutes=30))
-        one = read_bars(conn, "BTC/USD", BarKind(kind), size, lo, hi, price_decimals=1, include_forming=True,
-                        parallel_span=None)
+        halves, connections = read(conn, timedelta(minutes=30))
+        one, single = read(conn, None)
+        assert (connections, single) == (2, 1)
         assert halves == one
         assert_bars(halves, expected)
         # inside a transaction of the caller's a second connection would not see its writes: one query
         with conn.transaction():
-            assert read_bars(conn, "BTC/USD", BarKind(kind), size, lo, hi, price_decimals=1, include_forming=True,
-                             parallel_span=timedelta(minutes=30)) == one
+            assert read(conn, timedelta(minutes=30)) == (one, 1)
 
 
 def test_vwap_at_the_price_decimals_given(db_url, history):

@@ -7,13 +7,14 @@ without sleeping. ``append`` adds live trades.
 
 from __future__ import annotations
 
+import math
 import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 
-from ..aggregates import kraken_vwap
 from ..timeutils import EPOCH, check_aware, utcnow
 from ..types import HistoricalCandle, HistoricalTrade
 from .history import trade_time_ns
@@ -229,6 +230,17 @@ def _candle(symbol: str, interval: int, key: int, trades: list[HistoricalTrade],
         low=min(prices),
         close=trades[-1].price,
         volume=sum((t.volume for t in trades), Decimal(0)),
-        vwap=kraken_vwap(trades, decimals),
+        vwap=_vwap(trades, decimals),
         trades=len(trades),
     )
+
+
+def _vwap(trades: list[HistoricalTrade], decimals: int) -> Decimal:
+    """Kraken's candle vwap — Σ(price·volume)/Σvolume rounded down to the pair's price decimals
+    (0 without volume) — in exact rational arithmetic: the fake's own truth, computed apart
+    from the code under test (which divides in Decimal and in SQL)."""
+    volume = sum((Fraction(t.volume) for t in trades), Fraction(0))
+    if volume == 0:
+        return Decimal(0)
+    scaled = sum((Fraction(t.price) * Fraction(t.volume) for t in trades), Fraction(0)) / volume * 10**decimals
+    return Decimal(math.floor(scaled)).scaleb(-decimals)

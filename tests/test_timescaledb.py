@@ -197,13 +197,13 @@ def test_policies_run_and_leave_the_bucket_in_progress_alone(db_url, conn):
         assert set(expected) <= set(got), minutes
 
 
-def test_provider_reads_of_the_views_equal_the_pure_twin_in_windows(db_url, conn):
+def test_provider_reads_of_the_views_and_minutes_equal_the_pure_twin_in_windows(db_url, conn):
     records = minute_candles("BTC/USD", T0, 20 * 1440, seed=5)
     holes = [c for c in records if not (T0 + timedelta(days=5) <= c.time < T0 + timedelta(days=12))]  # a quiet week
     insert_candles(conn, holes)
     refresh_aggregates(db_url)
     with HistoricalDataProvider(db_url) as provider:
-        for minutes in (5, 15, 60, 240):
+        for minutes in (1, 5, 15, 60, 240):
             expected = resample(holes, minutes)
             got = provider.get_candles("BTC/USD", minutes, start=T0, end=T0 + timedelta(days=40), limit=300)
             assert [(c.time, c.trades) for c in got] == [(c.time, c.trades) for c in expected[:300]], minutes

@@ -39,6 +39,7 @@ import enum
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from itertools import repeat
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -88,7 +89,7 @@ class InformationBar:
 BAR_FRAME_COLUMNS = ("end_time", "open", "high", "low", "close", "volume", "vwap", "trades",
                      "first_trade_id", "last_trade_id", "complete")
 
-#: A range at least this long (from the candle index) is computed in two halves at once.
+#: A range at least this long (from the candle index) is computed in pieces at once.
 PARALLEL_SPAN = timedelta(days=14)
 
 # The measure of a trade row, of a minute summed from trades, of a candle (SQL, never user input).
@@ -325,20 +326,24 @@ def _vwap(weight: Decimal, volume: Decimal, decimals: int) -> Decimal | None:
         return ((weight * unit) // volume / unit).quantize(Decimal(1).scaleb(-decimals))
 
 
-def _join_halves(first: list[_Row], second: list[_Row], decimals: int) -> list[_Row]:
-    """The rows of two halves of a range; the bar both have (the first half's last, still
-    forming at the cut) becomes one: its first trade from the first half, its last from the second."""
-    if not first or not second or first[-1][0] != second[0][0]:
-        return first + second
-    a, b = first[-1], second[0]
-    volume, weight = a[7] + b[7], a[8] + b[8]
-    joined = (a[0], a[1], b[2], a[3], max(a[4], b[4]), min(a[5], b[5]), b[6], volume, weight,
-              _vwap(weight, volume, decimals), a[10] + b[10], a[11], b[12], b[13])
-    return first[:-1] + [joined] + second[1:]
+def _join(pieces: list[list[_Row]], decimals: int) -> list[_Row]:
+    """The rows of consecutive pieces of a range. A bar two neighbours both hold (the earlier
+    one's last, still forming at the cut) becomes one: its first trade from the earlier piece,
+    its last from the later."""
+    out: list[_Row] = []
+    for rows in pieces:
+        if out and rows and out[-1][0] == rows[0][0]:
+            a, b = out.pop(), rows[0]
+            volume, weight = a[7] + b[7], a[8] + b[8]
+            out.append((a[0], a[1], b[2], a[3], max(a[4], b[4]), min(a[5], b[5]), b[6], volume, weight,
+                        _vwap(weight, volume, decimals), a[10] + b[10], a[11], b[12], b[13]))
+            rows = rows[1:]
+        out.extend(rows)
+    return out
 
 
 def _sibling(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
-    """A second connection opened with `conn`'s own parameters (password included), or None."""
+    """A connection opened with `conn`'s own parameters (password included), or None."""
     options = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
     try:
         return psycopg.connect(make_conninfo(**options), autocommit=True)
@@ -346,58 +351,82 @@ def _sibling(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
         return None
 
 
-def _read_halves(conn: psycopg.Connection[Any], kind: BarKind, fixed: dict[str, Any], lo: datetime,
-                 middle: datetime, hi: datetime) -> list[_Row] | None:
-    """Rows of ``[lo, middle)`` on `conn` and of ``[middle, hi)`` on a second connection at the
-    same time, both in one snapshot (exported by `conn`'s transaction), joined. None when `conn`
-    is inside a transaction of the caller's (a second connection would not see its writes) or
-    no second connection can be opened."""
-    if conn.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE:
-        return None
-    other = _sibling(conn)
-    if other is None:
-        return None
-    first = fixed | _ranges(lo, middle, candles=True)
-    second = fixed | _ranges(middle, hi, candles=True) | {
-        "ot_lo": lo, "ot_hi": first["f_hi"], "oc_lo": first["c_lo"], "oc_hi": first["c_hi"]}
-    result: dict[str, Any] = {}
-    imported = threading.Event()
+def _cuts(conn: psycopg.Connection[Any], lo: datetime, hi: datetime) -> list[datetime]:
+    """Where a long range is cut: into as many pieces as the server gives one parallel query
+    processes (max_parallel_workers_per_gather + 1), of equal time, at whole minutes."""
+    with conn.transaction():
+        row = conn.execute("SELECT current_setting('max_parallel_workers_per_gather')::int").fetchone()
+    count = 1 + max(0, row[0] if row else 0)
+    inner = {floor_minute(lo + (hi - lo) * i / count) for i in range(1, count)}
+    return [lo, *sorted(c for c in inner if lo < c < hi), hi]
 
-    def run_second(snapshot: str) -> None:
+
+def _read_pieces(conn: psycopg.Connection[Any], kind: BarKind, fixed: dict[str, Any], cuts: list[datetime]
+                 ) -> list[_Row] | None:
+    """Rows of ``[cuts[0], cuts[1])`` on `conn` and of each later piece on a connection of its
+    own, all at once and in one snapshot (exported by `conn`'s transaction), joined. A later
+    piece's running total starts from the sum of the range before it (the first piece's cut
+    minute and whole minutes up to the piece). None when the others cannot be opened or the
+    server cannot export a snapshot."""
+    others = [_sibling(conn) for _ in cuts[2:]]
+    if None in others:
+        for other in others:
+            if other is not None:
+                other.close()
+        return None
+    first = fixed | _ranges(cuts[0], cuts[1], candles=True)
+    later = [fixed | _ranges(a, b, candles=True) | {"ot_lo": cuts[0], "ot_hi": first["f_hi"], "oc_lo": first["c_lo"],
+                                                     "oc_hi": a}
+             for a, b in zip(cuts[1:], cuts[2:])]
+    results: list[dict[str, Any]] = [{} for _ in later]
+    imported = [threading.Event() for _ in later]
+
+    def run(other: psycopg.Connection[Any], params: dict[str, Any], result: dict[str, Any],
+            done: threading.Event, snapshot: str) -> None:
         try:
             with other.transaction():
                 other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-                imported.set()
-                result["rows"] = _run(other, bars_sql(kind, from_trades=False, offset=True), second)
+                done.set()
+                result["rows"] = _run(other, bars_sql(kind, from_trades=False, offset=True), params)
         except BaseException as exc:  # raised again in the caller's thread
             result["error"] = exc
         finally:
-            imported.set()
+            done.set()
 
     exported = False
     try:
-        with other, conn.transaction():
+        with ExitStack() as stack:
+            for other in others:
+                stack.enter_context(other)  # type: ignore[arg-type]
+            stack.enter_context(conn.transaction())
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
             exported = True
-            worker = threading.Thread(target=run_second, args=(snapshot,), name="bars-second-half", daemon=True)
-            worker.start()
-            imported.wait()
+            workers = [threading.Thread(target=run, args=(other, params, result, done, snapshot), daemon=True,
+                                        name=f"bars-piece-{i + 2}")
+                       for i, (other, params, result, done) in enumerate(zip(others, later, results, imported))]
+            for worker in workers:
+                worker.start()
+            for done in imported:
+                done.wait()
             try:
-                rows = _run(conn, bars_sql(kind, from_trades=False, first_cut=first["f_hi"] > lo), first)
+                rows = _run(conn, bars_sql(kind, from_trades=False, first_cut=first["f_hi"] > cuts[0]), first)
             except BaseException:
-                other.cancel_safe()
+                for other in others:
+                    other.cancel_safe()  # type: ignore[union-attr]
                 raise
             finally:
-                worker.join()
+                for worker in workers:
+                    worker.join()
     except psycopg.Error:
         if exported:
             raise
         return None  # a server that cannot export a snapshot: the range as one query
-    if "error" in result:
-        raise result["error"]
-    return _join_halves(rows, result["rows"], fixed["decimals"])
+    for result in results:
+        if "error" in result:
+            raise result["error"]
+    return _join([rows, *(result["rows"] for result in results)], fixed["decimals"])
 
 
 def read_bars(
@@ -415,7 +444,8 @@ def read_bars(
 ) -> list[InformationBar]:
     """Bars of `symbol`'s trades in ``[lo, hi)`` counted from `lo` (see the module's rule), vwap
     at `price_decimals`. A range of at least `parallel_span` (None: never) from the candle index
-    is computed in two halves at once, the second on a connection opened like `conn`."""
+    is cut into as many pieces as the server gives one parallel query, computed at once on
+    connections opened like `conn`."""
     kind = BarKind(kind)
     size = check_size(kind, size)
     if hi <= lo:
@@ -423,9 +453,12 @@ def read_bars(
     candles = not (from_trades or kind is BarKind.VALUE)
     fixed = {"symbol": symbol, "size": size, "decimals": price_decimals, "unit": Decimal(10) ** price_decimals}
     rows: list[_Row] | None = None
-    middle = floor_minute(lo + (hi - lo) / 2)
-    if candles and parallel_span is not None and hi - lo >= parallel_span and lo < middle:
-        rows = _read_halves(conn, kind, fixed, lo, middle, hi)
+    # not inside a transaction of the caller's: other connections would not see its writes
+    if candles and parallel_span is not None and hi - lo >= parallel_span \
+            and conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE:
+        cuts = _cuts(conn, lo, hi)
+        if len(cuts) > 2:
+            rows = _read_pieces(conn, kind, fixed, cuts)
     if rows is None:
         params = fixed | _ranges(lo, hi, candles=candles)
         with conn.transaction():

@@ -13,7 +13,6 @@ from kraken_hist import bars as bars_module
 from kraken_hist.bars import BarKind, bars_to_frame, check_size, read_bars
 from kraken_hist.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
-from kraken_hist.timeutils import floor_minute
 from kraken_hist.types import HistoricalTrade
 
 from .trade_data import store_trades
@@ -161,15 +160,14 @@ def test_a_start_inside_a_minute_leaves_out_its_earlier_trades(db_url, conn):
             assert_bars(bars, reference_bars(trades, kind, size, 1, lo, hi))
 
 
-@pytest.mark.parametrize("kind,size", [("tick", Decimal(37)), ("volume", Decimal("2.5"))])
-def test_a_long_range_in_two_halves_at_once_equals_one_query(db_url, history, kind, size, monkeypatch):
-    # The second half runs on a connection opened like the caller's, from the first half's
-    # running total, in the same snapshot; the bar both halves hold at the cut becomes one.
+@pytest.mark.parametrize("kind,size,workers", [("tick", Decimal(37), 2), ("volume", Decimal("2.5"), 1)])
+def test_a_long_range_in_pieces_at_once_equals_one_query(db_url, history, kind, size, workers, monkeypatch):
+    # As many pieces as the server gives one parallel query processes; the later ones run on
+    # connections opened like the caller's, from the running total before them, all in one
+    # snapshot; a bar two pieces hold at their cut becomes one.
     lo = T0 + timedelta(minutes=7, seconds=13, microseconds=5)
     hi = T0 + timedelta(hours=2, minutes=51, seconds=40)
-    middle = floor_minute(lo + (hi - lo) / 2)
     expected = reference_bars(history, kind, size, 1, lo, hi)
-    assert any(e["time"] < middle <= e["end_time"] for e in expected)  # a bar is cut by the halves
     queries = []
     run = bars_module._run
     monkeypatch.setattr(bars_module, "_run",
@@ -182,14 +180,20 @@ def test_a_long_range_in_two_halves_at_once_equals_one_query(db_url, history, ki
         return out, len({id(c) for c in queries})
 
     with psycopg.connect(db_url, autocommit=True, options="-c TimeZone=UTC") as conn:
-        halves, connections = read(conn, timedelta(minutes=30))
+        conn.execute(f"SET max_parallel_workers_per_gather = {workers}")
+        cuts = bars_module._cuts(conn, lo, hi)
+        assert len(cuts) == workers + 2
+        assert all(any(e["time"] < cut <= e["end_time"] for e in expected) for cut in cuts[1:-1])  # bars are cut
+        pieces, connections = read(conn, timedelta(minutes=30))
         one, single = read(conn, None)
-        assert (connections, single) == (2, 1)
-        assert halves == one
-        assert_bars(halves, expected)
-        # inside a transaction of the caller's a second connection would not see its writes: one query
+        assert (connections, single) == (workers + 1, 1)
+        assert pieces == one
+        assert_bars(pieces, expected)
+        # inside a transaction of the caller's other connections would not see its writes: one query
         with conn.transaction():
             assert read(conn, timedelta(minutes=30)) == (one, 1)
+        conn.execute("SET max_parallel_workers_per_gather = 0")  # a server that gives none: one query
+        assert read(conn, timedelta(minutes=30)) == (one, 1)
 
 
 def test_vwap_at_the_price_decimals_given(db_url, history):

@@ -351,13 +351,21 @@ def _sibling(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
         return None
 
 
+#: What summing a minute's candle for a later piece's running total costs, against computing
+#: bars over that minute (measured: ~1/12).
+_OFFSET_COST = 0.08
+
+
 def _cuts(conn: psycopg.Connection[Any], lo: datetime, hi: datetime) -> list[datetime]:
     """Where a long range is cut: into as many pieces as the server gives one parallel query
-    processes (max_parallel_workers_per_gather + 1), of equal time, at whole minutes."""
+    processes (max_parallel_workers_per_gather + 1), at whole minutes, each later piece a little
+    shorter so that summing the range before it evens out: piece i starts at the fraction
+    (1 - (1 - c)^i) / (1 - (1 - c)^n) of the range, c = _OFFSET_COST."""
     with conn.transaction():
         row = conn.execute("SELECT current_setting('max_parallel_workers_per_gather')::int").fetchone()
     count = 1 + max(0, row[0] if row else 0)
-    inner = {floor_minute(lo + (hi - lo) * i / count) for i in range(1, count)}
+    keep = 1 - _OFFSET_COST
+    inner = {floor_minute(lo + (hi - lo) * ((1 - keep ** i) / (1 - keep ** count))) for i in range(1, count)}
     return [lo, *sorted(c for c in inner if lo < c < hi), hi]
 
 

@@ -8,7 +8,7 @@ drops the database:
 * trades read (``get_trades``, ``get_trades_df``, ``replay_trades`` at speed 0) of `--read-rows`
   rows, in rows/s, divided by a raw psycopg fetch of the same rows (``execute().fetchall()``
   of the same SELECT: tuples of Decimals and nothing else) — goal >= 0.7x;
-* volume bars over the whole year (``get_bars``: two halves at once on two connections), in
+* volume bars over the whole year (``get_bars``: in pieces at once on several connections), in
   seconds — goal <= 2 s — and as one query on one connection (``read_bars(...,
   parallel_span=None)``); for scale, against one plain scan summing the year's trade volumes
   (what any exact pass over the trades costs at least);
@@ -154,11 +154,11 @@ def main() -> None:
             bar_runs = []
             for size in (Decimal(v) for v in args.bar_volume.split(",")):
                 bars = provider.get_bars(SYMBOL, "volume", size, first, year_hi, include_forming=True)
-                halves, single = [], []
+                pieces, single = [], []
                 for _ in range(args.repeat):  # alternating, so both see the same load
-                    halves += timed(lambda: provider.get_bars(SYMBOL, "volume", size, first, year_hi), 1)
+                    pieces += timed(lambda: provider.get_bars(SYMBOL, "volume", size, first, year_hi), 1)
                     single += timed(lambda: one_query(size), 1)
-                bar_runs.append((size, len(bars), halves, single))
+                bar_runs.append((size, len(bars), pieces, single))
 
         def scan() -> None:
             with psycopg.connect(url) as conn:

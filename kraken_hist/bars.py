@@ -28,9 +28,10 @@ read trade by trade. Value bars need Σp·v per minute, which candles do not kee
 ``from_trades=True``) build the minute index from the trades themselves — exact whatever the
 candles say, and slower. The candle index is as good as the candles: a minute whose candle
 disagrees with its trades is a ``candles`` gap (``kraken-hist gaps`` finds it, ``--fill``
-repairs it). A long range from the candle index is computed in two halves at once, on the
-caller's connection and a second one opened like it (the second half's running total starts
-from the first half's, summed from the same candles), and the bar the halves share is joined.
+repairs it). A long range from the candle index is cut into as many pieces as the server gives
+one parallel query processes, computed at once on the caller's connection and others opened like
+it, in one snapshot; a later piece's running total starts from the sum of the range before it
+(from the same candles), and a bar two pieces share is joined.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ WITH cuts AS MATERIALIZED (
 )
 SELECT b.bar, coalesce(f.time, b.first_time), coalesce(l.time, b.last_time),
        coalesce(f.price, b.first_price), b.high, b.low, coalesce(l.price, b.last_price), b.volume,
-       CASE WHEN lag(b.bar) OVER o IS NULL OR lead(b.bar) OVER o IS NULL THEN b.weight END,  -- to join halves
+       CASE WHEN lag(b.bar) OVER o IS NULL OR lead(b.bar) OVER o IS NULL THEN b.weight END,  -- to join pieces
        CASE WHEN b.volume > 0 THEN trunc(div(b.weight * %(unit)s, b.volume) / %(unit)s, %(decimals)s) END,
        b.trades::bigint, coalesce(f.trade_id, b.first_id), coalesce(l.trade_id, b.last_id),
        b.bar < div(coalesce((SELECT max(after) FROM groups), (SELECT o + f FROM cuts)) + (SELECT l FROM cuts), %(size)s)
@@ -305,7 +306,7 @@ def _ranges(lo: datetime, hi: datetime, *, candles: bool) -> dict[str, Any]:
 
 
 #: A row of the query: bar, first time, last time, open, high, low, close, volume, weight (of the
-#: first and the last bar only: what joining two halves needs), vwap, trades, first id, last id, complete.
+#: first and the last bar only: what joining pieces needs), vwap, trades, first id, last id, complete.
 _Row = tuple[Any, ...]
 
 

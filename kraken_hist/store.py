@@ -185,8 +185,9 @@ def add_coverage_many(conn: psycopg.Connection, source: str, spans: Iterable[tup
     kept = [(symbol, check_aware(start, "start"), check_aware(end, "end")) for symbol, start, end in spans]
     kept = [span for span in kept if span[1] < span[2]]
     if kept:
-        conn.execute(_ADD_COVERAGE, {"source": source, "symbol": [s[0] for s in kept], "lo": [s[1] for s in kept],
-                                     "hi": [s[2] for s in kept]})
+        conn.execute(_ADD_COVERAGE, {"source": source, "symbol": text_array(s[0] for s in kept),
+                                     "lo": text_array(s[1].isoformat() for s in kept),
+                                     "hi": text_array(s[2].isoformat() for s in kept)})
 
 
 def read_coverage(
@@ -266,10 +267,10 @@ def advance_sync_status(conn: psycopg.Connection, data_type: str,
     statement. Returns the symbols that moved."""
     if not frontiers:
         return []
-    rows = conn.execute(_ADVANCE_SYNC, {
-        "data_type": data_type, "details": Jsonb(details), "symbol": [f[0] for f in frontiers],
-        "last_time": [f[1] for f in frontiers], "cursor": [f[2] for f in frontiers],
-        "last_trade_id": [f[3] for f in frontiers]}).fetchall()
+    rows = conn.execute(_ADVANCE_SYNC, {  # arrays as literals: one string each for the driver
+        "data_type": data_type, "details": Jsonb(details), "symbol": text_array(f[0] for f in frontiers),
+        "last_time": text_array(check_aware(f[1], "last_time").isoformat() for f in frontiers),
+        "cursor": text_array(f[2] for f in frontiers), "last_trade_id": number_array(f[3] for f in frontiers)}).fetchall()
     return [row[0] for row in rows]
 
 

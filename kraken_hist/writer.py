@@ -619,6 +619,14 @@ class _CandleSums:
         """Hold `sums` for `minute` after COMMIT (None: forget it)."""
         self._staged.setdefault(symbol, {})[minute] = sums if minute >= self.horizon(symbol) else None
 
+    def stage_merged(self, merged: BatchSums) -> None:
+        """:meth:`stage` every merged summary of a batch."""
+        for symbol, by_minute in merged.items():
+            horizon = self.horizon(symbol)
+            staged = self._staged.setdefault(symbol, {})
+            for minute, sums in by_minute.items():
+                staged[minute] = sums if minute >= horizon else None
+
     def commit(self) -> None:
         """The transaction committed: apply what it staged, forget minutes left behind."""
         for symbol, newest in self._staged_newest.items():
@@ -692,27 +700,21 @@ class _CandleSums:
         return len(rows)
 
 
+_SUMS_COLUMNS = ("symbol", "decimals", "minute", "open", "high", "low", "close", "notional", "volume", "trades")
+
+
 def _upsert_from_sums(conn: psycopg.Connection, merged: dict[str, dict[int, Sums]],
                       decimals: dict[str, int]) -> None:
     """Write the candles of merged Sums, every symbol in one statement, and note the changes."""
-    columns: dict[str, list] = {name: [] for name in (
-        "symbol", "decimals", "minute", "open", "high", "low", "close", "notional", "volume", "trades")}
-    changed: tuple[list[str], list[int], list[int]] = ([], [], [])
-    for symbol, by_minute in merged.items():
-        places = decimals[symbol]
-        for minute in sorted(by_minute):
-            row = by_minute[minute]
-            for name, value in (("symbol", symbol), ("decimals", places), ("minute", minute), ("open", row[7]),
-                                ("high", row[3]), ("low", row[4]), ("close", row[10]), ("notional", row[2]),
-                                ("volume", row[1]), ("trades", row[0])):
-                columns[name].append(value)
-        for start, end in _minute_number_runs(by_minute):
-            changed[0].append(symbol)
-            changed[1].append(start)
-            changed[2].append(end)
+    rows = [(symbol, decimals[symbol], minute, r[7], r[3], r[4], r[10], r[2], r[1], r[0])
+            for symbol, by_minute in merged.items() for minute, r in by_minute.items()]
+    columns = list(zip(*rows))  # one transposition for every pair's rows
     conn.execute(_UPSERT_FROM_SUMS, {name: _text_literal(values) if name == "symbol" else _literal(values)
-                                     for name, values in columns.items()})
-    store.record_candle_minute_changes(conn, *changed)
+                                     for name, values in zip(_SUMS_COLUMNS, columns)})
+    changed = [(symbol, start, end) for symbol, by_minute in merged.items()
+               for start, end in _minute_number_runs(by_minute)]
+    if changed:
+        store.record_candle_minute_changes(conn, *zip(*changed))
 
 
 def backoff_delay(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> float:
@@ -782,6 +784,7 @@ class DatabaseWriter:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._registry = registry
+        self._price_decimals: dict[str, int] = {}
         self._check_symbol = _SymbolCheck(lambda: self.registry)
         self._encode_trade = _TradeEncoder(self._check_symbol)
         self._state = "new"  # new → running → stopping → stopped
@@ -1662,16 +1665,13 @@ class DatabaseWriter:
         from exact Sums where the held summary is proven current (every symbol in one
         statement), rebuilt from stored trades otherwise."""
         cache = self._candle_sums
-        pairs = self.registry
         rebuild: dict[str, list[tuple[datetime, datetime]]] = {}
         if checks is not None and batch_sums is not None:
             plans = cache.classify(batch_sums, checks)
             merged = {symbol: plan[0] for symbol, plan in plans.items() if plan[0]}
             if merged:
-                _upsert_from_sums(conn, merged, {symbol: pairs.get(symbol).price_decimals for symbol in merged})
-                for symbol, sums_by_minute in merged.items():
-                    for minute, sums in sums_by_minute.items():
-                        cache.stage(symbol, minute, sums)
+                _upsert_from_sums(conn, merged, {symbol: self._decimals(symbol) for symbol in merged})
+                cache.stage_merged(merged)
             for symbol, (symbol_merged, doubtful) in plans.items():
                 counts["candles_incremental"] += len(symbol_merged)
                 counts["candles_fallback"] += len(doubtful)
@@ -1684,10 +1684,17 @@ class DatabaseWriter:
             if fast:
                 counts["candles_fallback"] += sum(len(doubtful) for doubtful in doubtful_by_symbol.values())
         for symbol, runs in rebuild.items():
-            decimals = pairs.get(symbol).price_decimals
+            decimals = self._decimals(symbol)
             for start, end in runs:
                 counts["candles_rebuilt"] += store.rebuild_candles(conn, symbol, start, end, decimals=decimals)
             counts["candles_seeded"] += cache.seed(conn, symbol, doubtful_by_symbol[symbol])
+
+    def _decimals(self, symbol: str) -> int:
+        """The pair's price decimals (looked up once per symbol: the flush asks for hundreds)."""
+        places = self._price_decimals.get(symbol)
+        if places is None:
+            places = self._price_decimals[symbol] = self.registry.get(symbol).price_decimals
+        return places
 
     def _store_candles(self, conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, int]:
         latest: dict[tuple[str, datetime], tuple] = {}

@@ -421,6 +421,28 @@ def _copy_trades(conn: psycopg.Connection, table: str, chunk: TradeChunk) -> Non
 
 # --------------------------------------------------------------------------- the importer
 
+#: Attempts at a chunk's transaction that the server ended to break a deadlock or a
+#: serialization conflict (TimescaleDB's compression job converting the chunk being written,
+#: say): the chunk is stored whole or not at all, so it is simply stored again.
+CHUNK_ATTEMPTS = 5
+
+
+def _retried(conn: psycopg.Connection, work: Callable[[], T]) -> T:
+    """`work` in one transaction on `conn`, run again (up to CHUNK_ATTEMPTS times) when the
+    server rolls it back as a deadlock victim or for a serialization failure."""
+    for attempt in range(1, CHUNK_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                return work()
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+            if attempt == CHUNK_ATTEMPTS:
+                raise
+            log.warning("csv import: a chunk's transaction was rolled back (%s); storing it again",
+                        str(exc).strip().splitlines()[0], extra={"event": "csv_import_chunk_retry"})
+            time.sleep(0.05 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 class BulkCSVImporter:
     """Import Kraken's downloadable CSV history (plain files, directories, zip archives).
 
@@ -784,9 +806,7 @@ class BulkCSVImporter:
                 assert start is not None
                 claim = (start, max(start, chunk.last_time))
                 covered_to = claim[1]
-            with conn.transaction():
-                ownership.lock_symbol(conn, symbol)
-                counts = self._store_trade_chunk(conn, symbol, chunk, layout.has_ids, claim, holes)
+            counts = _retried(conn, lambda: self._locked_chunk(conn, symbol, chunk, layout.has_ids, claim, holes))
             self._count(tally, chunk, counts, layout.has_ids)
         return covered_to
 
@@ -853,11 +873,9 @@ class BulkCSVImporter:
     def _store_plain_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk,
                            claim: tuple[datetime, datetime] | None,
                            holes: Sequence[tuple[datetime, datetime]]) -> tuple[int, int, int, int]:
-        with conn.transaction():
-            # shared: this import's chunks claim disjoint seconds; every other writer of the
-            # symbol takes the lock exclusively and waits for them (and they for it)
-            ownership.lock_symbol(conn, symbol, shared=True)
-            return self._store_trade_chunk(conn, symbol, chunk, False, claim, holes)
+        # shared: this import's chunks claim disjoint seconds; every other writer of the
+        # symbol takes the lock exclusively and waits for them (and they for it)
+        return _retried(conn, lambda: self._locked_chunk(conn, symbol, chunk, False, claim, holes, shared=True))
 
     def _count(self, tally: _Tally, chunk: TradeChunk, counts: tuple[int, int, int, int], has_ids: bool) -> None:
         inserted, duplicates, candles, owned = counts
@@ -868,6 +886,12 @@ class BulkCSVImporter:
         if has_ids and chunk.rows:
             tally.max_id = max(tally.max_id or chunk.max_id, chunk.max_id)
         self._advance(tally, chunk)
+
+    def _locked_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk, has_ids: bool,
+                      claim: tuple[datetime, datetime] | None, holes: Sequence[tuple[datetime, datetime]],
+                      *, shared: bool = False) -> tuple[int, int, int, int]:
+        ownership.lock_symbol(conn, symbol, shared=shared)
+        return self._store_trade_chunk(conn, symbol, chunk, has_ids, claim, holes)
 
     def _store_trade_chunk(self, conn: psycopg.Connection, symbol: str, chunk: TradeChunk, has_ids: bool,
                            claim: tuple[datetime, datetime] | None,

@@ -505,3 +505,31 @@ def test_exchange_candles_are_checked_against_our_aggregates(db_url, tmp_path, t
     assert compare_exchange_candles(db_url, SYMBOL, 60, use_relation=False).missing_ours == 1
 
 
+
+
+def test_a_chunk_rolled_back_as_a_deadlock_victim_is_stored_again(db_url, tmp_path, monkeypatch):
+    """TimescaleDB's compression job may deadlock with an import writing into the chunk it
+    converts; the server then rolls the import's chunk back. The chunk is stored again: the
+    import completes with every row once."""
+    import psycopg.errors
+
+    from kraken_hist.csv_import import BulkCSVImporter
+
+    rows = generate(300, seed=11)
+    trades = as_trades(rows)
+    path = write(tmp_path / "XBTUSD.csv", time_and_sales_text(rows))
+    real = BulkCSVImporter._store_trade_chunk
+    victims = []
+
+    def once_a_victim(self, conn, *args, **kwargs):
+        counts = real(self, conn, *args, **kwargs)  # the work is done, then the server ends it
+        if len(victims) < 2:
+            victims.append(1)
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return counts
+
+    monkeypatch.setattr(BulkCSVImporter, "_store_trade_chunk", once_a_victim)
+    result = BulkCSVImporter(db_url, chunk_size=1000).import_csv_file(path)
+    assert len(victims) == 2 and result.ok and result.imported == len(trades)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT trade_id) FROM trades").fetchone() == (len(trades), len(trades))

@@ -136,22 +136,14 @@ def rebuild_candles(conn: psycopg.Connection, symbol: str, start: datetime, end:
 
 def record_candle_change(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime) -> None:
     """Note that 1-minute candles in ``[start, end)`` changed, for the incremental aggregate refresh."""
-    record_candle_changes(conn, [(symbol, start, end)])
-
-
-def record_candle_changes(conn: psycopg.Connection, changes: Sequence[tuple[str, datetime, datetime]]) -> None:
-    """:func:`record_candle_change` for many (symbol, start, end) windows, in one statement."""
-    if not changes:
-        return
-    windows = [minute_window(start, end) for _, start, end in changes]
-    record_candle_minute_changes(conn, [symbol for symbol, _, _ in changes],
-                                 [int(lo.timestamp()) // 60 for lo, _ in windows],
-                                 [int(hi.timestamp()) // 60 for _, hi in windows])
+    lo, hi = minute_window(start, end)
+    record_candle_minute_changes(conn, [symbol], [int(lo.timestamp()) // 60], [int(hi.timestamp()) // 60])
 
 
 def record_candle_minute_changes(conn: psycopg.Connection, symbols: Sequence[str], starts: Sequence[int],
                                  ends: Sequence[int]) -> None:
-    """:func:`record_candle_changes` of windows given in minute numbers (since the epoch)."""
+    """:func:`record_candle_change` for many windows at once, given in minute numbers (since the
+    epoch): one statement for every pair of a writer's batch."""
     if symbols:
         conn.execute(
             "INSERT INTO candle_changes (symbol, start_time, end_time) SELECT s, to_timestamp(lo * 60), "

@@ -560,23 +560,19 @@ def _at(minute: int) -> datetime:
     return datetime.fromtimestamp(minute * 60, UTC)
 
 
-_literal = number_array
-_text_literal = text_array
-
-
 def _probe_params(meta: dict[str, list]) -> dict[str, Any]:
     """_PROBE_TRADES' and ARCHIVE_TOUCHES_ANY's parameters (array literals: no per-element
     work in the driver): per symbol its id range and first and last minute; the whole span."""
     entries = meta.values()
     firsts, lasts = [min(e[2]) for e in entries], [max(e[2]) for e in entries]
-    return {"symbol": _text_literal(meta), "low": _literal(e[0] for e in entries),
-            "high": _literal(e[1] for e in entries), "first": _literal(firsts), "last": _literal(lasts),
+    return {"symbol": text_array(meta), "low": number_array(e[0] for e in entries),
+            "high": number_array(e[1] for e in entries), "first": number_array(firsts), "last": number_array(lasts),
             "slack": store.IDENTITY_TIME_SLACK, **store.identity_window(_at(min(firsts)), _at(max(lasts) + 1))}
 
 
 def _pairs_params(symbols: list[str], minutes: list[int]) -> dict[str, Any]:
     """(symbol, minute) pairs as _STORED_CANDLES and _MINUTES_WITH_TRADES take them."""
-    return {"symbol": _text_literal(symbols), "minute": _literal(minutes), "lo": _at(min(minutes)),
+    return {"symbol": text_array(symbols), "minute": number_array(minutes), "lo": _at(min(minutes)),
             "hi": _at(max(minutes) + 1)}
 
 
@@ -694,7 +690,7 @@ class _CandleSums:
             self.stage(symbol, minute, None)
         if not recent:
             return 0
-        rows = conn.execute(_MINUTE_SUMS, {"symbol": symbol, "minutes": _literal(recent)}).fetchall()
+        rows = conn.execute(_MINUTE_SUMS, {"symbol": symbol, "minutes": number_array(recent)}).fetchall()
         for row in rows:
             self.stage(symbol, _minute_of(row[0]), list(row[1:]))
         return len(rows)
@@ -709,7 +705,7 @@ def _upsert_from_sums(conn: psycopg.Connection, merged: dict[str, dict[int, Sums
     rows = [(symbol, decimals[symbol], minute, r[7], r[3], r[4], r[10], r[2], r[1], r[0])
             for symbol, by_minute in merged.items() for minute, r in by_minute.items()]
     columns = list(zip(*rows))  # one transposition for every pair's rows
-    conn.execute(_UPSERT_FROM_SUMS, {name: _text_literal(values) if name == "symbol" else _literal(values)
+    conn.execute(_UPSERT_FROM_SUMS, {name: text_array(values) if name == "symbol" else number_array(values)
                                      for name, values in zip(_SUMS_COLUMNS, columns)})
     changed = [(symbol, start, end) for symbol, by_minute in merged.items()
                for start, end in _minute_number_runs(by_minute)]

@@ -1,5 +1,5 @@
 """``python -m kraken_hist`` is the ``kraken-hist`` command."""
 
-from .cli import main
+from kraken_hist.cli import main
 
 main()

@@ -23,10 +23,10 @@ import redis
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from .config import Settings, settings_or_env
-from .errors import TransientError
-from .locks import DEFAULT_TTL, hold, lock_name
-from .timeutils import parse_time
+from kraken_hist.core.config import Settings, settings_or_env
+from kraken_hist.core.errors import TransientError
+from kraken_hist.ops.locks import DEFAULT_TTL, hold, lock_name
+from kraken_hist.core.timeutils import parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def _run_locked(
 def _resolve(settings: Settings, names: list[str] | tuple[str, ...]) -> list[str]:
     """Task arguments in any Kraken spelling, patterns or ``all`` → canonical symbols (the
     database's pair table, Kraken's AssetPairs for names it does not know yet)."""
-    from .migrate import prepare_database
-    from .pair_store import resolver_for
+    from kraken_hist.storage.migrate import prepare_database
+    from kraken_hist.storage.pair_store import resolver_for
 
     return resolver_for(settings, prepare_database(settings=settings)).expand(names)
 
@@ -156,7 +156,7 @@ def backfill_symbol(self: Task, symbol: str, since: str | None = None, until: st
     report = {"symbol": wanted[0] if len(wanted) == 1 else symbol, "since": _iso(start), "until": _iso(end)}
 
     def work(mine: list[str | None]) -> Any:
-        from .backfill import KrakenTradesBackfill
+        from kraken_hist.ingest.backfill import KrakenTradesBackfill
 
         service = KrakenTradesBackfill(settings=settings)
         try:
@@ -179,7 +179,7 @@ def fill_gaps(self: Task, symbols: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"symbols": wanted}
 
     def work(mine: list[str | None]) -> Any:
-        from .gap_filler import GapFiller
+        from kraken_hist.gaps.filler import GapFiller
 
         service = GapFiller(symbols=[s for s in mine if s], settings=settings)
         try:
@@ -201,8 +201,8 @@ def refresh_aggregates(
     report = {"symbol": canonical, "start": _iso(lo), "end": _iso(hi)}
 
     def work(_: list[str | None]) -> Any:
-        from .migrate import prepare_database
-        from .refresh import refresh_aggregates as refresh
+        from kraken_hist.storage.migrate import prepare_database
+        from kraken_hist.storage.refresh import refresh_aggregates as refresh
 
         return refresh(prepare_database(settings=settings), canonical, lo, hi)
 
@@ -225,10 +225,10 @@ def import_csv(self: Task, path: str, symbol: str | None = None) -> dict[str, An
     report = {"path": str(target), "symbol": canonical}
 
     def work(_: list[str | None]) -> Any:
-        from .csv_import import BulkCSVImporter
+        from kraken_hist.ingest.archive.importer import BulkCSVImporter
 
-        from .migrate import prepare_database
-        from .pair_store import resolver_for
+        from kraken_hist.storage.migrate import prepare_database
+        from kraken_hist.storage.pair_store import resolver_for
 
         url = prepare_database(settings=settings)
         importer = BulkCSVImporter(url, settings=settings, resolver=resolver_for(settings, url))

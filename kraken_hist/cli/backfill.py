@@ -9,11 +9,11 @@ import click
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..backfill import BackfillProgress, BackfillResult, KrakenTradesBackfill
-from ..migrate import prepare_database
-from ..rest_client import KrakenRestClient
-from ..timeutils import floor_minute, utcnow
-from .common import friendly_errors, parse_time_option, resolve_symbols, settings_from
+from kraken_hist.ingest.backfill import BackfillProgress, BackfillResult, KrakenTradesBackfill
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.kraken.rest_client import KrakenRestClient
+from kraken_hist.core.timeutils import floor_minute, utcnow
+from kraken_hist.cli.common import friendly_errors, parse_time_option, resolve_symbols, settings_from
 
 
 class _Bars:

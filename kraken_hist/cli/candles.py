@@ -10,14 +10,14 @@ from typing import Any, Sequence
 
 import click
 
-from ..aggregates import vwap_at_decimals
-from ..intervals import Interval
-from ..migrate import prepare_database
-from ..pair_store import database_registry
-from ..provider import HistoricalDataProvider
-from ..refresh import refresh_aggregates
-from ..types import HistoricalCandle
-from .common import friendly_errors, parse_time_option, resolve_symbols, settings_from
+from kraken_hist.rules.candles import vwap_at_decimals
+from kraken_hist.core.intervals import Interval
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.storage.pair_store import database_registry
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.storage.refresh import refresh_aggregates
+from kraken_hist.core.types import HistoricalCandle
+from kraken_hist.cli.common import friendly_errors, parse_time_option, resolve_symbols, settings_from
 
 FIELDS = ("time", "open", "high", "low", "close", "volume", "vwap", "trades")
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from ..charts import write_candles_chart, write_coverage_map
-from ..coverage_map import read_coverage_map
-from ..intervals import Interval
-from ..migrate import prepare_database
-from ..provider import HistoricalDataProvider
-from .candles import _interval_option, _time_option
-from .common import friendly_errors, resolve_symbols, settings_from
+from kraken_hist.query.charts import write_candles_chart, write_coverage_map
+from kraken_hist.query.coverage_map import read_coverage_map
+from kraken_hist.core.intervals import Interval
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.cli.candles import _interval_option, _time_option
+from kraken_hist.cli.common import friendly_errors, resolve_symbols, settings_from
 
 
 @click.command()

@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import click
 
-from ..config import Settings, settings_or_env
-from ..errors import KrakenHistError
+from kraken_hist.core.config import Settings, settings_or_env
+from kraken_hist.core.errors import KrakenHistError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +32,7 @@ def resolve_symbols(settings: Settings, db_url: str, names: Iterable[str], *, cl
     """Names in any of Kraken's spellings, patterns (``*/USD``) or ``all`` → canonical symbols,
     through the database's pair table; a name it does not know is looked up in Kraken's
     AssetPairs once (and stored), so every listed pair works from every command."""
-    from ..pair_store import resolver_for
+    from kraken_hist.storage.pair_store import resolver_for
 
     return resolver_for(settings, db_url, client=client).expand(names)
 
@@ -91,7 +91,7 @@ def parse_time_option(_ctx: click.Context | None, param: click.Parameter | None,
     aware datetime; a usage error naming the option when it is not a time a datetime holds."""
     if value is None or value == "":
         return None
-    from ..timeutils import parse_time
+    from kraken_hist.core.timeutils import parse_time
 
     try:
         return parse_time(value)

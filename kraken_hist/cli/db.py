@@ -7,13 +7,13 @@ from datetime import timedelta
 
 import click
 
-from .. import migrate
-from ..config import mask_password
-from ..db import is_embedded_url, resolve_database_url
-from ..embedded import embedded_pgdata, is_running, start_embedded, stop_embedded
-from ..errors import DatabaseUnavailableError
-from ..timescale import TradeStorage
-from .common import friendly_errors, settings_from
+from kraken_hist.storage import migrate
+from kraken_hist.core.config import mask_password
+from kraken_hist.storage.db import is_embedded_url, resolve_database_url
+from kraken_hist.storage.embedded import embedded_pgdata, is_running, start_embedded, stop_embedded
+from kraken_hist.core.errors import DatabaseUnavailableError
+from kraken_hist.storage.timescale import TradeStorage
+from kraken_hist.cli.common import friendly_errors, settings_from
 
 
 @click.group()

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import click
 
-from ..config import Settings
-from ..intervals import Interval
-from ..timeutils import floor_minute, utcnow
-from .common import settings_from
+from kraken_hist.core.config import Settings
+from kraken_hist.core.intervals import Interval
+from kraken_hist.core.timeutils import floor_minute, utcnow
+from kraken_hist.cli.common import settings_from
 
 DEMO_DATABASE_SUFFIX = "_demo"
 
 
 def demo_database_url(settings: Settings) -> tuple[str, str]:
     """(URL, what it is) of the demo's database: never the database `settings` use."""
-    from ..db import libpq_url
+    from kraken_hist.storage.db import libpq_url
 
     if settings.database_url:
         from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -40,7 +40,7 @@ def demo_database_url(settings: Settings) -> tuple[str, str]:
         name = user_name[: 63 - len(DEMO_DATABASE_SUFFIX)] + DEMO_DATABASE_SUFFIX
         url = urlunsplit(parts._replace(path="/" + quote(name)))
         return url, f"database {name!r}, created for the demo on your configured server"
-    from ..embedded import embedded_pgdata, start_embedded
+    from kraken_hist.storage.embedded import embedded_pgdata, start_embedded
 
     data_dir = demo_data_dir(settings)
     return start_embedded(data_dir), f"an embedded PostgreSQL of its own in {embedded_pgdata(data_dir)}"
@@ -57,7 +57,7 @@ def recreate_database(url: str, settings: Settings) -> None:
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from ..embedded import embedded_pgdata
+    from kraken_hist.storage.embedded import embedded_pgdata
 
     params = conninfo_to_dict(url)
     name = str(params["dbname"])
@@ -106,13 +106,13 @@ def demo(ctx: click.Context, symbol: str, stream_seconds: float, hours: int) -> 
     Imports a generated archive, backfills through REST, streams live trades, shows candles and
     gaps, then says what to run against the real exchange.
     """
-    from ..migrate import upgrade
-    from ..testing.fake_exchange import FakeExchange
-    from .backfill import backfill
-    from .candles import candles
-    from .gaps import gaps
-    from .imports import import_command
-    from .stream import stream
+    from kraken_hist.storage.migrate import upgrade
+    from kraken_hist.testing.fake_exchange import FakeExchange
+    from kraken_hist.cli.backfill import backfill
+    from kraken_hist.cli.candles import candles
+    from kraken_hist.cli.gaps import gaps
+    from kraken_hist.cli.imports import import_command
+    from kraken_hist.cli.stream import stream
 
     user = settings_from(ctx)
     began = time.monotonic()

@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from ..db import connect, translate_errors
-from ..export import ExportKind, Partition, Piece, export, plan_pieces
-from ..intervals import Interval
-from ..migrate import prepare_database
-from ..timeutils import utcnow
-from .candles import _interval_option, _time_option
-from .common import friendly_errors, resolve_symbols, settings_from
+from kraken_hist.storage.db import connect, translate_errors
+from kraken_hist.query.export import ExportKind, Partition, Piece, export, plan_pieces
+from kraken_hist.core.intervals import Interval
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.core.timeutils import utcnow
+from kraken_hist.cli.candles import _interval_option, _time_option
+from kraken_hist.cli.common import friendly_errors, resolve_symbols, settings_from
 
 
 def _stored_range(url: str, kind: ExportKind, symbol: str) -> tuple[datetime | None, datetime | None]:

@@ -8,10 +8,10 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from ..gap_filler import GapFill, GapFiller, GapFillReport
-from ..migrate import prepare_database
-from ..types import DataGap, GapKind
-from .common import friendly_errors, parse_time_option, resolve_symbols, settings_from
+from kraken_hist.gaps.filler import GapFill, GapFiller, GapFillReport
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.core.types import DataGap, GapKind
+from kraken_hist.cli.common import friendly_errors, parse_time_option, resolve_symbols, settings_from
 
 
 def _row(gap: DataGap) -> tuple[str, ...]:

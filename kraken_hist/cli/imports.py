@@ -11,10 +11,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from ..csv_import import BulkCSVImporter, ImportResult
-from ..migrate import prepare_database
-from ..pair_store import resolver_for
-from .common import friendly_errors, settings_from
+from kraken_hist.ingest.archive.importer import BulkCSVImporter, ImportResult
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.storage.pair_store import resolver_for
+from kraken_hist.cli.common import friendly_errors, settings_from
 
 SHOWN_BAD_LINES = 5
 

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
-from ..config import settings_or_env
-from ..errors import KrakenHistError
-from .common import Commands, setup_logging
-from .backfill import backfill
-from .candles import candles, refresh
-from .charts import chart, coverage
-from .db import db
-from .demo import demo
-from .export import export_command
-from .gaps import gaps
-from .imports import import_command
-from .pairs import pairs
-from .stream import stream
-from .tasks import task
+from kraken_hist import __version__
+from kraken_hist.core.config import settings_or_env
+from kraken_hist.core.errors import KrakenHistError
+from kraken_hist.cli.common import Commands, setup_logging
+from kraken_hist.cli.backfill import backfill
+from kraken_hist.cli.candles import candles, refresh
+from kraken_hist.cli.charts import chart, coverage
+from kraken_hist.cli.db import db
+from kraken_hist.cli.demo import demo
+from kraken_hist.cli.export import export_command
+from kraken_hist.cli.gaps import gaps
+from kraken_hist.cli.imports import import_command
+from kraken_hist.cli.pairs import pairs
+from kraken_hist.cli.stream import stream
+from kraken_hist.cli.tasks import task
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from ..db import connect
-from ..migrate import prepare_database
-from ..pair_store import database_registry, matches, read_pairs, resolver_for, write_pairs
-from ..pairs import Pair
-from .common import friendly_errors, settings_from
+from kraken_hist.storage.db import connect
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.storage.pair_store import database_registry, matches, read_pairs, resolver_for, write_pairs
+from kraken_hist.core.pairs import Pair
+from kraken_hist.cli.common import friendly_errors, settings_from
 
 # Per pair from the daily candles (small whatever the history): trades and the stored range.
 _STORED = """
@@ -40,8 +40,9 @@ def _as_dict(pair: Pair, stored: tuple[int, Any, Any] | None) -> dict[str, Any]:
 def _set_decimals(url: str, spec: str) -> Pair:
     """``SYMBOL=N``: correct a pair's price decimals (one inferred from a file), rebuild its
     1-minute candles (their vwap is rounded to those decimals) and its aggregates."""
-    from .. import ownership, store
-    from ..refresh import refresh_aggregates
+    from kraken_hist.storage import ownership
+    from kraken_hist.storage import store
+    from kraken_hist.storage.refresh import refresh_aggregates
 
     name, _, value = spec.partition("=")
     if not value.strip().isdigit():

@@ -20,16 +20,16 @@ from typing import Any
 import click
 import psycopg
 
-from ..backfill import KrakenTradesBackfill
-from ..errors import UnknownSymbolError
-from ..live import WebSocketDBIntegration
-from ..metrics import StreamCollector, TradeTracker, stream_health
-from ..migrate import prepare_database
-from ..pair_store import database_registry
-from ..rest_client import KrakenRestClient
-from ..writer import DatabaseWriter
-from ..ws_client import KrakenWSClient
-from .common import friendly_errors, resolve_symbols, settings_from
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.core.errors import UnknownSymbolError
+from kraken_hist.ingest.live import WebSocketDBIntegration
+from kraken_hist.ops.metrics import StreamCollector, TradeTracker, stream_health
+from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.storage.pair_store import database_registry
+from kraken_hist.kraken.rest_client import KrakenRestClient
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.kraken.ws_client import KrakenWSClient
+from kraken_hist.cli.common import friendly_errors, resolve_symbols, settings_from
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class StreamMetrics:
                  health: Any) -> None:
         from prometheus_client import REGISTRY
 
-        from ..metrics import DatabaseCollector, LimiterCollector, MetricsServer
+        from kraken_hist.ops.metrics import DatabaseCollector, LimiterCollector, MetricsServer
 
         self.registry = REGISTRY
         self.collectors = [collector, DatabaseCollector(db_url, settings), LimiterCollector(rest.limiter)]
@@ -187,8 +187,8 @@ class PeriodicRefresh:
     def run(self) -> None:
         if self.every <= 0:
             return
-        from ..errors import KrakenHistError
-        from ..refresh import refresh_aggregates
+        from kraken_hist.core.errors import KrakenHistError
+        from kraken_hist.storage.refresh import refresh_aggregates
 
         self._due = time.monotonic() + self.every
         try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .common import friendly_errors, settings_from
+from kraken_hist.cli.common import friendly_errors, settings_from
 
 
 @click.group("task")

@@ -23,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from ..timeutils import to_unix_seconds
-from .fake_rest import FakeKrakenREST, demo_market
-from .fake_ws import FakeKrakenWS
-from .market import FakeMarket
+from kraken_hist.core.timeutils import to_unix_seconds
+from kraken_hist.testing.fake_rest import FakeKrakenREST, demo_market
+from kraken_hist.testing.fake_ws import FakeKrakenWS
+from kraken_hist.testing.market import FakeMarket
 
 logger = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..timeutils import EPOCH, floor_minute, to_unix_ns, to_unix_seconds, utcnow
-from .history import format_trade_time, generate_trades
-from .market import FakeMarket
-from .universe import Listing, default_universe
+from kraken_hist.core.timeutils import EPOCH, floor_minute, to_unix_ns, to_unix_seconds, utcnow
+from kraken_hist.testing.history import format_trade_time, generate_trades
+from kraken_hist.testing.market import FakeMarket
+from kraken_hist.testing.universe import Listing, default_universe
 
 logger = logging.getLogger(__name__)
 

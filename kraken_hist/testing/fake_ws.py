@@ -29,10 +29,10 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
-from ..intervals import Interval
-from ..timeutils import EPOCH, utcnow
-from ..types import HistoricalCandle, HistoricalTrade
-from .market import FakeMarket
+from kraken_hist.core.intervals import Interval
+from kraken_hist.core.timeutils import EPOCH, utcnow
+from kraken_hist.core.types import HistoricalCandle, HistoricalTrade
+from kraken_hist.testing.market import FakeMarket
 
 logger = logging.getLogger(__name__)
 
@@ -640,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m kraken_hist.testing.fake_ws --port 8081``: serve generated trades, live."""
     import argparse
 
-    from .fake_rest import demo_market
+    from kraken_hist.testing.fake_rest import demo_market
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8081)

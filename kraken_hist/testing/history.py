@@ -13,9 +13,9 @@ import random
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from .universe import default_universe
-from ..timeutils import EPOCH, check_aware, floor_minute, to_unix_ns
-from ..types import HistoricalTrade
+from kraken_hist.testing.universe import default_universe
+from kraken_hist.core.timeutils import EPOCH, check_aware, floor_minute, to_unix_ns
+from kraken_hist.core.types import HistoricalTrade
 
 MAX_BURST = 17  # the most real trades seen sharing one timestamp
 

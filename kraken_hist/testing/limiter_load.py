@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExchangeTransientError
+from kraken_hist.core.errors import ExchangeTransientError
 
 PAIRS = ("BTC/USD", "ETH/USD")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -63,8 +63,8 @@ class _Recording:
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     """One process: `calls` Trades calls (or until `until`), paced by its limiter."""
-    from ..ratelimit import RateLimiter, RedisRateLimiter, limiter_namespace, shared_limiter
-    from ..rest_client import KrakenRestClient
+    from kraken_hist.kraken.ratelimit import RateLimiter, RedisRateLimiter, limiter_namespace, shared_limiter
+    from kraken_hist.kraken.rest_client import KrakenRestClient
 
     backoff = {"backoff_initial": args.backoff, "backoff_max": max(args.backoff, args.backoff * 8)}
     limiter: Any
@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uuid
 
-    from .fake_rest import FakeKrakenREST
-    from .history import generate_trades
-    from .market import FakeMarket
+    from kraken_hist.testing.fake_rest import FakeKrakenREST
+    from kraken_hist.testing.history import generate_trades
+    from kraken_hist.testing.market import FakeMarket
 
     start = datetime(2024, 1, 1, tzinfo=timezone.utc)
     market = FakeMarket({p: generate_trades(p, start, start + timedelta(minutes=30), seed=i)

@@ -15,10 +15,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
-from ..timeutils import EPOCH, check_aware, utcnow
-from ..types import HistoricalCandle, HistoricalTrade
-from .history import trade_time_ns
-from .universe import Universe, default_universe
+from kraken_hist.core.timeutils import EPOCH, check_aware, utcnow
+from kraken_hist.core.types import HistoricalCandle, HistoricalTrade
+from kraken_hist.testing.history import trade_time_ns
+from kraken_hist.testing.universe import Universe, default_universe
 
 Clock = Callable[[], datetime]
 

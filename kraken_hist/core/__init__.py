@@ -1,0 +1,1 @@
+"""The vocabulary every layer shares: records, pairs, intervals, time, errors, settings, value bounds."""

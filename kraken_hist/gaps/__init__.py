@@ -1,0 +1,1 @@
+"""Holes in the stored history: find them in SQL, fill them from Kraken."""

@@ -1,0 +1,1 @@
+"""The ways data comes in: REST backfill, the live stream, and Kraken's downloadable archives."""

@@ -1,0 +1,1 @@
+"""Talking to Kraken: REST and WebSocket clients, their wire parsing, and the shared REST rate limiter."""

@@ -1,0 +1,1 @@
+"""Running it as a service: job locks in Redis and Prometheus metrics."""

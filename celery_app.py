@@ -24,8 +24,8 @@ from typing import Any
 from celery import Celery, signals
 from celery.beat import PersistentScheduler
 
-from kraken_hist.config import Settings
-from kraken_hist.locks import DEFAULT_TTL
+from kraken_hist.core.config import Settings
+from kraken_hist.ops.locks import DEFAULT_TTL
 
 logger = logging.getLogger("kraken_hist.celery")
 
@@ -130,8 +130,8 @@ def show_task_activity(**_: Any) -> None:
 def check_database(settings: Settings) -> str | None:
     """None when the configured database answers at the schema's head revision, else the
     one line that tells the operator what to do. (The embedded default migrates itself.)"""
-    from kraken_hist.errors import KrakenHistError
-    from kraken_hist.migrate import prepare_database
+    from kraken_hist.core.errors import KrakenHistError
+    from kraken_hist.storage.migrate import prepare_database
 
     if settings.database_url is None:
         return None  # the embedded server is started and migrated by the first task that needs it
@@ -157,7 +157,7 @@ def prepare_metrics(instance: Any = None, **_: Any) -> None:
     settings = settings_of(instance.app) if instance is not None else Settings.from_env()
     if settings.metrics_port is None:
         return
-    from kraken_hist import metrics
+    from kraken_hist.ops import metrics
 
     directory = Path(settings.data_dir) / "metrics" / f"worker-{os.getpid()}"
     metrics.use_multiprocess_dir(directory)
@@ -171,8 +171,8 @@ def serve_metrics(sender: Any = None, **_: Any) -> None:
     settings = settings_of(sender.app) if sender is not None else Settings.from_env()
     if settings.metrics_port is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
-    from kraken_hist import metrics
-    from kraken_hist.ratelimit import limiter_for
+    from kraken_hist.ops import metrics
+    from kraken_hist.kraken.ratelimit import limiter_for
 
     registry = metrics.multiprocess_registry()
     registry.register(metrics.DatabaseCollector(settings=settings))
@@ -185,7 +185,7 @@ def serve_metrics(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_process_shutdown.connect(dispatch_uid="kraken_hist.metrics_child_exit")
 def forget_child_metrics(pid: int | None = None, **_: Any) -> None:
-    from kraken_hist import metrics
+    from kraken_hist.ops import metrics
 
     metrics.process_exited(pid or os.getpid())
 
@@ -206,7 +206,7 @@ def task_finished(task_id: str | None = None, task: Any = None, state: str | Non
         began = _started.pop(str(task_id), None)
     if began is None or task is None:
         return
-    from kraken_hist import metrics
+    from kraken_hist.ops import metrics
 
     metrics.task_finished(task.name, state or "UNKNOWN", time.monotonic() - began)
 

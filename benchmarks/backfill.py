@@ -18,9 +18,9 @@ import argparse
 import multiprocessing as mp
 import time
 
-from kraken_hist.backfill import KrakenTradesBackfill
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
 
 from common import add_admin_url, flavour, machine_note, scratch_database
 

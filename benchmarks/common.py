@@ -59,7 +59,7 @@ def pause_jobs(url: str) -> None:
 @contextlib.contextmanager
 def scratch_database(admin_url: str, prefix: str, *, migrated: bool = True) -> Iterator[str]:
     """A fresh database (migrated to head unless told otherwise), dropped afterwards."""
-    from kraken_hist import migrate
+    from kraken_hist.storage import migrate
 
     name = f"kh_bench_{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:

@@ -84,7 +84,7 @@ def server_copy(url: str, path: Path, keys: str) -> float:
 
 CHILD = """
 import json, resource, sys, time
-from kraken_hist.csv_import import BulkCSVImporter
+from kraken_hist.ingest.archive.importer import BulkCSVImporter
 url, path, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
 started = time.perf_counter()
 result = BulkCSVImporter(url, chunk).import_csv_file(path)
@@ -106,8 +106,8 @@ def run_import(url: str, path: Path, chunk: int) -> dict:
 
 def parse_only(path: Path, chunk: int, copy_text: Path | None = None) -> float:
     """Rows/s of the parser alone; optionally keeps its COPY text (for the schema-shaped limit)."""
-    from kraken_hist.csv_formats import BadRowReport
-    from kraken_hist.csv_vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
+    from kraken_hist.ingest.archive.formats import BadRowReport
+    from kraken_hist.ingest.archive.vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
 
     started = time.perf_counter()
     rows = 0
@@ -129,7 +129,7 @@ def server_copy_trades_shape(url: str, copy_text: Path) -> float:
     """Seconds for server-side COPY of the parser's output (binary rows) into a table shaped
     like ``trades`` (timestamptz, its primary key and its (symbol, time) index): the limit for
     our schema."""
-    from kraken_hist.csv_formats import PLAIN_COLUMNS
+    from kraken_hist.ingest.archive.formats import PLAIN_COLUMNS
 
     with psycopg.connect(url, autocommit=True) as conn:
         create_like(conn, "shaped")
@@ -192,7 +192,7 @@ def measure(url: str, path: Path, folder: Path, rows: int, chunk_size: int) -> N
     print(f"peak RSS of the importing process: {first['maxrss_kb'] / 1024:.0f} MB (goal <= 500 MB); "
           f"its CPU {first['cpu']:.1f} s = {first['cpu'] / first['seconds']:.0%} of the wall time "
           f"(parser and writer threads; the server's two backends take the rest of the 2 cores)")
-    from kraken_hist.refresh import refresh_aggregates
+    from kraken_hist.storage.refresh import refresh_aggregates
 
     beat = refresh_aggregates(url)  # what the beat's refresh does next: consume the import's change rows
     print(f"beat refresh after the import (all {beat.changes_consumed} change rows, every interval): "

@@ -28,10 +28,10 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
-from kraken_hist import store
-from kraken_hist.gap_filler import GapFiller
-from kraken_hist.pairs import Pair, PairRegistry
-from kraken_hist.types import GapKind
+from kraken_hist.storage import store
+from kraken_hist.gaps.filler import GapFiller
+from kraken_hist.core.pairs import Pair, PairRegistry
+from kraken_hist.core.types import GapKind
 
 from common import add_admin_url, flavour, machine_note, scratch_database
 

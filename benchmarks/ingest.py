@@ -26,11 +26,11 @@ from pathlib import Path
 
 import psycopg
 
-from kraken_hist import store
-from kraken_hist.config import Settings
-from kraken_hist.types import TradeRecord, TradeSource
-from kraken_hist.writer import DatabaseWriter
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.storage import store
+from kraken_hist.core.config import Settings
+from kraken_hist.core.types import TradeRecord, TradeSource
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.core.pairs import PAIR_MAP
 
 from common import add_admin_url, create_like, flavour, machine_note, scratch_database
 

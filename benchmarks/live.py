@@ -35,11 +35,11 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from kraken_hist.config import Settings
-from kraken_hist.live import WebSocketDBIntegration
-from kraken_hist.timeutils import utcnow
-from kraken_hist.writer import DatabaseWriter
-from kraken_hist.ws_client import KrakenWSClient
+from kraken_hist.core.config import Settings
+from kraken_hist.ingest.live import WebSocketDBIntegration
+from kraken_hist.core.timeutils import utcnow
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.kraken.ws_client import KrakenWSClient
 
 from common import add_admin_url, flavour, machine_note, scratch_database
 from ingest import commit_p99

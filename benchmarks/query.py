@@ -33,10 +33,12 @@ from typing import Any, Callable
 
 import psycopg
 
-from kraken_hist import migrate, store
-from kraken_hist.intervals import INTERVAL_RELATIONS, Interval
-from kraken_hist.provider import HistoricalDataProvider
-from kraken_hist.refresh import refresh_aggregates
+from kraken_hist.storage import migrate
+
+from kraken_hist.storage import store
+from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.storage.refresh import refresh_aggregates
 
 from common import add_admin_url, flavour, has_timescaledb, machine_note, scratch_database
 

@@ -36,12 +36,12 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kraken_hist import migrate  # noqa: E402
-from kraken_hist.bars import BarKind, read_bars  # noqa: E402
-from kraken_hist.export import copy_statement, export, plan_pieces  # noqa: E402
-from kraken_hist.provider import HistoricalDataProvider  # noqa: E402
-from kraken_hist.store import MINUTE_CANDLES_FROM_TRADES  # noqa: E402
-from kraken_hist.trades_out import TRADES_SQL  # noqa: E402
+from kraken_hist.storage import migrate
+from kraken_hist.query.bars import BarKind, read_bars  # noqa: E402
+from kraken_hist.query.export import copy_statement, export, plan_pieces  # noqa: E402
+from kraken_hist.query.provider import HistoricalDataProvider  # noqa: E402
+from kraken_hist.rules.sql import MINUTE_CANDLES_FROM_TRADES  # noqa: E402
+from kraken_hist.query.trades_out import TRADES_SQL  # noqa: E402
 
 UTC = timezone.utc
 START = datetime(2024, 1, 1, tzinfo=UTC)

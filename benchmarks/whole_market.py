@@ -35,16 +35,16 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from kraken_hist import migrate
-from kraken_hist.config import Settings
-from kraken_hist.csv_formats import synthetic_trade_id
-from kraken_hist.csv_import import BulkCSVImporter
-from kraken_hist.live import WebSocketDBIntegration
-from kraken_hist.pair_store import PairResolver, store_asset_pairs
+from kraken_hist.storage import migrate
+from kraken_hist.core.config import Settings
+from kraken_hist.ingest.archive.formats import synthetic_trade_id
+from kraken_hist.ingest.archive.importer import BulkCSVImporter
+from kraken_hist.ingest.live import WebSocketDBIntegration
+from kraken_hist.storage.pair_store import PairResolver, store_asset_pairs
 from kraken_hist.testing.universe import default_universe
-from kraken_hist.timeutils import utcnow
-from kraken_hist.writer import DatabaseWriter
-from kraken_hist.ws_client import KrakenWSClient
+from kraken_hist.core.timeutils import utcnow
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.kraken.ws_client import KrakenWSClient
 
 ADMIN_URL = os.environ.get("KRAKEN_HIST_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 STREAM_GOAL = 0.8

@@ -6,7 +6,7 @@ from alembic import context
 import sqlalchemy as sa
 from sqlalchemy import pool
 
-from kraken_hist.db import resolve_database_url, sqlalchemy_url
+from kraken_hist.storage.db import resolve_database_url, sqlalchemy_url
 
 config = context.config
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kraken_hist.config import PREFIX, Settings
+from kraken_hist.core.config import PREFIX, Settings
 
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -51,7 +51,7 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _answers(LOCAL_ADMIN_URL):
         yield LOCAL_ADMIN_URL
         return
-    from kraken_hist.embedded import start_embedded, stop_embedded
+    from kraken_hist.storage.embedded import start_embedded, stop_embedded
 
     data_dir = tmp_path_factory.mktemp("embedded-pg")
     yield start_embedded(data_dir, database="postgres")
@@ -97,7 +97,7 @@ def drop_database(admin_url: str, name: str) -> None:
 def migrated_template(pg_admin_url: str) -> Iterator[tuple[str, bool]]:
     """A database migrated once per session, and whether the migrations took the TimescaleDB
     branch; per-test databases are copies of it."""
-    from kraken_hist import migrate
+    from kraken_hist.storage import migrate
 
     name = f"kh_tpl_{uuid.uuid4().hex[:10]}"
     url = create_database(pg_admin_url, name)

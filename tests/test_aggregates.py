@@ -2,9 +2,9 @@ import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from kraken_hist.aggregates import candles_from_trades, kraken_vwap, resample
-from kraken_hist.timeutils import from_unix_decimal
-from kraken_hist.types import HistoricalCandle, HistoricalTrade
+from kraken_hist.rules.candles import candles_from_trades, kraken_vwap, resample
+from kraken_hist.core.timeutils import from_unix_decimal
+from kraken_hist.core.types import HistoricalCandle, HistoricalTrade
 
 UTC = timezone.utc
 

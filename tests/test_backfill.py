@@ -15,18 +15,18 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from kraken_hist import store
-from kraken_hist.aggregates import candles_from_trades, resample
-from kraken_hist.backfill import KrakenTradesBackfill, merge_ranges, missing_ranges
+from kraken_hist.storage import store
+from kraken_hist.rules.candles import candles_from_trades, resample
+from kraken_hist.ingest.backfill import KrakenTradesBackfill, merge_ranges, missing_ranges
 from kraken_hist.cli.main import cli
-from kraken_hist.errors import ExchangePermanentError
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.core.errors import ExchangePermanentError
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
-from kraken_hist.timeutils import to_unix_ns
-from kraken_hist.types import HistoricalTrade
+from kraken_hist.core.timeutils import to_unix_ns
+from kraken_hist.core.types import HistoricalTrade
 
 UTC = timezone.utc
 START = datetime(2025, 2, 3, tzinfo=UTC)

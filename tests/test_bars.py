@@ -9,11 +9,11 @@ from math import floor
 import psycopg
 import pytest
 
-from kraken_hist import bars as bars_module
-from kraken_hist.bars import BarKind, bars_to_frame, check_size, read_bars
-from kraken_hist.provider import HistoricalDataProvider
+from kraken_hist.query import bars as bars_module
+from kraken_hist.query.bars import BarKind, bars_to_frame, check_size, read_bars
+from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
-from kraken_hist.types import HistoricalTrade
+from kraken_hist.core.types import HistoricalTrade
 
 from .trade_data import store_trades
 
@@ -22,7 +22,7 @@ T0 = datetime(2025, 2, 3, tzinfo=UTC)
 
 
 def reference_bars(trades, kind, size, decimals, lo, hi):
-    """The rule of kraken_hist.bars, trade by trade: bar k = floor(total before the trade / size);
+    """The rule of kraken_hist.query.bars, trade by trade: bar k = floor(total before the trade / size);
     vwap weights a minute that crosses no threshold by its truncated 1-minute vwap, other trades
     by their own price, and is handed out rounded down to `decimals`. Returns dicts, complete
     ones flagged."""

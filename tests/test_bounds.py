@@ -1,4 +1,4 @@
-"""Impossible values are refused at every edge (``kraken_hist.bounds``): the pure rules, their
+"""Impossible values are refused at every edge (``kraken_hist.core.bounds``): the pure rules, their
 array twin, and each parser (CSV lines, REST pages, WebSocket frames) and record type."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kraken_hist import bounds
-from kraken_hist.bounds import (
+from kraken_hist.core import bounds
+from kraken_hist.core.bounds import (
     KRAKEN_FIRST_TRADE,
     MAX_CLOCK_SKEW,
     MAX_TRADE_ID,
@@ -26,7 +26,7 @@ from kraken_hist.bounds import (
     unix_seconds_refused,
     volume_problem,
 )
-from kraken_hist.csv_formats import (
+from kraken_hist.ingest.archive.formats import (
     TIME_OUT_OF_RANGE,
     BadRowReport,
     StrictModeError,
@@ -36,11 +36,11 @@ from kraken_hist.csv_formats import (
     sniff_layout,
     synthetic_trade_id,
 )
-from kraken_hist.csv_vectorized import stream_plain_trades
-from kraken_hist.parsing import ParseError, loads, parse_ohlc_result, parse_trades_result
-from kraken_hist.timeutils import EPOCH, from_unix_decimal
-from kraken_hist.types import CandleRecord, HistoricalTrade, TradeRecord
-from kraken_hist.ws_parsing import OhlcMessage, TradeMessage, parse_frame
+from kraken_hist.ingest.archive.vectorized import stream_plain_trades
+from kraken_hist.kraken.rest_parsing import ParseError, loads, parse_ohlc_result, parse_trades_result
+from kraken_hist.core.timeutils import EPOCH, from_unix_decimal
+from kraken_hist.core.types import CandleRecord, HistoricalTrade, TradeRecord
+from kraken_hist.kraken.ws_parsing import OhlcMessage, TradeMessage, parse_frame
 
 UTC = timezone.utc
 NOW = datetime(2026, 12, 4, 12, 0, 0, 250_000, tzinfo=UTC)
@@ -374,7 +374,7 @@ def test_rest_trades_with_impossible_values_are_refused_and_recorded(caplog: pyt
         _trade_row(trade_id="19"),
     ]
     text = f'{{"XXBTZUSD":[{",".join(rows)}],"last":"1762795433971744500"}}'
-    with caplog.at_level(logging.WARNING, logger="kraken_hist.parsing"):
+    with caplog.at_level(logging.WARNING, logger="kraken_hist.kraken.rest_parsing"):
         page = parse_trades_result(loads(text), "BTC/USD", now=NOW, since="1762795400000000000")
     assert [t.trade_id for t in page.trades] == [10, 19]
     assert page.last == "1762795433971744500"  # the cursor as Kraken sent it

@@ -19,19 +19,19 @@ from typing import Any
 import psycopg
 import pytest
 
-from kraken_hist import store
-from kraken_hist.backfill import KrakenTradesBackfill
-from kraken_hist.csv_formats import TIME_OUT_OF_RANGE, StrictModeError
-from kraken_hist.csv_import import BulkCSVImporter
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.storage import store
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.ingest.archive.formats import TIME_OUT_OF_RANGE, StrictModeError
+from kraken_hist.ingest.archive.importer import BulkCSVImporter
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.fake_ws import FakeKrakenWS
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
-from kraken_hist.timeutils import utcnow
-from kraken_hist.ws_client import KrakenWSClient
-from kraken_hist.ws_parsing import TradeMessage
+from kraken_hist.core.timeutils import utcnow
+from kraken_hist.kraken.ws_client import KrakenWSClient
+from kraken_hist.kraken.ws_parsing import TradeMessage
 
 from .test_csv_import import snapshot
 
@@ -210,7 +210,7 @@ def test_ws_client_counts_and_logs_refused_items_and_delivers_the_rest(caplog: p
             frame = '{"channel":"trade","type":"update","data":[%s]}' % ",".join(
                 f'{{"symbol":"{SYMBOL}","side":"buy","price":{price},"qty":0.5,"ord_type":"limit",'
                 f'"trade_id":{trade_id},"timestamp":"{when}"}}' for trade_id, price, when in items)
-            with caplog.at_level("WARNING", logger="kraken_hist.ws_client"):
+            with caplog.at_level("WARNING", logger="kraken_hist.kraken.ws_client"):
                 server.send_malformed([frame])
                 deadline = time.monotonic() + 10
                 while client.state().refused_items < 2 and time.monotonic() < deadline:

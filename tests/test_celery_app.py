@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import celery_app
-from kraken_hist.config import Settings
+from kraken_hist.core.config import Settings
 
 TASK_NAMES = {
     "kraken_hist.tasks.backfill_symbol",

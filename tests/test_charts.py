@@ -11,11 +11,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from kraken_hist import charts, store
+from kraken_hist.query import charts
+
+from kraken_hist.storage import store
 from kraken_hist.cli.main import cli
-from kraken_hist.coverage_map import merge_days, read_coverage_map
-from kraken_hist.provider import HistoricalDataProvider
-from kraken_hist.refresh import refresh_aggregates
+from kraken_hist.query.coverage_map import merge_days, read_coverage_map
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.storage.refresh import refresh_aggregates
 from kraken_hist.testing.history import generate_trades
 
 from .trade_data import store_trades

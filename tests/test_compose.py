@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kraken_hist.config import PREFIX, Settings
+from kraken_hist.core.config import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = ("migrate", "worker", "beat", "stream")
@@ -226,7 +226,7 @@ def test_grafana_provisions_the_datasource_and_the_dashboard(services: dict[str,
 
 def test_the_dashboard_asks_only_for_metrics_the_code_exports() -> None:
     """A renamed metric would leave a panel empty without any error."""
-    source = (ROOT / "kraken_hist" / "metrics.py").read_text()
+    source = (ROOT / "kraken_hist" / "ops" / "metrics.py").read_text()
     exported = set(re.findall(r'f"\{PREFIX\}_([a-z_]+)"', source))
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "kraken_hist.json").read_text())
     asked = {name for p in dashboard["panels"] for t in p.get("targets", [])

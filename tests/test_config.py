@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kraken_hist.config import DEFAULT_REST_URL, DEFAULT_WS_URL, Settings, mask_password
-from kraken_hist.errors import ConfigurationError
+from kraken_hist.core.config import DEFAULT_REST_URL, DEFAULT_WS_URL, Settings, mask_password
+from kraken_hist.core.errors import ConfigurationError
 
 
 def test_defaults_point_at_the_real_exchange_and_the_embedded_database():

@@ -6,9 +6,9 @@ from decimal import ROUND_DOWN, Decimal
 
 import pytest
 
-from kraken_hist.aggregates import candles_from_trades
+from kraken_hist.rules.candles import candles_from_trades
 
-from kraken_hist.csv_formats import (
+from kraken_hist.ingest.archive.formats import (
     MAX_TRADES_PER_SECOND,
     OHLCVT,
     SYNTHETIC_ID_BASE,
@@ -25,7 +25,7 @@ from kraken_hist.csv_formats import (
     sniff_layout,
     synthetic_trade_id,
 )
-from kraken_hist.types import HistoricalTrade
+from kraken_hist.core.types import HistoricalTrade
 
 UTC = timezone.utc
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kraken_hist import store
-from kraken_hist.aggregates import candles_from_trades, resample
-from kraken_hist.csv_formats import StrictModeError, synthetic_trade_id
-from kraken_hist.csv_import import BulkCSVImporter, ImportRefusedError, compare_exchange_candles
-from kraken_hist.pairs import PAIR_MAP
-from kraken_hist.timeutils import EPOCH, floor_minute, since_cursor, to_unix_ns
-from kraken_hist.types import HistoricalTrade
+from kraken_hist.rules import sql as sql_rules
+from kraken_hist.storage import store
+from kraken_hist.rules.candles import candles_from_trades, resample
+from kraken_hist.ingest.archive.formats import StrictModeError, synthetic_trade_id
+from kraken_hist.ingest.archive.importer import BulkCSVImporter, ImportRefusedError, compare_exchange_candles
+from kraken_hist.core.pairs import PAIR_MAP
+from kraken_hist.core.timeutils import EPOCH, floor_minute, since_cursor, to_unix_ns
+from kraken_hist.core.types import HistoricalTrade
 
 UTC = timezone.utc
 SYMBOL = "BTC/USD"
@@ -136,7 +137,7 @@ def test_time_and_sales_file_is_stored_as_it_is_with_candles_coverage_and_resume
         "imported", SYMBOL, "trades", len(rows), 0, 0)
     assert (result.first_time, result.last_time, result.lines) == (first, at(rows[-1][0]), len(rows))
     assert result.bytes == ts_file.stat().st_size
-    assert result.refreshed  # kraken_hist.refresh is there: the hourly relation follows
+    assert result.refreshed  # kraken_hist.storage.refresh is there: the hourly relation follows
     hourly = read(db_url, "SELECT time, open, high, low, close, volume, trades FROM candles_1h ORDER BY time")
     assert hourly == [(c.time, c.open, c.high, c.low, c.close, c.volume, c.trades)
                       for c in resample(candles_from_trades(trades), 60)]
@@ -162,7 +163,7 @@ def test_candles_equal_sql_over_the_stored_trades_to_the_last_digit(db_url, tmp_
         stored = conn.execute(f"SELECT time, {columns} FROM candles ORDER BY time").fetchall()
         lo, hi = conn.execute("SELECT min(time), max(time) + interval '1 minute' FROM trades").fetchone()
         from_trades = conn.execute(
-            f"SELECT minute, {columns} FROM ({store.MINUTE_CANDLES_FROM_TRADES}) b ORDER BY minute",
+            f"SELECT minute, {columns} FROM ({sql_rules.MINUTE_CANDLES_FROM_TRADES}) b ORDER BY minute",
             {"symbol": SYMBOL, "start": lo, "end": hi, "decimals": PAIR_MAP[SYMBOL].price_decimals},
         ).fetchall()
     assert len(stored) > 500
@@ -240,7 +241,7 @@ def test_an_import_killed_at_any_moment_is_completed_by_running_it_again(db_url,
     rows = generate(minutes=6000, seed=11)
     path = write(tmp_path / "XBTUSD.csv", time_and_sales_text(rows))
     BulkCSVImporter(other_db_url, chunk_size=500).import_csv_file(path)
-    code = ("import sys; from kraken_hist.csv_import import BulkCSVImporter; "
+    code = ("import sys; from kraken_hist.ingest.archive.importer import BulkCSVImporter; "
             "BulkCSVImporter(sys.argv[1], chunk_size=500).import_csv_file(sys.argv[2])")
     rng = random.Random(5)
     partial = []
@@ -342,8 +343,8 @@ def test_an_older_file_does_not_move_the_resume_point_back(db_url, ts_file, rows
 
 
 def test_rest_backfill_continues_at_the_end_of_the_file_without_overlap(db_url, tmp_path, settings):
-    from kraken_hist.backfill import KrakenTradesBackfill
-    from kraken_hist.rest_client import KrakenRestClient
+    from kraken_hist.ingest.backfill import KrakenTradesBackfill
+    from kraken_hist.kraken.rest_client import KrakenRestClient
     from kraken_hist.testing.fake_rest import FakeKrakenREST
     from kraken_hist.testing.history import generate_trades
     from kraken_hist.testing.market import FakeMarket
@@ -513,7 +514,7 @@ def test_a_chunk_rolled_back_as_a_deadlock_victim_is_stored_again(db_url, tmp_pa
     import completes with every row once."""
     import psycopg.errors
 
-    from kraken_hist.csv_import import BulkCSVImporter
+    from kraken_hist.ingest.archive.importer import BulkCSVImporter
 
     rows = generate(300, seed=11)
     trades = as_trades(rows)

@@ -18,8 +18,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from kraken_hist import csv_vectorized
-from kraken_hist.csv_formats import (
+from kraken_hist.ingest.archive import vectorized as csv_vectorized
+from kraken_hist.ingest.archive.formats import (
     MAX_TRADES_PER_SECOND,
     PLAIN_COLUMNS,
     BadRowReport,
@@ -28,7 +28,7 @@ from kraken_hist.csv_formats import (
     parse_plain_trades,
     synthetic_trade_id,
 )
-from kraken_hist.csv_vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
+from kraken_hist.ingest.archive.vectorized import BINARY_HEADER, BINARY_TRAILER, stream_plain_trades
 
 UTC = timezone.utc
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from kraken_hist.cli.demo import demo_data_dir, demo_database_url, recreate_database
-from kraken_hist.config import Settings
+from kraken_hist.core.config import Settings
 from kraken_hist.testing.fake_exchange import FakeExchange
 
 def _count(url: str, table: str) -> int:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kraken_hist.config import Settings
-from kraken_hist.db import resolve_database_url
-from kraken_hist.embedded import embedded_pgdata, stop_embedded
+from kraken_hist.core.config import Settings
+from kraken_hist.storage.db import resolve_database_url
+from kraken_hist.storage.embedded import embedded_pgdata, stop_embedded
 
 pytestmark = pytest.mark.slow
 

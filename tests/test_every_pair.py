@@ -142,14 +142,14 @@ def test_one_stream_carries_hundreds_of_pairs(db_url, settings):
     every trade stored under its pair, in the pair's own decimals."""
     import time
 
-    from kraken_hist.backfill import KrakenTradesBackfill
-    from kraken_hist.live import WebSocketDBIntegration
-    from kraken_hist.pair_store import PairResolver
-    from kraken_hist.rest_client import KrakenRestClient
+    from kraken_hist.ingest.backfill import KrakenTradesBackfill
+    from kraken_hist.ingest.live import WebSocketDBIntegration
+    from kraken_hist.storage.pair_store import PairResolver
+    from kraken_hist.kraken.rest_client import KrakenRestClient
     from kraken_hist.testing.fake_ws import FakeKrakenWS
-    from kraken_hist.timeutils import utcnow
-    from kraken_hist.writer import DatabaseWriter
-    from kraken_hist.ws_client import KrakenWSClient
+    from kraken_hist.core.timeutils import utcnow
+    from kraken_hist.storage.writer import DatabaseWriter
+    from kraken_hist.kraken.ws_client import KrakenWSClient
 
     from .test_live import FAST_WS
 
@@ -193,7 +193,7 @@ def fake_has_all(market: FakeMarket, symbols: list[str]) -> bool:
 
 
 def _pair_of(name: str):
-    from kraken_hist.pairs import Pair
+    from kraken_hist.core.pairs import Pair
 
     item = default_universe().find(name)
     assert item is not None
@@ -205,10 +205,10 @@ def test_the_registry_a_service_is_given_is_the_one_it_fetches_and_stores_with(d
     """No global decides: a backfill given a registry that knows ADA/USD (the database's table
     does not, and AssetPairs is never asked) fetches and stores it; the same backfill without a
     registry uses its database's and refuses the name."""
-    from kraken_hist.backfill import KrakenTradesBackfill
-    from kraken_hist.errors import UnknownSymbolError
-    from kraken_hist.pairs import PairRegistry
-    from kraken_hist.rest_client import KrakenRestClient
+    from kraken_hist.ingest.backfill import KrakenTradesBackfill
+    from kraken_hist.core.errors import UnknownSymbolError
+    from kraken_hist.core.pairs import PairRegistry
+    from kraken_hist.kraken.rest_client import KrakenRestClient
 
     registry = PairRegistry()
     registry.add(_pair_of("ADAUSD"))
@@ -228,9 +228,9 @@ def test_a_pair_another_process_learnt_is_known_to_a_running_writer(db_url):
     process stored in the table is accepted by a writer started before it was there."""
     from decimal import Decimal
 
-    from kraken_hist.pair_store import database_registry, write_pairs
-    from kraken_hist.types import TradeRecord
-    from kraken_hist.writer import DatabaseWriter
+    from kraken_hist.storage.pair_store import database_registry, write_pairs
+    from kraken_hist.core.types import TradeRecord
+    from kraken_hist.storage.writer import DatabaseWriter
 
     pair = _pair_of("DOTUSD")
     assert not database_registry(db_url).is_known(pair.symbol)

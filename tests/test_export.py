@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from kraken_hist.aggregates import vwap_at_decimals
+from kraken_hist.rules.candles import vwap_at_decimals
 from kraken_hist.cli.main import cli
-from kraken_hist.export import Partition, Piece, export, plan_pieces
-from kraken_hist.intervals import Interval
-from kraken_hist.provider import HistoricalDataProvider
-from kraken_hist.refresh import refresh_aggregates
+from kraken_hist.query.export import Partition, Piece, export, plan_pieces
+from kraken_hist.core.intervals import Interval
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.storage.refresh import refresh_aggregates
 from kraken_hist.testing.history import generate_trades
 
 from .trade_data import by_time_and_id, store_trades

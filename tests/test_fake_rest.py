@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from kraken_hist.aggregates import candles_from_trades
+from kraken_hist.rules.candles import candles_from_trades
 from kraken_hist.testing.fake_rest import FakeKrakenREST, demo_market
 from kraken_hist.testing.history import MAX_BURST, format_trade_time, generate_trades, trade_time_ns
 from kraken_hist.testing.market import FakeMarket, ManualClock
-from kraken_hist.timeutils import from_unix_decimal, to_unix_seconds
+from kraken_hist.core.timeutils import from_unix_decimal, to_unix_seconds
 
 START = datetime(2025, 3, 1, tzinfo=timezone.utc)
 HOURS = 14

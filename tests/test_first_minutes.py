@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from kraken_hist.cli.main import cli
-from kraken_hist.errors import ExchangeTransientError, ExchangeUnreachableError
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.core.errors import ExchangeTransientError, ExchangeUnreachableError
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST, demo_market
-from kraken_hist.timeutils import utcnow
+from kraken_hist.core.timeutils import utcnow
 
 
 def _closed_port() -> int:

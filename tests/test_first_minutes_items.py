@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from kraken_hist.cli.imports import more_bad_lines
 from kraken_hist.cli.main import cli
-from kraken_hist.intervals import Interval
-from kraken_hist.provider import HistoricalDataProvider
+from kraken_hist.core.intervals import Interval
+from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.testing.fake_rest import FakeKrakenREST, demo_market
 
 

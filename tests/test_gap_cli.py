@@ -5,10 +5,10 @@ from datetime import datetime, timedelta, timezone
 
 from click.testing import CliRunner
 
-from kraken_hist.backfill import KrakenTradesBackfill
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
 from kraken_hist.cli.main import cli
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock

@@ -5,11 +5,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from kraken_hist import gaps, store
-from kraken_hist.gap_detection import read_symbol_gaps
+from kraken_hist.rules import ranges as gaps
+
+from kraken_hist.storage import store
+from kraken_hist.gaps.detection import read_symbol_gaps
 from kraken_hist.testing.history import generate_trades
-from kraken_hist.types import GapKind, HistoricalTrade
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.core.types import GapKind, HistoricalTrade
+from kraken_hist.core.pairs import PAIR_MAP
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
@@ -87,7 +89,7 @@ def test_a_hole_inside_a_burst_sharing_one_timestamp_is_found(conn):
 
 
 def test_holes_across_id_blocks_are_found(conn, monkeypatch):
-    from kraken_hist import gap_detection
+    from kraken_hist.gaps import detection as gap_detection
 
     monkeypatch.setattr(gap_detection, "ID_BLOCK_BITS", 4)  # blocks of 16 ids: holes straddle them
     trades = history(hours=2)

@@ -4,18 +4,18 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from kraken_hist import store
-from kraken_hist.backfill import KrakenTradesBackfill
-from kraken_hist.gap_filler import GapFiller
-from kraken_hist.gaps import FillMethod
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.refresh import refresh_aggregates
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.storage import store
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.gaps.filler import GapFiller
+from kraken_hist.gaps.plan import FillMethod
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.storage.refresh import refresh_aggregates
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
-from kraken_hist.types import GapKind
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.core.types import GapKind
+from kraken_hist.core.pairs import PAIR_MAP
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 1, tzinfo=UTC)

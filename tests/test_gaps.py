@@ -5,9 +5,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kraken_hist import gaps
-from kraken_hist.gaps import FillMethod
-from kraken_hist.types import DataGap, GapKind
+from kraken_hist.rules import ranges as gaps
+from kraken_hist.gaps import plan
+from kraken_hist.gaps.plan import FillMethod
+from kraken_hist.core.types import DataGap, GapKind
 
 UTC = timezone.utc
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -110,9 +111,9 @@ def gap(kind, start, end):
 
 def test_ohlc_reach_is_the_720_newest_candles_including_the_unfinished_one():
     now = at(1000) + timedelta(seconds=12)
-    assert gaps.ohlc_reach_start(now) == at(1000 - 719)
-    assert gaps.within_ohlc_reach(gap(GapKind.TRADE_IDS, at(281), at(300)), now)
-    assert not gaps.within_ohlc_reach(gap(GapKind.TRADE_IDS, at(280) + timedelta(seconds=59), at(300)), now)
+    assert plan.ohlc_reach_start(now) == at(1000 - 719)
+    assert plan.within_ohlc_reach(gap(GapKind.TRADE_IDS, at(281), at(300)), now)
+    assert not plan.within_ohlc_reach(gap(GapKind.TRADE_IDS, at(280) + timedelta(seconds=59), at(300)), now)
 
 
 @pytest.mark.parametrize(
@@ -129,4 +130,4 @@ def test_ohlc_reach_is_the_720_newest_candles_including_the_unfinished_one():
 )
 def test_choose_fill_method(kind, start, unavailable, expected):
     now = at(1000)
-    assert gaps.choose_fill_method(gap(kind, at(start), at(start + 30)), now, trades_unavailable=unavailable) is expected
+    assert plan.choose_fill_method(gap(kind, at(start), at(start + 30)), now, trades_unavailable=unavailable) is expected

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from kraken_hist.backfill import KrakenTradesBackfill
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
 from kraken_hist.cli import cli
 from kraken_hist.cli.common import EXIT_RUNTIME, EXIT_USAGE
-from kraken_hist.config import Settings
+from kraken_hist.core.config import Settings
 
 USAGE_ERRORS = [
     ["backfill", "BTC/USD", "--since", "99999999999999"],

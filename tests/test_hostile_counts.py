@@ -10,13 +10,13 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from kraken_hist.bounds import MAX_TRADE_COUNT, count_problem
+from kraken_hist.core.bounds import MAX_TRADE_COUNT, count_problem
 from kraken_hist.cli.stream import PeriodicRefresh
-from kraken_hist.csv_formats import BadRowReport, parse_ohlcvt, sniff_layout
-from kraken_hist.parsing import parse_ohlc_result
-from kraken_hist.refresh import refresh_aggregates
-from kraken_hist.types import CandleRecord
-from kraken_hist.writer import DatabaseWriter
+from kraken_hist.ingest.archive.formats import BadRowReport, parse_ohlcvt, sniff_layout
+from kraken_hist.kraken.rest_parsing import parse_ohlc_result
+from kraken_hist.storage.refresh import refresh_aggregates
+from kraken_hist.core.types import CandleRecord
+from kraken_hist.storage.writer import DatabaseWriter
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 3, tzinfo=UTC)  # a Monday

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 
-from kraken_hist.csv_import import BulkCSVImporter
+from kraken_hist.ingest.archive.importer import BulkCSVImporter
 
 
 def lines(start: int, minutes: int) -> bytes:
@@ -56,7 +56,7 @@ def test_a_weekly_ohlcvt_file_is_checked_against_thursday_weeks(db_url: str, tmp
 
 _IMPORT_ONE = """
 import resource, sys
-from kraken_hist.csv_import import BulkCSVImporter
+from kraken_hist.ingest.archive.importer import BulkCSVImporter
 result = BulkCSVImporter(sys.argv[1], chunk_size=20_000).import_archive(sys.argv[2])[0]
 print(result.status, result.imported, result.bad, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """

@@ -18,18 +18,18 @@ from typing import Any
 import psycopg
 import pytest
 
-from kraken_hist import store
-from kraken_hist.backfill import MAX_IDLE_PAGES, KrakenTradesBackfill
-from kraken_hist.errors import ExchangePermanentError, ExchangeTransientError
-from kraken_hist.gap_filler import GapFiller
-from kraken_hist.live import WebSocketDBIntegration
-from kraken_hist.parsing import TradesPage
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
-from kraken_hist.timeutils import to_unix_ns, utcnow
-from kraken_hist.types import GapKind, HistoricalTrade, Refused, TradeSource
-from kraken_hist.writer import DatabaseWriter
-from kraken_hist.ws_parsing import TradeMessage
+from kraken_hist.storage import store
+from kraken_hist.ingest.backfill import MAX_IDLE_PAGES, KrakenTradesBackfill
+from kraken_hist.core.errors import ExchangePermanentError, ExchangeTransientError
+from kraken_hist.gaps.filler import GapFiller
+from kraken_hist.ingest.live import WebSocketDBIntegration
+from kraken_hist.kraken.rest_parsing import TradesPage
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
+from kraken_hist.core.timeutils import to_unix_ns, utcnow
+from kraken_hist.core.types import GapKind, HistoricalTrade, Refused, TradeSource
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.kraken.ws_parsing import TradeMessage
 
 UTC = timezone.utc
 SYMBOL = "BTC/USD"
@@ -113,7 +113,7 @@ def test_a_trickling_server_times_out_at_the_deadline(hostile: Callable[[str], s
 
 
 def test_a_malformed_time_answer_is_a_clear_error() -> None:
-    from kraken_hist.parsing import ParseError, parse_server_time
+    from kraken_hist.kraken.rest_parsing import ParseError, parse_server_time
 
     with pytest.raises(ParseError, match="bad Time result"):
         parse_server_time({"unixtime": "soon"})
@@ -192,7 +192,7 @@ def test_a_cursor_moving_one_nanosecond_a_page_is_an_error_not_a_loop(db_url: st
 
 def test_ids_missing_inside_one_answer_are_refetched_exactly(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     history = [trade(i) for i in range(1, 10)]
-    with caplog.at_level(logging.WARNING, logger="kraken_hist.backfill"):
+    with caplog.at_level(logging.WARNING, logger="kraken_hist.ingest.backfill"):
         pages, _client = pages_of(db_url, kraken_like(history, omit_once={4, 5, 6}))
     assert [i for page in pages for i in page] == list(range(1, 10))  # nothing lost, nothing twice
     assert any("jump from 3 to 7 inside the page" in r.getMessage() for r in caplog.records)
@@ -200,7 +200,7 @@ def test_ids_missing_inside_one_answer_are_refetched_exactly(db_url: str, caplog
 
 def test_ids_kraken_itself_skips_are_logged_and_stay_a_hole(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     history = [trade(i) for i in (1, 2, 3, 7, 8, 9)]
-    with caplog.at_level(logging.WARNING, logger="kraken_hist.backfill"):
+    with caplog.at_level(logging.WARNING, logger="kraken_hist.ingest.backfill"):
         pages, client = pages_of(db_url, kraken_like(history))
     assert pages == [[1, 2, 3], [7, 8, 9]] and len(client.calls) < 12
     messages = [r.getMessage() for r in caplog.records]

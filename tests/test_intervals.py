@@ -2,7 +2,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from kraken_hist.intervals import INTERVAL_RELATIONS, STANDARD_INTERVALS, Interval
+from kraken_hist.core.intervals import INTERVAL_RELATIONS, STANDARD_INTERVALS, Interval
 
 UTC = timezone.utc
 

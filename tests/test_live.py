@@ -14,18 +14,18 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from kraken_hist.backfill import KrakenTradesBackfill
-from kraken_hist.config import Settings
-from kraken_hist.live import WebSocketDBIntegration
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.core.config import Settings
+from kraken_hist.ingest.live import WebSocketDBIntegration
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.fake_ws import FakeKrakenWS
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket
-from kraken_hist.timeutils import floor_minute, utcnow
-from kraken_hist.writer import DatabaseWriter
-from kraken_hist.ws_client import KrakenWSClient, Subscription
+from kraken_hist.core.timeutils import floor_minute, utcnow
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.kraken.ws_client import KrakenWSClient, Subscription
 
 SYMBOLS = ("BTC/USD", "ETH/USD", "DOGE/USD")
 FAST_WS = dict(heartbeat_timeout=1.0, ack_timeout=2.0, backoff_base=0.05, backoff_cap=0.2, poll_interval=0.05)

@@ -20,7 +20,7 @@ from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.fake_ws import FakeKrakenWS
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket
-from kraken_hist.timeutils import floor_minute, utcnow
+from kraken_hist.core.timeutils import floor_minute, utcnow
 
 SYMBOLS = ("BTC/USD", "ETH/USD")
 

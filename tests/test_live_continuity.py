@@ -9,12 +9,12 @@ from decimal import Decimal
 
 import pytest
 
-from kraken_hist.errors import DatabaseUnavailableError, ExchangeTransientError
-from kraken_hist.parsing import TradesPage
-from kraken_hist.live import WebSocketDBIntegration
-from kraken_hist.timeutils import to_unix_ns
-from kraken_hist.types import CandleRecord, HistoricalCandle, HistoricalTrade, TradeRecord, TradeSource
-from kraken_hist.ws_parsing import OhlcMessage, TradeMessage, parse_frame
+from kraken_hist.core.errors import DatabaseUnavailableError, ExchangeTransientError
+from kraken_hist.kraken.rest_parsing import TradesPage
+from kraken_hist.ingest.live import WebSocketDBIntegration
+from kraken_hist.core.timeutils import to_unix_ns
+from kraken_hist.core.types import CandleRecord, HistoricalCandle, HistoricalTrade, TradeRecord, TradeSource
+from kraken_hist.kraken.ws_parsing import OhlcMessage, TradeMessage, parse_frame
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -14,24 +14,24 @@ from typing import Iterator
 import psycopg
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from kraken_hist import store
-from kraken_hist.backfill import KrakenTradesBackfill
-from kraken_hist.config import Settings
-from kraken_hist.csv_formats import synthetic_trade_id
-from kraken_hist.errors import TransientError
-from kraken_hist.live import EARLY, NEW, OLD, OPENED, IdSequence, WebSocketDBIntegration, _Symbol
-from kraken_hist.parsing import TradesPage
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.storage import store
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.core.config import Settings
+from kraken_hist.ingest.archive.formats import synthetic_trade_id
+from kraken_hist.core.errors import TransientError
+from kraken_hist.ingest.live import EARLY, NEW, OLD, OPENED, IdSequence, WebSocketDBIntegration, _Symbol
+from kraken_hist.kraken.rest_parsing import TradesPage
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.fake_ws import FakeKrakenWS, next_trades
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
-from kraken_hist.timeutils import floor_minute, to_unix_ns, utcnow
-from kraken_hist.types import HistoricalTrade
-from kraken_hist.writer import DatabaseWriter
-from kraken_hist.ws_client import KrakenWSClient
-from kraken_hist.ws_parsing import TradeMessage
+from kraken_hist.core.timeutils import floor_minute, to_unix_ns, utcnow
+from kraken_hist.core.types import HistoricalTrade
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.kraken.ws_client import KrakenWSClient
+from kraken_hist.kraken.ws_parsing import TradeMessage
 
 from .test_live import FAST_WS, stored_trades
 from .test_live_continuity import MemoryWriter

@@ -13,7 +13,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kraken_hist.locks import (
+from kraken_hist.ops.locks import (
     JobLock,
     LockServiceUnavailableError,
     hold,
@@ -78,7 +78,7 @@ def test_lock_of_a_killed_holder_expires_after_its_ttl(client: redis.Redis, name
     """A worker killed mid-task stops renewing; its lock frees itself after the TTL."""
     script = (
         "import sys, time, redis\n"
-        "from kraken_hist.locks import JobLock\n"
+        "from kraken_hist.ops.locks import JobLock\n"
         "lock = JobLock(redis.Redis.from_url(sys.argv[1]), sys.argv[2], ttl=0.6, renew_every=0.15)\n"
         "assert lock.acquire('doomed')\n"
         "print('held', flush=True)\n"

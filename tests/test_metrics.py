@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from kraken_hist.metrics import MetricsServer, TradeTracker
+from kraken_hist.ops.metrics import MetricsServer, TradeTracker
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.fake_ws import FakeKrakenWS
 from kraken_hist.testing.market import FakeMarket
@@ -146,8 +146,8 @@ def test_trade_tracker_counts_per_symbol_and_ages_the_last_trade() -> None:
 
 @pytest.mark.parametrize("port", ["x", "70000"])
 def test_bad_metrics_port_is_one_clear_line(port: str) -> None:
-    from kraken_hist.config import Settings
-    from kraken_hist.errors import ConfigurationError
+    from kraken_hist.core.config import Settings
+    from kraken_hist.core.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="KRAKEN_HIST_METRICS_PORT must be a TCP port"):
         Settings.from_env({"KRAKEN_HIST_METRICS_PORT": port})

@@ -5,10 +5,12 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from kraken_hist import migrate, schema
-from kraken_hist.db import sqlalchemy_url
-from kraken_hist.errors import ConfigurationError
-from kraken_hist.intervals import INTERVAL_RELATIONS, Interval
+from kraken_hist.storage import migrate
+
+from kraken_hist.storage import schema
+from kraken_hist.storage.db import sqlalchemy_url
+from kraken_hist.core.errors import ConfigurationError
+from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 
 HIGHER = [name for minutes, name in INTERVAL_RELATIONS.items() if minutes != 1]
 

@@ -8,9 +8,10 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kraken_hist import gaps as ranges
-from kraken_hist import ownership, store
-from kraken_hist.timeutils import since_cursor, to_unix_ns
+from kraken_hist.rules import ranges as ranges
+from kraken_hist.storage import ownership
+from kraken_hist.storage import store
+from kraken_hist.core.timeutils import since_cursor, to_unix_ns
 
 UTC = timezone.utc
 BASE = datetime(2025, 1, 1, tzinfo=UTC)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from kraken_hist.errors import UnknownSymbolError
-from kraken_hist.pairs import PAIR_MAP, Pair, PairRegistry
+from kraken_hist.core.errors import UnknownSymbolError
+from kraken_hist.core.pairs import PAIR_MAP, Pair, PairRegistry
 
 BUILTIN = PairRegistry()
 normalize_symbol, get_pair = BUILTIN.normalize, BUILTIN.get

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kraken_hist.aggregates import candles_from_trades
-from kraken_hist.errors import ExchangePermanentError
-from kraken_hist.parsing import (
+from kraken_hist.rules.candles import candles_from_trades
+from kraken_hist.core.errors import ExchangePermanentError
+from kraken_hist.kraken.rest_parsing import (
     ParseError,
     loads,
     pair_entry,
@@ -21,9 +21,9 @@ from kraken_hist.parsing import (
     parse_trade,
     parse_trades_result,
 )
-from kraken_hist.rest_client import unwrap
-from kraken_hist.timeutils import from_unix_ns
-from kraken_hist.types import CandleSource
+from kraken_hist.kraken.rest_client import unwrap
+from kraken_hist.core.timeutils import from_unix_ns
+from kraken_hist.core.types import CandleSource
 
 UTC = timezone.utc
 

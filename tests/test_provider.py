@@ -8,17 +8,17 @@ import pandas as pd
 import psycopg
 import pytest
 
-from kraken_hist import store
-from kraken_hist.aggregates import resample
-from kraken_hist.errors import DatabaseUnavailableError, UnknownSymbolError
-from kraken_hist.provider import (
+from kraken_hist.storage import store
+from kraken_hist.rules.candles import resample
+from kraken_hist.core.errors import DatabaseUnavailableError, UnknownSymbolError
+from kraken_hist.query.provider import (
     FRAME_COLUMNS,
     INTERVAL_VIEWS,
     HistoricalDataProvider,
     InsufficientDataError,
     candles_to_frame,
 )
-from kraken_hist.refresh import refresh_aggregates
+from kraken_hist.storage.refresh import refresh_aggregates
 
 from .test_refresh import assert_same, insert_candles, random_candles
 
@@ -122,7 +122,7 @@ def test_quiet_minutes_filled_on_request(db_url, conn):
         p = Decimal(price)
         return dict(time=T0 + timedelta(minutes=m), open=p, high=p, low=p, close=p, volume=Decimal(volume), vwap=p, trades=1)
 
-    from kraken_hist.types import CandleRecord
+    from kraken_hist.core.types import CandleRecord
 
     records = [CandleRecord(symbol="BTC/USD", **minute(m, price)) for m, price in ((2, "10.5"), (3, "11"), (7, "12"))]
     insert_candles(conn, records)
@@ -174,7 +174,7 @@ def test_frames_have_the_shape_backtesting_libraries_take(db_url, loaded):
 
 
 def test_missing_vwap_is_nan_in_frames(db_url, conn):
-    from kraken_hist.types import CandleRecord
+    from kraken_hist.core.types import CandleRecord
 
     p = Decimal("5")
     insert_candles(conn, [CandleRecord(symbol="BTC/USD", time=T0, open=p, high=p, low=p, close=p, volume=p, vwap=None,
@@ -227,7 +227,7 @@ def test_health_check_of_a_database_that_is_not_there():
 def test_reads_lend_the_pooled_connection_back_as_they_found_it(db_url, conn, loaded):
     """get_candles reads through the driver connection in autocommit: it goes back to the pool
     with its own autocommit setting and no transaction, also after a failed query."""
-    from kraken_hist.db import create_engine
+    from kraken_hist.storage.db import create_engine
 
     engine = create_engine(db_url, pool_size=1, max_overflow=0)
     try:
@@ -273,8 +273,8 @@ def test_every_read_hands_out_an_interval_s_vwap_at_the_pair_decimals(db_url, co
     """Above one minute a vwap is the exact quotient of its bucket's sums rounded down to the
     pair's price decimals (aggregates.vwap_at_decimals), digit for digit, on every read path;
     a 1-minute vwap is handed out as stored."""
-    from kraken_hist.aggregates import vwap_at_decimals
-    from kraken_hist.intervals import Interval
+    from kraken_hist.rules.candles import vwap_at_decimals
+    from kraken_hist.core.intervals import Interval
 
     places = {"BTC/USD": 1, "ETH/USD": 2}
 

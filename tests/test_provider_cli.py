@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kraken_hist.cli.main import cli
-from kraken_hist.types import CandleRecord
+from kraken_hist.core.types import CandleRecord
 
 from .test_refresh import insert_candles
 
@@ -97,7 +97,7 @@ def test_prices_and_vwap_are_shown_at_the_pair_decimals():
     # length per column (REST pads prices with zeros, the archive does not)
     from decimal import Decimal
 
-    from kraken_hist.aggregates import vwap_at_decimals
+    from kraken_hist.rules.candles import vwap_at_decimals
     from kraken_hist.cli.candles import _price_text
 
     assert vwap_at_decimals(Decimal("99134.260673677459610267414490605879449980"), 1) == Decimal("99134.2")

@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from kraken_hist.errors import DatabaseUnavailableError
-from kraken_hist.provider import HistoricalDataProvider
-from kraken_hist.types import CandleRecord
+from kraken_hist.core.errors import DatabaseUnavailableError
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.core.types import CandleRecord
 
 from .test_refresh import insert_candles
 

@@ -14,8 +14,8 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kraken_hist.config import Settings
-from kraken_hist.ratelimit import (
+from kraken_hist.core.config import Settings
+from kraken_hist.kraken.ratelimit import (
     RateLimiter,
     place_slot,
     RateLimiterUnavailableError,
@@ -24,7 +24,7 @@ from kraken_hist.ratelimit import (
     limiter_namespace,
     process_limiter,
 )
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.limiter_load import record_arrivals, run_load, summarize

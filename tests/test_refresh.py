@@ -10,13 +10,13 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from kraken_hist import store
-from kraken_hist.aggregates import resample, vwap_at_decimals
-from kraken_hist.intervals import INTERVAL_RELATIONS, Interval
-from kraken_hist.pairs import PAIR_MAP
-from kraken_hist.provider import HistoricalDataProvider
-from kraken_hist.refresh import merge_windows, refresh_aggregates, refresh_order, widen_windows
-from kraken_hist.types import CandleRecord
+from kraken_hist.storage import store
+from kraken_hist.rules.candles import resample, vwap_at_decimals
+from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
+from kraken_hist.core.pairs import PAIR_MAP
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.storage.refresh import merge_windows, refresh_aggregates, refresh_order, widen_windows
+from kraken_hist.core.types import CandleRecord
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 5, tzinfo=UTC)  # a Wednesday: weeks must start on the Monday before

@@ -8,14 +8,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from kraken_hist.config import Settings
-from kraken_hist.errors import ExchangePermanentError, ExchangeTransientError, UnknownSymbolError
-from kraken_hist.ratelimit import RateLimiter, process_limiter
-from kraken_hist.rest_client import (
+from kraken_hist.core.config import Settings
+from kraken_hist.core.errors import ExchangePermanentError, ExchangeTransientError, UnknownSymbolError
+from kraken_hist.kraken.ratelimit import RateLimiter, process_limiter
+from kraken_hist.kraken.rest_client import (
     ExchangeThrottledError,
     KrakenRestClient,
     classify_error,
-    retry_delay,
     unwrap,
 )
 from kraken_hist.testing.fake_rest import FAULTS, FakeKrakenREST
@@ -101,10 +100,6 @@ def test_unwrap_failures(status: int, body: bytes, expected: type) -> None:
 def test_unwrap_result_keeps_decimals() -> None:
     result = unwrap(200, b'{"error":[],"result":{"t":1762795433.9717445}}', "x")
     assert str(result["t"]) == "1762795433.9717445"
-
-
-def test_retry_delay_grows_and_is_capped() -> None:
-    assert [retry_delay(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
 
 
 # --- endpoints ---------------------------------------------------------------------------

@@ -16,18 +16,18 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from kraken_hist import store
-from kraken_hist.aggregates import candles_from_trades
-from kraken_hist.backfill import KrakenTradesBackfill
-from kraken_hist.csv_import import BulkCSVImporter
-from kraken_hist.gap_filler import GapFiller
-from kraken_hist.ratelimit import RateLimiter
-from kraken_hist.rest_client import KrakenRestClient
+from kraken_hist.storage import store
+from kraken_hist.rules.candles import candles_from_trades
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.ingest.archive.importer import BulkCSVImporter
+from kraken_hist.gaps.filler import GapFiller
+from kraken_hist.kraken.ratelimit import RateLimiter
+from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
-from kraken_hist.types import HistoricalTrade, TradeRecord, TradeSource
-from kraken_hist.writer import DatabaseWriter
+from kraken_hist.core.types import HistoricalTrade, TradeRecord, TradeSource
+from kraken_hist.storage.writer import DatabaseWriter
 
 UTC = timezone.utc
 SYMBOL = "BTC/USD"
@@ -263,7 +263,7 @@ def test_stream_import_backfill_and_gap_fill_all_at_once(db_url, settings, tmp_p
     """The four paths together on one symbol: a fresh stream (with its REST catch-up) while an
     archive of the past hour is imported and a backfill runs, new trades arriving, then gap fill."""
     from kraken_hist.testing.fake_ws import FakeKrakenWS
-    from kraken_hist.timeutils import floor_minute, utcnow
+    from kraken_hist.core.timeutils import floor_minute, utcnow
 
     from .test_live_start import streaming, wait_for
 

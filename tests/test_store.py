@@ -4,10 +4,10 @@ import random
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from kraken_hist import store
-from kraken_hist.aggregates import candles_from_trades
-from kraken_hist.types import HistoricalTrade
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.storage import store
+from kraken_hist.rules.candles import candles_from_trades
+from kraken_hist.core.types import HistoricalTrade
+from kraken_hist.core.pairs import PAIR_MAP
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 1, tzinfo=UTC)

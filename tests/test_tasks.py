@@ -23,11 +23,11 @@ from celery.contrib.testing.worker import start_worker
 from celery.result import AsyncResult
 
 import celery_app
-from kraken_hist import store
-from kraken_hist.config import Settings
-from kraken_hist.errors import PermanentError, TransientError
-from kraken_hist.locks import JobLock, lock_name
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.storage import store
+from kraken_hist.core.config import Settings
+from kraken_hist.core.errors import PermanentError, TransientError
+from kraken_hist.ops.locks import JobLock, lock_name
+from kraken_hist.core.pairs import PAIR_MAP
 
 pytestmark = [pytest.mark.redis]
 
@@ -261,7 +261,7 @@ def history() -> list[Any]:
 
 @pytest.fixture
 def fake_rest(history: list[Any], task_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    pytest.importorskip("kraken_hist.backfill")
+    pytest.importorskip("kraken_hist.ingest.backfill")
     from kraken_hist.testing.fake_rest import FakeKrakenREST
     from kraken_hist.testing.market import FakeMarket
 
@@ -314,7 +314,7 @@ def test_two_backfills_of_one_symbol_at_once_one_runs_one_reports_already_runnin
 def test_import_csv_runs_on_the_worker_and_the_trades_land(
     app: Celery, worker: None, task_env: dict[str, str], db_url: str, tmp_path: Path, rdb: redis.Redis
 ) -> None:
-    pytest.importorskip("kraken_hist.csv_import")
+    pytest.importorskip("kraken_hist.ingest.archive.importer")
     file = tmp_path / "XBTUSD.csv"  # Time and Sales: no header, timestamp,price,volume
     file.write_text("1704067200,42000.1,0.5\n1704067201,42001.0,0.25\n1704067265,41999.9,1.0\n")
     result = run(app, "import_csv", str(file))
@@ -340,7 +340,7 @@ def test_import_csv_runs_on_the_worker_and_the_trades_land(
 def test_import_csv_takes_a_directory(
     app: Celery, worker: None, task_env: dict[str, str], db_url: str, tmp_path: Path
 ) -> None:
-    pytest.importorskip("kraken_hist.csv_import")
+    pytest.importorskip("kraken_hist.ingest.archive.importer")
     folder = tmp_path / "TimeAndSales_Combined"
     folder.mkdir()
     (folder / "XBTUSD.csv").write_text("1704067200,42000.1,0.5\n")
@@ -372,7 +372,7 @@ def store_with_hole(db_url: str, history: list[Any], hole: range) -> None:
 def test_fill_gaps_runs_on_the_worker_and_repairs_a_hole(
     app: Celery, worker: None, fake_rest: Any, history: list[Any], db_url: str, rdb: redis.Redis
 ) -> None:
-    pytest.importorskip("kraken_hist.gap_filler")
+    pytest.importorskip("kraken_hist.gaps.filler")
     store_with_hole(db_url, history, range(1000, 1300))
     result = run(app, "fill_gaps", symbols=["XBTUSD"])
     value = result.get(timeout=TIMEOUT)
@@ -387,7 +387,7 @@ def test_fill_gaps_runs_on_the_worker_and_repairs_a_hole(
 def test_fill_gaps_skips_the_symbols_filled_elsewhere(
     app: Celery, worker: None, fake_rest: Any, rdb: redis.Redis
 ) -> None:
-    pytest.importorskip("kraken_hist.gap_filler")
+    pytest.importorskip("kraken_hist.gaps.filler")
     other = JobLock(rdb, lock_name("kraken_hist.tasks.fill_gaps", "ETH/USD"), ttl=10)
     assert other.acquire("other-worker")
     holder = other.token

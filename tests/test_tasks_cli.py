@@ -21,9 +21,9 @@ from celery.contrib.testing.worker import start_worker
 from celery.result import AsyncResult
 
 import celery_app
-from kraken_hist import store
-from kraken_hist.config import Settings
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.storage import store
+from kraken_hist.core.config import Settings
+from kraken_hist.core.pairs import PAIR_MAP
 
 from .test_tasks import close_app
 
@@ -49,7 +49,7 @@ def celery_command(line: str) -> list[str]:
 @pytest.fixture
 def fake_rest() -> Iterator[tuple[str, int]]:
     """URL of a fake Kraken REST serving an hour of BTC/USD from 2024-01-01, and its trade count."""
-    pytest.importorskip("kraken_hist.backfill")
+    pytest.importorskip("kraken_hist.ingest.backfill")
     from kraken_hist.testing.fake_rest import FakeKrakenREST
     from kraken_hist.testing.history import generate_trades
     from kraken_hist.testing.market import FakeMarket

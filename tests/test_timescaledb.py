@@ -16,14 +16,18 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from kraken_hist import migrate, store, timescale
-from kraken_hist.aggregates import candles_from_trades, resample
-from kraken_hist.csv_import import BulkCSVImporter
-from kraken_hist.intervals import INTERVAL_RELATIONS, REFRESH_PARENT, Interval
-from kraken_hist.provider import HistoricalDataProvider
-from kraken_hist.refresh import refresh_aggregates, refresh_order
-from kraken_hist.types import CandleRecord, HistoricalTrade, TradeRecord, TradeSource
-from kraken_hist.writer import DatabaseWriter
+from kraken_hist.storage import migrate
+
+from kraken_hist.storage import store
+
+from kraken_hist.storage import timescale
+from kraken_hist.rules.candles import candles_from_trades, resample
+from kraken_hist.ingest.archive.importer import BulkCSVImporter
+from kraken_hist.core.intervals import INTERVAL_RELATIONS, REFRESH_PARENT, Interval
+from kraken_hist.query.provider import HistoricalDataProvider
+from kraken_hist.storage.refresh import refresh_aggregates, refresh_order
+from kraken_hist.core.types import CandleRecord, HistoricalTrade, TradeRecord, TradeSource
+from kraken_hist.storage.writer import DatabaseWriter
 
 pytestmark = pytest.mark.usefixtures("needs_timescaledb")
 
@@ -235,7 +239,7 @@ def test_duplicate_probes_read_one_or_two_chunks_of_many(settings, conn):
         SELECT 'BTC/USD', i, %s + i * interval '1 hour', 100, 1, 'rest' FROM generate_series(1, 24 * 365) i""", (T0,))
     conn.commit()
     assert rows(conn, "SELECT count(*) FROM show_chunks('trades')")[0][0] >= 52
-    from kraken_hist.writer import _PROBE_TRADES, _probe_params
+    from kraken_hist.storage.writer import _PROBE_TRADES, _probe_params
     window = store.identity_window(T0 + timedelta(hours=4000), T0 + timedelta(hours=4010))
     minutes = [int((T0 + timedelta(hours=h)).timestamp()) // 60 for h in (4000, 4010)]
     (plan,), = rows(conn, "EXPLAIN (ANALYZE, FORMAT JSON) " + _PROBE_TRADES,

@@ -3,7 +3,7 @@ from decimal import Decimal
 
 import pytest
 
-from kraken_hist.timeutils import from_unix_decimal, from_unix_ns, parse_rfc3339, parse_time, to_unix_ns
+from kraken_hist.core.timeutils import from_unix_decimal, from_unix_ns, parse_rfc3339, parse_time, to_unix_ns
 
 UTC = timezone.utc
 

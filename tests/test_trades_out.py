@@ -8,10 +8,10 @@ from decimal import Decimal
 
 import pytest
 
-from kraken_hist import trades_out
-from kraken_hist.provider import HistoricalDataProvider
+from kraken_hist.query import trades_out
+from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
-from kraken_hist.types import HistoricalTrade
+from kraken_hist.core.types import HistoricalTrade
 
 from .trade_data import by_time_and_id, store_trades
 

@@ -3,7 +3,7 @@ from decimal import Decimal
 
 import pytest
 
-from kraken_hist.types import CandleRecord, CandleSource, DataGap, GapKind, TradeRecord, TradeSource
+from kraken_hist.core.types import CandleRecord, CandleSource, DataGap, GapKind, TradeRecord, TradeSource
 
 UTC = timezone.utc
 T0 = datetime(2025, 11, 10, 17, 23, 53, 971744, tzinfo=UTC)

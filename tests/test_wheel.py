@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kraken_hist.migrate import head_revision
+from kraken_hist.storage.migrate import head_revision
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def test_migrations_run_from_the_unpacked_wheel(wheel, empty_db_url, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_HIST_")}
     env.update({"PYTHONPATH": str(site), "KRAKEN_HIST_DATABASE_URL": empty_db_url})
     script = (
-        "import kraken_hist, kraken_hist.migrate as m, sys;"
+        "import kraken_hist, kraken_hist.storage.migrate as m, sys;"
         f"assert kraken_hist.__file__.startswith({str(site)!r}), kraken_hist.__file__;"
         f"assert str(m.migrations_path()).startswith({str(site)!r}), m.migrations_path();"
         "from kraken_hist.cli import main; sys.argv=['kraken-hist','db','upgrade']; main()"

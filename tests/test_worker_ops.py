@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 import celery_app
-from kraken_hist.config import Settings
+from kraken_hist.core.config import Settings
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket

@@ -9,9 +9,9 @@ from decimal import Decimal
 
 import pytest
 
-from kraken_hist import aggregates
-from kraken_hist.types import CandleRecord, CandleSource, TradeRecord, TradeSource
-from kraken_hist.writer import DatabaseWriter, InvalidRecordError, backoff_delay
+from kraken_hist.rules import candles as aggregates
+from kraken_hist.core.types import CandleRecord, CandleSource, TradeRecord, TradeSource
+from kraken_hist.storage.writer import DatabaseWriter, InvalidRecordError
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -281,8 +281,3 @@ def test_constructor_refuses_impossible_settings(settings):
         DatabaseWriter(settings.database_url, pool_min_size=5, pool_max_size=2)
 
 
-@pytest.mark.parametrize("attempt", [1, 2, 5, 40])
-def test_backoff_grows_and_is_capped(attempt):
-    delays = [backoff_delay(attempt, base=0.2, cap=5.0) for _ in range(50)]
-    ceiling = min(5.0, 0.2 * 2 ** (attempt - 1))
-    assert all(ceiling / 2 <= d <= ceiling for d in delays)

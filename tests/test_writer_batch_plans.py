@@ -9,7 +9,9 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from kraken_hist import ownership, writer
+from kraken_hist.storage import ownership
+
+from kraken_hist.storage import writer
 
 UTC = timezone.utc
 NOW = datetime(2026, 6, 1, tzinfo=UTC)

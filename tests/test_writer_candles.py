@@ -9,11 +9,15 @@ from decimal import Decimal
 
 import psycopg
 
-from kraken_hist import aggregates, store, writer as writer_module
-from kraken_hist.types import CandleRecord, CandleSource, TradeRecord, TradeSource
-from kraken_hist import ownership
-from kraken_hist.writer import DatabaseWriter
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.rules import candles as aggregates
+
+from kraken_hist.storage import store
+
+from kraken_hist.storage import writer as writer_module
+from kraken_hist.core.types import CandleRecord, CandleSource, TradeRecord, TradeSource
+from kraken_hist.storage import ownership
+from kraken_hist.storage.writer import DatabaseWriter
+from kraken_hist.core.pairs import PAIR_MAP
 
 T0 = datetime(2024, 6, 3, 10, 0, tzinfo=timezone.utc)
 CANDLE_COLUMNS = "symbol, time, open, high, low, close, vwap, volume, trades, source"

@@ -23,12 +23,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kraken_hist import migrate
-from kraken_hist.config import Settings
-from kraken_hist.embedded import start_embedded, stop_embedded
-from kraken_hist.spool import LABEL_FILE, DatabaseIdentity, Spool, SpoolOwnerError, claim, describe_url, encode_block
-from kraken_hist.types import CandleRecord, CandleSource, TradeRecord, TradeSource
-from kraken_hist.writer import DatabaseWriter
+from kraken_hist.storage import migrate
+from kraken_hist.core.config import Settings
+from kraken_hist.storage.embedded import start_embedded, stop_embedded
+from kraken_hist.storage.writer.spool import LABEL_FILE, DatabaseIdentity, Spool, SpoolOwnerError, claim, describe_url, encode_block
+from kraken_hist.core.types import CandleRecord, CandleSource, TradeRecord, TradeSource
+from kraken_hist.storage.writer import DatabaseWriter
 
 from .test_live_cli import SYMBOLS, StreamProcess, exchange  # noqa: F401 - exchange is a fixture
 
@@ -142,9 +142,9 @@ CHILD = textwrap.dedent(
     import sys, time
     from datetime import datetime, timedelta, timezone
     from decimal import Decimal
-    from kraken_hist.config import Settings
-    from kraken_hist.types import TradeRecord, TradeSource
-    from kraken_hist.writer import DatabaseWriter
+    from kraken_hist.core.config import Settings
+    from kraken_hist.core.types import TradeRecord, TradeSource
+    from kraken_hist.storage.writer import DatabaseWriter
 
     url, data_dir, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
     t0 = datetime(2024, 5, 1, 9, 0, tzinfo=timezone.utc)

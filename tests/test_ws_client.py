@@ -10,21 +10,20 @@ from typing import Callable, Iterator
 
 import pytest
 
-from kraken_hist.errors import KrakenHistError
+from kraken_hist.core.errors import KrakenHistError
 from kraken_hist.testing.fake_ws import FakeKrakenWS
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket
-from kraken_hist.timeutils import utcnow
-from kraken_hist.ws_client import (
+from kraken_hist.core.timeutils import utcnow
+from kraken_hist.kraken.ws_client import (
     ConnectionLostError,
     KrakenWSClient,
     Subscription,
     SubscriptionRefusedError,
     SubscriptionTimeoutError,
-    backoff_delay,
     to_ws_symbol,
 )
-from kraken_hist.ws_parsing import OhlcMessage, TradeMessage
+from kraken_hist.kraken.ws_parsing import OhlcMessage, TradeMessage
 
 SYMBOLS = ("BTC/USD", "ETH/USD", "SOL/USD")
 FAST = dict(heartbeat_timeout=1.0, ack_timeout=1.0, backoff_base=0.05, backoff_cap=0.2, poll_interval=0.05)
@@ -95,16 +94,6 @@ def make_client(url: str, sink: Sink, symbols=SYMBOLS, **kwargs) -> KrakenWSClie
 )
 def test_symbols_in_any_kraken_name_become_v2_names(name: str, expected: str) -> None:
     assert to_ws_symbol(name) == expected
-
-
-def test_backoff_is_full_jitter_and_capped() -> None:
-    rng = random.Random(1)
-    for attempt in range(12):
-        bound = min(5.0, 0.5 * 2**attempt)
-        delays = [backoff_delay(attempt, 0.5, 5.0, rng) for _ in range(200)]
-        assert all(0 <= d <= bound for d in delays)
-        assert max(delays) > bound * 0.8  # really spread over the whole range
-    assert backoff_delay(10_000, 1.0, 30.0, rng) <= 30.0
 
 
 def test_streams_every_published_trade_for_several_symbols(server: FakeKrakenWS, market: FakeMarket) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kraken_hist.ws_parsing import (
+from kraken_hist.kraken.ws_parsing import (
     FrameError,
     HeartbeatMessage,
     MethodResponse,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from kraken_hist import store
-from kraken_hist.pairs import PAIR_MAP
+from kraken_hist.storage import store
+from kraken_hist.core.pairs import PAIR_MAP
 
 
 def store_trades(conn, trades, source="rest"):

@@ -117,3 +117,16 @@ def vwap_at_places(vwap: str, places: str) -> str:
     is, digit for digit; `places` NULL leaves it as it is): the SQL form of
     ``rules.candles.vwap_at_decimals``."""
     return f"trunc({vwap}, least({places}, scale({vwap})))"
+
+
+def skip_scan_symbols(table: str, cte: str = "s") -> str:
+    """A recursive CTE named `cte` (column ``symbol``) walking the distinct symbols of `table`,
+    whose key starts with ``symbol``: one index probe per symbol instead of a scan of every row
+    (PostgreSQL has no skip scan of its own). It ends with one NULL row; use it as
+    ``WITH RECURSIVE {skip_scan_symbols('candles')} SELECT symbol FROM s WHERE symbol IS NOT NULL``."""
+    return f"""{cte}(symbol) AS (
+    SELECT min(symbol) FROM {table}
+    UNION ALL
+    SELECT (SELECT min(x.symbol) FROM {table} x WHERE x.symbol > {cte}.symbol)
+    FROM {cte} WHERE {cte}.symbol IS NOT NULL
+)"""

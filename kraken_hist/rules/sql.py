@@ -130,3 +130,22 @@ def skip_scan_symbols(table: str, cte: str = "s") -> str:
     SELECT (SELECT min(x.symbol) FROM {table} x WHERE x.symbol > {cte}.symbol)
     FROM {cte} WHERE {cte}.symbol IS NOT NULL
 )"""
+
+
+def bucket_column_pairs(parent_minutes: int) -> list[tuple[str, str]]:
+    """``bucket_columns(parent_minutes)`` as ``(name, expression)`` pairs in select-list order,
+    for a query builder that picks columns by name (the provider's SQLAlchemy selects)."""
+    text = bucket_columns(parent_minutes)
+    items: list[str] = []
+    depth = start = 0
+    for at, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:at])
+            start = at + 1
+    items.append(text[start:])
+    pairs = []
+    for item in items:
+        expression, _as, name = item.rpartition(" AS ")
+        pairs.append((name.strip(), " ".join(expression.split())))
+    return pairs

@@ -2,11 +2,11 @@
 
 import random
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_DOWN, Decimal
+from decimal import Decimal
 
 import pytest
 
-from kraken_hist.rules.candles import candles_from_trades
+from kraken_hist.rules.candles import candles_from_trades, vwap_at_decimals
 
 from kraken_hist.ingest.archive.formats import (
     MAX_TRADES_PER_SECOND,
@@ -267,7 +267,7 @@ def test_chunk_candles_equal_the_pure_twin():
     for chunk in chunks:
         for row in chunk.candles:
             when, o, h, low, c, notional, volume, n = row.decode().rstrip("\n").split("\t")
-            vwap = (Decimal(notional) / Decimal(volume)).quantize(Decimal("0.1"), ROUND_DOWN) if Decimal(volume) else 0
+            vwap = vwap_at_decimals(Decimal(notional) / Decimal(volume), 1) if Decimal(volume) else 0
             got.append((when, Decimal(o), Decimal(h), Decimal(low), Decimal(c), vwap, Decimal(volume), int(n)))
     assert got == [
         (c.time.strftime("%Y-%m-%d %H:%M:%S+00"), c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades)

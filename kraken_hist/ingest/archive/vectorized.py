@@ -7,9 +7,9 @@ clean blocks are validated, numbered and formatted as whole arrays instead:
 * one pass of array tests proves every line is ``digits,decimal,decimal\\n`` with a positive
   price and volume, times within ``bounds`` (the array twin of the line parser's rule) that
   never go back; any other block (a bad line, ``\\r\\n``, exponents, a second with too many
-  trades) goes line by line through ``csv_formats.parse_plain_trades``, which reports each bad
+  trades) goes line by line through ``trade_lines.parse_plain_trades``, which reports each bad
   line with its number. Both paths give the same rows.
-* rows go to PostgreSQL as binary COPY tuples built as one structured array: ints,
+* rows go to PostgreSQL as binary COPY tuples (``binary_copy``) built as one structured array: ints,
   microseconds and base-10000 numerics, each number with its own display scale, so the
   stored values are exactly the file's text (and the server parses nothing).
 * 1-minute candles come from exact integer arithmetic: prices and volumes scaled to whole
@@ -31,7 +31,8 @@ from typing import IO
 import numpy as np
 
 from kraken_hist.core.bounds import unix_seconds_refused
-from kraken_hist.ingest.archive.formats import (
+from kraken_hist.ingest.archive.fields import plain_line_second
+from kraken_hist.ingest.archive.rows import (
     MAX_SECOND,
     MAX_TRADES_PER_SECOND,
     PLAIN_COLUMNS,
@@ -39,17 +40,21 @@ from kraken_hist.ingest.archive.formats import (
     BadRowReport,
     SecondBlocker,
     TradeChunk,
-    parse_plain_trades,
-    plain_line_second,
 )
+from kraken_hist.ingest.archive.trade_lines import parse_plain_trades
 from kraken_hist.core.timeutils import EPOCH, check_aware, utcnow
+from kraken_hist.ingest.archive.binary_copy import (
+    BINARY_HEADER, BINARY_TRAILER, LIMB, Numeric, binary_tuples, microseconds, numeric_from_limbs, numeric_from_scaled,
+)
+
+__all__ = ["BINARY_HEADER", "BINARY_TRAILER", "MAX_BLOCK_CHUNKS", "build_chunk", "last_minute_start", "scan_block",
+           "stream_plain_trades"]
 
 _NEWLINE, _COMMA, _DOT = 10, 44, 46
 # Byte classes: 0 digit, 1 comma, 2 dot, 3 newline, 4 anything else.
 _CLASS = np.full(256, 4, dtype=np.uint8)
 _CLASS[48:58] = 0
 _CLASS[_COMMA], _CLASS[_DOT], _CLASS[_NEWLINE] = 1, 2, 3
-_LIMB = 10**6
 _POWERS = 10 ** np.arange(19, dtype=np.int64)
 #: Digits a scaled price or volume may have (int64 holds 18).
 _MAX_DIGITS = 18
@@ -176,86 +181,12 @@ def last_minute_start(seconds: np.ndarray) -> int:
     return int(np.searchsorted(minutes, minutes[-1], side="left"))
 
 
-# --------------------------------------------------------------------------- binary COPY rows
-
-#: Start of a binary COPY stream (signature, flags, header extension length) and its end.
-BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
-BINARY_TRAILER = b"\xff\xff"
-_PG_EPOCH_SECONDS = 946_684_800  # 2000-01-01 UTC, where timestamptz counts microseconds from
-
-
-@dataclass(frozen=True, slots=True)
-class _Numeric:
-    """A numeric column in PostgreSQL's binary form: base-10000 digits, most significant
-    first and zero-padded to one width (the server strips the padding), the first digit's
-    weight, and each value's display scale (digits after the point, as the text had)."""
-
-    digits: np.ndarray  # (rows, width)
-    weight: int
-    dscale: np.ndarray
-
-
-def _numeric_from_scaled(values: np.ndarray, scale: int, dscale: np.ndarray) -> _Numeric:
-    """Non-negative int64 `values` x 10**-scale (scale a multiple of 4)."""
-    groups, rest = [], values
-    while True:
-        rest, group = np.divmod(rest, 10_000)
-        groups.append(group)
-        if len(groups) > scale // 4 and not rest.any():
-            break
-    return _Numeric(np.stack(groups[::-1], axis=1), len(groups) - 1 - scale // 4, dscale)
-
-
-def _numeric_from_limbs(limbs: Sequence[np.ndarray], scale: int, dscale: np.ndarray) -> _Numeric:
-    """A number given as base-10**6 digits (least significant first, an even count) x 10**-scale."""
-    groups = []
-    for low, high in zip(limbs[0::2], limbs[1::2]):  # 12 decimal digits = 3 base-10000 digits
-        pair = low + high * _LIMB
-        groups += [pair % 10_000, pair // 10_000 % 10_000, pair // 10**8]
-    return _Numeric(np.stack(groups[::-1], axis=1), len(groups) - 1 - scale // 4, dscale)
-
-
-def binary_tuples(columns: Sequence[tuple[str, object]], rows: int) -> bytes:
-    """Binary COPY tuples (no header or trailer) from columns given as ("int8", values),
-    ("int4", values), ("numeric", _Numeric) or ("text", constant bytes): fixed-size records
-    built as one structured array, so the server receives values, not text to parse."""
-    fields: list[tuple] = [("count", ">i2")]
-    for i, (kind, column) in enumerate(columns):
-        fields.append((f"len{i}", ">i4"))
-        if kind == "int8":
-            fields.append((f"v{i}", ">i8"))
-        elif kind == "int4":
-            fields.append((f"v{i}", ">i4"))
-        elif kind == "numeric":
-            assert isinstance(column, _Numeric)
-            fields += [(f"n{i}", ">i2"), (f"w{i}", ">i2"), (f"s{i}", ">u2"), (f"d{i}", ">i2"),
-                       (f"v{i}", ">i2", (column.digits.shape[1],))]
-        else:
-            assert isinstance(column, bytes)
-            fields.append((f"v{i}", f"S{len(column)}"))
-    out = np.zeros(rows, dtype=np.dtype(fields))
-    out["count"] = len(columns)
-    for i, (kind, column) in enumerate(columns):
-        if kind == "numeric":
-            assert isinstance(column, _Numeric)
-            width = column.digits.shape[1]
-            out[f"len{i}"] = 8 + 2 * width
-            out[f"n{i}"], out[f"w{i}"], out[f"d{i}"], out[f"v{i}"] = width, column.weight, column.dscale, column.digits
-        else:
-            out[f"len{i}"] = {"int8": 8, "int4": 4}.get(kind) or len(column)  # type: ignore[arg-type]
-            out[f"v{i}"] = column
-    return out.tobytes()
-
-
-def _microseconds(seconds: np.ndarray) -> np.ndarray:
-    """Unix seconds as binary timestamptz (microseconds since 2000-01-01 UTC)."""
-    return (seconds - _PG_EPOCH_SECONDS) * 1_000_000
-
+# --------------------------------------------------------------------------- exact sums
 
 def _limbs(values: np.ndarray) -> list[np.ndarray]:
     """Base-10**6 limbs of values below 10**18, least significant first."""
-    low, rest = values % _LIMB, values // _LIMB
-    return [low, rest % _LIMB, rest // _LIMB]
+    low, rest = values % LIMB, values // LIMB
+    return [low, rest % LIMB, rest // LIMB]
 
 
 def _carry(sums: Sequence[np.ndarray], count: int) -> list[np.ndarray]:
@@ -263,7 +194,7 @@ def _carry(sums: Sequence[np.ndarray], count: int) -> list[np.ndarray]:
     digits = []
     carry = np.zeros_like(sums[0])
     for k in range(count):
-        carry, digit = np.divmod((sums[k] if k < len(sums) else 0) + carry, _LIMB)
+        carry, digit = np.divmod((sums[k] if k < len(sums) else 0) + carry, LIMB)
         digits.append(digit)
     return digits
 
@@ -300,9 +231,9 @@ def build_chunk(scan: _Scan, stop: int, *, symbol: str, blocker: SecondBlocker |
     p, v = price.scaled[index], volume.scaled[index]
     p_frac, v_frac = price.frac[index], volume.frac[index]
     chunk.payload.append(binary_tuples([
-        ("int8", ids), ("int8", _microseconds(sec)),
-        ("numeric", _numeric_from_scaled(p, price.scale, p_frac)),
-        ("numeric", _numeric_from_scaled(v, volume.scale, v_frac)),
+        ("int8", ids), ("int8", microseconds(sec)),
+        ("numeric", numeric_from_scaled(p, price.scale, p_frac)),
+        ("numeric", numeric_from_scaled(v, volume.scale, v_frac)),
         ("text", symbol.encode()), ("text", b"csv"),
     ], chunk.rows))
     chunk.candles = [_candles(sec, p, v, p_frac, v_frac, price.scale, volume.scale)]
@@ -331,16 +262,16 @@ def _candles(seconds: np.ndarray, p: np.ndarray, v: np.ndarray, p_frac: np.ndarr
         notional.append(np.add.reduceat(term, starts))
     volume = [np.add.reduceat(limb, starts) for limb in vl]
 
-    def price_at(rows: np.ndarray) -> _Numeric:
-        return _numeric_from_scaled(p[rows], price_scale, p_frac[rows])
+    def price_at(rows: np.ndarray) -> Numeric:
+        return numeric_from_scaled(p[rows], price_scale, p_frac[rows])
 
     return binary_tuples([
-        ("int8", _microseconds(minutes[starts] * 60)),
+        ("int8", microseconds(minutes[starts] * 60)),
         ("numeric", price_at(starts)), ("numeric", price_at(high)), ("numeric", price_at(low)),
         ("numeric", price_at(close)),
-        ("numeric", _numeric_from_limbs(_carry(notional, 8), price_scale + volume_scale,
+        ("numeric", numeric_from_limbs(_carry(notional, 8), price_scale + volume_scale,
                                         np.maximum.reduceat(p_frac + v_frac, starts))),
-        ("numeric", _numeric_from_limbs(_carry(volume, 6), volume_scale, np.maximum.reduceat(v_frac, starts))),
+        ("numeric", numeric_from_limbs(_carry(volume, 6), volume_scale, np.maximum.reduceat(v_frac, starts))),
         ("int4", counts),
     ], len(starts))
 

@@ -10,7 +10,7 @@ decimals.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Context, Decimal, localcontext
 from itertools import groupby
 
 from kraken_hist.core.intervals import Interval
@@ -19,15 +19,27 @@ from kraken_hist.core.types import CandleRecord, CandleSource, HistoricalCandle,
 
 Trade = HistoricalTrade | TradeRecord
 
+#: Wide enough that sums of products of possible values (``core.bounds``: 20 digits either side
+#: of the point) are exact, and a quotient is cut, never rounded, before it is truncated: the
+#: default 28 digits would round 0.1200001 - 1e-47 up to 0.1200001.
+_EXACT = Context(prec=200, rounding=ROUND_DOWN)
+
+
+def exact_sum(values: Iterable[Decimal]) -> Decimal:
+    """The sum of `values`, every digit kept (as PostgreSQL sums numerics)."""
+    with localcontext(_EXACT):
+        return sum(values, Decimal(0))
+
 
 def kraken_vwap(trades: Sequence[Trade], price_decimals: int) -> Decimal:
-    """Σ(p·v)/Σv truncated to `price_decimals` (0 when the minute had no volume)."""
-    volume = sum((t.volume for t in trades), Decimal(0))
-    if volume == 0:
-        return Decimal(0)
-    notional = sum((t.price * t.volume for t in trades), Decimal(0))
-    quantum = Decimal(1).scaleb(-price_decimals)
-    return (notional / volume).quantize(quantum, rounding=ROUND_DOWN)
+    """Σ(p·v)/Σv truncated to `price_decimals` (0 when the minute had no volume), exactly."""
+    with localcontext(_EXACT):
+        volume = sum((t.volume for t in trades), Decimal(0))
+        if volume == 0:
+            return Decimal(0)
+        notional = sum((t.price * t.volume for t in trades), Decimal(0))
+        quantum = Decimal(1).scaleb(-price_decimals)
+        return (notional / volume).quantize(quantum)
 
 
 def vwap_at_decimals(vwap: Decimal, price_decimals: int) -> Decimal:
@@ -62,7 +74,7 @@ def candles_from_trades(
                 high=max(prices),
                 low=min(prices),
                 close=minute_trades[-1].price,
-                volume=sum((t.volume for t in minute_trades), Decimal(0)),
+                volume=exact_sum(t.volume for t in minute_trades),
                 vwap=kraken_vwap(minute_trades, decimals),
                 trades=len(minute_trades),
                 source=CandleSource.TRADES,
@@ -85,12 +97,10 @@ def resample(candles: Iterable[HistoricalCandle | CandleRecord], interval: Inter
     for (symbol, start), group in groupby(ordered, key=lambda c: (c.symbol, target.bucket_start(c.time))):
         items = list(group)
         weighted = [c for c in items if c.vwap is not None]
-        weight = sum((c.volume for c in weighted), Decimal(0))
-        vwap = (
-            sum((c.vwap * c.volume for c in weighted), Decimal(0)) / weight  # type: ignore[operator]
-            if weight
-            else None
-        )
+        weight = exact_sum(c.volume for c in weighted)
+        with localcontext(_EXACT):
+            notional = sum((c.vwap * c.volume for c in weighted), Decimal(0))  # type: ignore[operator]
+        vwap = notional / weight if weight else None
         out.append(
             HistoricalCandle(
                 symbol=symbol,
@@ -100,7 +110,7 @@ def resample(candles: Iterable[HistoricalCandle | CandleRecord], interval: Inter
                 high=max(c.high for c in items),
                 low=min(c.low for c in items),
                 close=items[-1].close,
-                volume=sum((c.volume for c in items), Decimal(0)),
+                volume=exact_sum(c.volume for c in items),
                 vwap=vwap,
                 trades=sum(c.trades for c in items),
             )

@@ -149,3 +149,17 @@ def bucket_column_pairs(parent_minutes: int) -> list[tuple[str, str]]:
         expression, _as, name = item.rpartition(" AS ")
         pairs.append((name.strip(), " ".join(expression.split())))
     return pairs
+
+
+#: Upsert tail (table aliased ``c``) for the exchange's own candles (``exchange_candles``,
+#: kept apart from ours to compare with them): the latest answer replaces what is stored;
+#: identical rows are left untouched.
+UPSERT_EXCHANGE_CANDLE = """
+ON CONFLICT (symbol, interval, time) DO UPDATE
+SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+    vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades, source = EXCLUDED.source
+WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
+      IS DISTINCT FROM
+      (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
+       EXCLUDED.volume, EXCLUDED.trades, EXCLUDED.source)
+"""

@@ -1,6 +1,6 @@
 """Find every hole in the stored history and fill it, without ever chasing a quiet market.
 
-Detection is :mod:`gap_detection` (SQL, no network). Filling picks a method per gap with the
+Detection is :mod:`gaps.detection` (SQL, no network). Filling picks a method per gap with the
 pure :func:`gaps.plan.choose_fill_method`:
 
 * candle gaps are rebuilt from the stored trades (no network);
@@ -14,7 +14,9 @@ pure :func:`gaps.plan.choose_fill_method`:
   trading and are not stored). The trades stay missing, so the gap is found again next time.
 
 Every REST call goes through the process-wide limiter (``kraken_hist.kraken.ratelimit``), however
-many fills run at once.
+many fills run at once. Here is the service (lifecycle, detection, the fill of every gap, the
+bookkeeping); the outcomes are :mod:`gaps.report`, the retries :mod:`gaps.attempts`, the fills
+:mod:`gaps.trade_fill` and :mod:`gaps.ohlc_fallback`.
 """
 
 from __future__ import annotations
@@ -24,151 +26,45 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from kraken_hist.rules import ranges as ranges
-from kraken_hist.storage import ownership
+from kraken_hist.core.errors import KrakenHistError, TransientError
+from kraken_hist.core.pairs import PairRegistry
+from kraken_hist.core.timeutils import check_aware, utcnow
+from kraken_hist.core.types import DataGap
+from kraken_hist.gaps import ohlc_fallback, plan, trade_fill
+from kraken_hist.gaps.attempts import with_retries
+from kraken_hist.gaps.detection import SymbolScan, read_symbol_gaps
+from kraken_hist.gaps.plan import FillMethod
+from kraken_hist.gaps.report import GapFill, GapFillReport, SymbolFillReport
+from kraken_hist.rules.sql import skip_scan_symbols
 from kraken_hist.storage import store
 from kraken_hist.storage.db import connect, translate_errors
-from kraken_hist.core.errors import KrakenHistError, PermanentError, TransientError
-from kraken_hist.gaps.detection import SymbolScan, read_symbol_gaps
-from kraken_hist.gaps import plan
-from kraken_hist.gaps.plan import FillMethod
 from kraken_hist.storage.pair_store import GivenOrDatabaseRegistry
-from kraken_hist.core.pairs import PairRegistry
-from kraken_hist.core.timeutils import check_aware, floor_minute, to_unix_seconds, utcnow
-from kraken_hist.core.types import CandleSource, DataGap, GapKind, TradeSource
-from kraken_hist.rules.backoff import Backoff
 
 if TYPE_CHECKING:
-    from kraken_hist.ingest.backfill import KrakenTradesBackfill
     from kraken_hist.core.config import Settings
+    from kraken_hist.ingest.backfill import KrakenTradesBackfill
     from kraken_hist.kraken.rest_client import KrakenRestClient
+
+__all__ = ["FillMethod", "GapFill", "GapFillReport", "GapFiller", "SymbolFillReport"]
 
 logger = logging.getLogger(__name__)
 
 SYNC_TYPE = "gaps"
-MICROSECOND = timedelta(microseconds=1)
-ONE_MINUTE = timedelta(minutes=1)
-RETRY_BASE_SECONDS = 0.5
-RETRY_CAP_SECONDS = 10.0
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GapFill:
-    """The outcome of filling one gap."""
-
-    gap: DataGap
-    status: str  # "filled" | "empty" (verified, now covered) | "partial" | "failed"
-    method: FillMethod | None
-    trades_stored: int = 0
-    candles_written: int = 0
-    attempts: int = 1
-    reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "symbol": self.gap.symbol,
-            "kind": self.gap.kind.value,
-            "start": self.gap.start.isoformat(),
-            "end": self.gap.end.isoformat(),
-            "first_missing_id": self.gap.first_missing_id,
-            "last_missing_id": self.gap.last_missing_id,
-            "status": self.status,
-            "method": self.method.value if self.method else None,
-            "trades_stored": self.trades_stored,
-            "candles_written": self.candles_written,
-            "attempts": self.attempts,
-            "reason": self.reason,
-        }
-
-
-@dataclass(slots=True, kw_only=True)
-class SymbolFillReport:
-    symbol: str
-    found: int = 0
-    filled: int = 0
-    verified_empty: int = 0
-    partial: int = 0
-    failed: list[tuple[DataGap, str]] = field(default_factory=list)
-    trades_stored: int = 0
-    candles_written: int = 0
-    methods: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "found": self.found,
-            "filled": self.filled,
-            "verified_empty": self.verified_empty,
-            "partial": self.partial,
-            "failed": [
-                {"kind": g.kind.value, "start": g.start.isoformat(), "end": g.end.isoformat(), "reason": reason}
-                for g, reason in self.failed
-            ],
-            "trades_stored": self.trades_stored,
-            "candles_written": self.candles_written,
-            "methods": dict(self.methods),
-        }
-
-
-@dataclass(slots=True, kw_only=True)
-class GapFillReport:
-    """Gaps found, filled, verified empty and failed (with the reason), per symbol."""
-
-    symbols: dict[str, SymbolFillReport] = field(default_factory=dict)
-    fills: list[GapFill] = field(default_factory=list)
-    seconds: float = 0.0
-    refreshed: bool = False
-
-    def add(self, fill: GapFill) -> None:
-        report = self.symbol(fill.gap.symbol)
-        self.fills.append(fill)
-        if fill.status == "filled":
-            report.filled += 1
-        elif fill.status == "empty":
-            report.verified_empty += 1
-        elif fill.status == "partial":
-            report.partial += 1
-        if fill.status in ("failed", "partial"):
-            report.failed.append((fill.gap, fill.reason or "unknown"))
-        if fill.method is not None:
-            report.methods[fill.method.value] = report.methods.get(fill.method.value, 0) + 1
-        report.trades_stored += fill.trades_stored
-        report.candles_written += fill.candles_written
-
-    def symbol(self, name: str) -> SymbolFillReport:
-        return self.symbols.setdefault(name, SymbolFillReport(symbol=name))
-
-    @property
-    def found(self) -> int:
-        return sum(r.found for r in self.symbols.values())
-
-    @property
-    def filled(self) -> int:
-        return sum(r.filled for r in self.symbols.values())
-
-    @property
-    def verified_empty(self) -> int:
-        return sum(r.verified_empty for r in self.symbols.values())
-
-    @property
-    def failed(self) -> int:
-        return sum(len(r.failed) for r in self.symbols.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "found": self.found,
-            "filled": self.filled,
-            "verified_empty": self.verified_empty,
-            "failed": self.failed,
-            "seconds": round(self.seconds, 3),
-            "refreshed": self.refreshed,
-            "symbols": {name: r.to_dict() for name, r in sorted(self.symbols.items())},
-        }
+#: The query of GapFiller.read_symbols.
+_READ_SYMBOLS = f"""
+WITH RECURSIVE {skip_scan_symbols("trades", "t")}, {skip_scan_symbols("candles", "c")}
+SELECT symbol FROM t WHERE symbol IS NOT NULL
+UNION SELECT symbol FROM c WHERE symbol IS NOT NULL
+UNION SELECT symbol FROM coverage
+ORDER BY 1
+"""
 
 
 class GapFiller:
@@ -323,23 +219,8 @@ class GapFiller:
 
     def read_symbols(self) -> list[str]:
         """Symbols with stored trades, candles or coverage (skip scans of the primary keys)."""
-        query = """
-            WITH RECURSIVE t(symbol) AS (
-                SELECT min(symbol) FROM trades
-                UNION ALL
-                SELECT (SELECT min(x.symbol) FROM trades x WHERE x.symbol > t.symbol) FROM t WHERE t.symbol IS NOT NULL
-            ), c(symbol) AS (
-                SELECT min(symbol) FROM candles
-                UNION ALL
-                SELECT (SELECT min(x.symbol) FROM candles x WHERE x.symbol > c.symbol) FROM c WHERE c.symbol IS NOT NULL
-            )
-            SELECT symbol FROM t WHERE symbol IS NOT NULL
-            UNION SELECT symbol FROM c WHERE symbol IS NOT NULL
-            UNION SELECT symbol FROM coverage
-            ORDER BY 1
-        """
         with connect(self.db_url) as conn, translate_errors():
-            return [row[0] for row in conn.execute(query)]
+            return [row[0] for row in conn.execute(_READ_SYMBOLS)]
 
     # --- filling --------------------------------------------------------------------------
 
@@ -414,151 +295,21 @@ class GapFiller:
                        reason=f"candles from OHLC only; trades: {result.reason}")
 
     def _with_retries(self, gap: DataGap, method: FillMethod, fill: Callable[[DataGap], GapFill]) -> GapFill:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                result = fill(gap)
-            except PermanentError as exc:
-                logger.warning("gap %s: %s fill failed for good: %s", gap.symbol, method.value, exc)
-                return GapFill(gap=gap, status="failed", method=method, attempts=attempt, reason=str(exc))
-            except (TransientError, psycopg.OperationalError) as exc:
-                if attempt > self.max_retries:
-                    return GapFill(gap=gap, status="failed", method=method, attempts=attempt,
-                                   reason=f"{exc} (after {attempt} attempts)")
-                pause = Backoff(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS).delay(attempt)
-                logger.info("gap %s: %s fill attempt %d failed (%s); retrying in %.1f s",
-                            gap.symbol, method.value, attempt, exc, pause)
-                self._sleep(pause)
-                continue
-            return GapFill(gap=result.gap, status=result.status, method=result.method,
-                           trades_stored=result.trades_stored, candles_written=result.candles_written,
-                           attempts=attempt, reason=result.reason)
+        return with_retries(gap, method, fill, max_retries=self.max_retries, sleep=self._sleep)
 
     def fill_gap_trades(self, gap: DataGap) -> GapFill:
-        """Fetch the gap's trades (since = ns just before its start, up to its end) and store
-        them page by page with the backfill's idempotent store; then rebuild the window's
-        candles. Raises the exchange's errors (the caller retries)."""
-        if gap.kind is GapKind.CANDLES:
-            return self.fill_gap_candles(gap)
-        backfill = self._backfill()
-        until = gap.end + MICROSECOND if gap.kind is GapKind.TRADE_IDS else gap.end
-        after_id = gap.first_missing_id - 1 if gap.first_missing_id is not None else None
-        stored = 0
-        reached_end = False
-        for page in backfill.fetch_all_trades(gap.symbol, gap.start, until, after_id=after_id, covered_from=gap.start):
-            trades = page.trades
-            if gap.kind is GapKind.TRADE_IDS:
-                # keep the stored neighbours' coverage as it is; only the missing ids matter
-                trades = [t for t in trades if gap.first_missing_id <= t.trade_id <= gap.last_missing_id]  # type: ignore[operator]
-            stored += backfill.store_trades(gap.symbol, trades, source=TradeSource.REST, covered=page.covered,
-                                            refused=page.refused)
-            reached_end = reached_end or page.reached_until
-        candles = backfill.build_candles_from_trades(gap.symbol, gap.start, until)
-        if gap.kind is GapKind.TRADE_IDS:
-            still = self._count_missing_ids(gap)
-            if still:
-                return GapFill(gap=gap, status="failed", method=FillMethod.TRADES, trades_stored=stored,
-                               candles_written=candles,
-                               reason=f"the exchange did not return {still} of {gap.missing_ids} missing trade ids")
-            return GapFill(gap=gap, status="filled", method=FillMethod.TRADES, trades_stored=stored,
-                           candles_written=candles)
-        if not reached_end:
-            return GapFill(gap=gap, status="partial", method=FillMethod.TRADES, trades_stored=stored,
-                           candles_written=candles,
-                           reason="the exchange has no trades up to the gap's end yet")
-        status = "filled" if stored else "empty"
-        return GapFill(gap=gap, status=status, method=FillMethod.TRADES, trades_stored=stored,
-                       candles_written=candles)
+        """Fetch the gap's trades and store them, then rebuild the window's candles
+        (:func:`trade_fill.fill_from_trades`). Raises the exchange's errors (the caller retries)."""
+        return trade_fill.fill_from_trades(gap, self._backfill(), self.db_url)
 
     def fill_gap_candles(self, gap: DataGap) -> GapFill:
         """Rebuild the gap's 1-minute candles from the stored trades (no network)."""
-        candles = self._backfill().build_candles_from_trades(gap.symbol, gap.start, gap.end)
-        return GapFill(gap=gap, status="filled", method=FillMethod.REBUILD, candles_written=candles)
+        return trade_fill.rebuild_gap_candles(gap, self._backfill())
 
     def fill_gap_ohlc(self, gap: DataGap) -> GapFill:
-        """Fill the gap's minutes from the OHLC endpoint (1m): finished, non-filler rows are
-        stored with source ``rest_ohlc`` where no candle built from trades exists, and kept
-        in ``exchange_candles``; the fetched minutes are recorded as ``ohlc`` coverage."""
-        now = self._clock()
-        first_minute = floor_minute(gap.start)
-        if first_minute < plan.ohlc_reach_start(now):
-            raise PermanentError(
-                f"{gap.symbol}: {first_minute.isoformat()} is older than the OHLC endpoint's 720 newest candles"
-            )
-        last_minute = floor_minute(gap.end - MICROSECOND) if gap.end > gap.start else first_minute
-        page = self.client.get_ohlc(self.registry.get(gap.symbol), 1, since=to_unix_seconds(first_minute) - 60)
-        rows = [
-            r for r in page.finished_rows()
-            if first_minute <= r.time <= last_minute
-        ]
-        trading = [r.to_candle_record(CandleSource.REST_OHLC) for r in rows if not r.is_filler]
-        written = self._write_ohlc_candles(gap.symbol, trading)
-        if rows:
-            with connect(self.db_url) as conn, translate_errors(), conn.transaction():
-                store.add_coverage(conn, gap.symbol, "ohlc", rows[0].time, rows[-1].time + ONE_MINUTE)
-        covered_to = rows[-1].time + ONE_MINUTE if rows else first_minute
-        status = "filled" if covered_to > last_minute else "partial"
-        return GapFill(gap=gap, status=status, method=FillMethod.OHLC, candles_written=written,
-                       reason=None if status == "filled" else "OHLC has no finished candles up to the gap's end")
-
-    def _write_ohlc_candles(self, symbol: str, candles: list) -> int:
-        if not candles:
-            return 0
-        with connect(self.db_url) as conn, translate_errors(), conn.transaction():
-            ownership.lock_symbol(conn, symbol)
-            with conn.cursor() as cur:
-                cur.executemany(
-                    """
-                    INSERT INTO exchange_candles AS e
-                        (symbol, interval, time, open, high, low, close, vwap, volume, trades, source)
-                    VALUES (%s, 1, %s, %s, %s, %s, %s, %s, %s, %s, 'rest_ohlc')
-                    ON CONFLICT (symbol, interval, time) DO UPDATE
-                    SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
-                        vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades,
-                        source = EXCLUDED.source
-                    """,
-                    [(c.symbol, c.time, c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades) for c in candles],
-                )
-                written = 0
-                for c in candles:
-                    cur.execute(
-                        """
-                        INSERT INTO candles AS k
-                            (symbol, time, open, high, low, close, vwap, volume, trades, source, updated_at)
-                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
-                        ON CONFLICT (symbol, time) DO UPDATE
-                        SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
-                            close = EXCLUDED.close, vwap = EXCLUDED.vwap, volume = EXCLUDED.volume,
-                            trades = EXCLUDED.trades, source = EXCLUDED.source, updated_at = now()
-                        WHERE k.source <> 'trades'
-                        """,
-                        (c.symbol, c.time, c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades,
-                         c.source.value),
-                    )
-                    written += cur.rowcount
-            store.record_candle_change(conn, symbol, candles[0].time, candles[-1].time + ONE_MINUTE)
-        return written
-
-    def _count_missing_ids(self, gap: DataGap) -> int:
-        """Ids of `gap` still missing; none when the rest are the archive's (ownership.py)."""
-        with connect(self.db_url) as conn, translate_errors():
-            row = conn.execute(  # the missing ids lie in the gap's time (bounded: TimescaleDB prunes chunks)
-                "SELECT count(*) FROM trades WHERE symbol = %(symbol)s AND trade_id BETWEEN %(first)s AND %(last)s "
-                "AND time >= %(lo)s AND time <= %(hi)s",
-                {"symbol": gap.symbol, "first": gap.first_missing_id, "last": gap.last_missing_id,
-                 **store.identity_window(gap.start, gap.end)},
-            ).fetchone()
-            missing = (gap.missing_ids or 0) - int(row[0])  # type: ignore[index]
-            if missing:  # a refused id is accounted for: fetching it again gives the same refusal
-                missing -= len(store.read_refused_ids(conn, gap.symbol, gap.first_missing_id,  # type: ignore[arg-type]
-                                                      gap.last_missing_id))  # type: ignore[arg-type]
-            if missing:
-                archive = store.read_coverage(conn, gap.symbol, ownership.ARCHIVE_SOURCE)
-                by_id = ranges.union(*(store.read_coverage(conn, gap.symbol, s) for s in ownership.ID_SOURCES))
-                if ownership.hole_explained((gap.start, gap.end), archive, by_id):
-                    return 0
-        return missing
+        """Fill the gap's minutes' candles from the OHLC endpoint (:mod:`gaps.ohlc_fallback`)."""
+        return ohlc_fallback.fill_from_ohlc(gap, db_url=self.db_url, client=self.client,
+                                            pair=self.registry.get(gap.symbol), now=self._clock())
 
     # --- bookkeeping ----------------------------------------------------------------------
 

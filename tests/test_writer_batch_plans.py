@@ -11,7 +11,7 @@ import pytest
 
 from kraken_hist.storage import ownership
 
-from kraken_hist.storage import writer
+from kraken_hist.storage.writer import statements
 
 UTC = timezone.utc
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -45,14 +45,14 @@ def test_one_index_probe_per_pair_and_only_the_batch_s_chunk(history: str, times
     symbols, minutes = [s for s in PAIRS for _ in (0, 1)], [m for _ in PAIRS for m in (minute, minute + 1)]
     with psycopg.connect(history, autocommit=True) as conn:
         plans = {
-            "probe": plan(conn, writer._PROBE_TRADES, writer._probe_params(meta)),
-            "archive": plan(conn, ownership.ARCHIVE_TOUCHES_ANY, writer._probe_params(meta)),
-            "candles": plan(conn, writer._STORED_CANDLES, writer._pairs_params(symbols, minutes)),
-            "occupied": plan(conn, writer._MINUTES_WITH_TRADES, writer._pairs_params(symbols, minutes)),
+            "probe": plan(conn, statements.PROBE_TRADES, statements.probe_params(meta)),
+            "archive": plan(conn, ownership.ARCHIVE_TOUCHES_ANY, statements.probe_params(meta)),
+            "candles": plan(conn, statements.STORED_CANDLES, statements.pairs_params(symbols, minutes)),
+            "occupied": plan(conn, statements.MINUTES_WITH_TRADES, statements.pairs_params(symbols, minutes)),
         }
-        assert conn.execute(writer._PROBE_TRADES, writer._probe_params(meta)).fetchone() == (False,)
-        stored = conn.execute(writer._STORED_CANDLES, writer._pairs_params(symbols, minutes)).fetchall()
-        occupied = conn.execute(writer._MINUTES_WITH_TRADES, writer._pairs_params(symbols, minutes)).fetchall()
+        assert conn.execute(statements.PROBE_TRADES, statements.probe_params(meta)).fetchone() == (False,)
+        stored = conn.execute(statements.STORED_CANDLES, statements.pairs_params(symbols, minutes)).fetchall()
+        occupied = conn.execute(statements.MINUTES_WITH_TRADES, statements.pairs_params(symbols, minutes)).fetchall()
     # what the statements say is what is stored (trade g sits at NOW - 2g minutes, pair g % 200)
     expected = {(f"P{g % 200}/USD", int((NOW - timedelta(minutes=2 * g)).timestamp()) // 60)
                 for g in range(1, 500_001)} & set(zip(symbols, minutes))

@@ -13,7 +13,7 @@ from kraken_hist.rules import candles as aggregates
 
 from kraken_hist.storage import store
 
-from kraken_hist.storage import writer as writer_module
+from kraken_hist.storage.writer import candles as writer_candles
 from kraken_hist.core.types import CandleRecord, CandleSource, TradeRecord, TradeSource
 from kraken_hist.storage import ownership
 from kraken_hist.storage.writer import DatabaseWriter
@@ -278,16 +278,16 @@ def test_random_streams_with_duplicates_disorder_a_second_writer_and_a_rollback(
     everything = [t for stream in streams.values() for t in stream]
 
     # one failure after the incremental upsert ran: the transaction rolls back, the batch is spilled
-    real_upsert = writer_module._upsert_from_sums
+    real_upsert = writer_candles.upsert_from_sums
     calls = {"n": 0}
 
-    def failing_once(conn_, symbol, merged):
-        real_upsert(conn_, symbol, merged)
+    def failing_once(conn_, merged, decimals):
+        real_upsert(conn_, merged, decimals)
         calls["n"] += 1
         if calls["n"] == 25:
             raise psycopg.OperationalError("injected: connection lost before COMMIT")
 
-    monkeypatch.setattr(writer_module, "_upsert_from_sums", failing_once)
+    monkeypatch.setattr(writer_candles, "upsert_from_sums", failing_once)
 
     first = new_writer(settings)
     second = new_writer(settings, trade_buffer_size=25)  # its own spool slot

@@ -26,7 +26,10 @@ import pytest
 from kraken_hist.storage import migrate
 from kraken_hist.core.config import Settings
 from kraken_hist.storage.embedded import start_embedded, stop_embedded
-from kraken_hist.storage.writer.spool import LABEL_FILE, DatabaseIdentity, Spool, SpoolOwnerError, claim, describe_url, encode_block
+from kraken_hist.storage.writer.spool import Spool
+from kraken_hist.storage.writer.spool_claim import claim
+from kraken_hist.storage.writer.spool_format import encode_block
+from kraken_hist.storage.writer.spool_labels import LABEL_FILE, DatabaseIdentity, SpoolOwnerError, describe_url
 from kraken_hist.core.types import CandleRecord, CandleSource, TradeRecord, TradeSource
 from kraken_hist.storage.writer import DatabaseWriter
 

@@ -1,18 +1,9 @@
 """The writer's local append-only spool: batches that could not (yet) go to PostgreSQL.
 
 A spool is a directory of segment files replayed in name order; a segment is a sequence of
-**blocks**, one per batch, each written with a single ``os.write``::
-
-    header  (25 bytes) magic "KHS1", kind, record count, meta length, payload length,
-                       CRC32 of meta + payload, CRC32 of the header's first 21 bytes
-    meta    JSON: for trade blocks {symbol: [lowest id, highest id, [touched minutes]]}
-    payload trade blocks: the rows as PostgreSQL COPY text (fed to COPY unchanged);
-            candle and sync blocks: one tab-separated line per record (``encode_*``)
-
-Trade payloads are the very bytes the writer holds in memory, so spooling a batch costs one
-write and replaying it one read, one CRC and one COPY; no per-row work in Python. (CRCs use
-``binascii.crc32``, which keeps the GIL: a spool call never hands the interpreter to another
-thread mid-way, and both the producer and the flush thread would wait to get it back.)
+blocks (``spool_format``), one per batch, each written with a single ``os.write``. Trade
+payloads are the very bytes the writer holds in memory, so spooling a batch costs one write
+and replaying it one read, one CRC and one COPY; no per-row work in Python.
 
 Damage: a killed process leaves at worst one torn last block (short, or failing its CRC),
 which recovery drops and truncates, so later appends never follow garbage. A complete block
@@ -28,131 +19,32 @@ one batch, are lost with the process, as any in-memory buffer is.)
 
 Ordering: appends go to the tail segment (numbers counting up), spills of older batches go in
 front of everything (numbers counting down), so replaying in name order replays in acceptance
-order. One process at a time owns a spool directory (``fcntl.flock`` on ``.lock``).
-
-Ownership by database: a spool belongs to one database, named in the slot's ``database.json``
-(written atomically before the slot holds anything): the server's ``system_identifier``
-(``pg_control_system()``) and the database's oid, which name it however it is reached, and a
-password-free ``host:port/dbname`` for messages. A writer that has not reached its server yet
-writes only the description (a *pending* label) and completes it once it has. :func:`claim`
-picks a writer's slot and decides about every unowned slot holding records:
-
-* labelled with the writer's database (or pending with the same description): replayed by it
-  (several such slots are merged, oldest label first);
-* labelled with another database: :class:`SpoolOwnerError`; nothing is replayed or removed;
-* labelled, while the writer's own server cannot be reached: *held* (records numbered, files
-  untouched) until the writer reads its identity, then replayed or released (see the writer);
-* unlabelled (written before spools recorded their database) or with an unreadable label:
-  refused like another database's, unless the caller vouches for it (``adopt_unlabelled``),
-  since nothing in it says where it was meant to go.
+order. One process at a time owns a spool directory (``fcntl.flock`` on ``.lock``); which
+database its records belong to is its label (``spool_labels``), and which slot a writer takes
+is :func:`spool_claim.claim`'s choice.
 """
 
 from __future__ import annotations
 
-import binascii
 import fcntl
 import json
 import logging
 import os
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-import psycopg
-
-from kraken_hist.core.errors import PermanentError
+from kraken_hist.storage.writer.spool_format import TornBlock, encode_block, parse_block
+from kraken_hist.storage.writer.spool_labels import LABEL_FILE, DatabaseIdentity
 
 logger = logging.getLogger(__name__)
 
 _FIRST_NUMBER = 500_000_000_000  # room to count down (spills) and up (appends)
 _SUFFIX = ".spool"
-LABEL_FILE = "database.json"  # which database the slot's records belong to
-_SLOT_PREFIX = "slot-"
+SLOT_PREFIX = "slot-"
 #: Start a new tail segment past this size, so fully replayed files are removed early.
 MAX_SEGMENT_BYTES = 16 * 1024 * 1024
-
-TRADE = "T"
-CANDLE = "C"
-SYNC = "S"
-
-MAGIC = b"KHS1"
-_HEAD = struct.Struct("<4scIIII")  # magic, kind, count, meta length, payload length, body crc
-_HEADER = struct.Struct("<4scIIIII")  # ... + header crc
-HEADER_SIZE = _HEADER.size
-
-_NULL = ""  # None is stored as an empty field; no stored text field can be empty otherwise
-
-
-# ---------------------------------------------------------------- record lines (candles, syncs)
-
-def _opt(value: object) -> str:
-    return _NULL if value is None else str(value)
-
-
-def encode_candle(row: tuple) -> str:
-    """(symbol, time, open, high, low, close, vwap, volume, trades, source) → one line (no newline)."""
-    symbol, time, open_, high, low, close, vwap, volume, trades, source = row
-    return (
-        f"{CANDLE}\t{symbol}\t{time.isoformat()}\t{open_}\t{high}\t{low}\t{close}\t{_opt(vwap)}"
-        f"\t{volume}\t{trades}\t{source}"
-    )
-
-
-def encode_sync(row: tuple) -> str:
-    """(symbol, data_type, time, cursor, last_trade_id, details_json) → one line (no newline)."""
-    symbol, data_type, time, cursor, last_trade_id, details_json = row
-    fields = (symbol, data_type, _opt(time and time.isoformat()), _opt(cursor), _opt(last_trade_id), details_json)
-    for value in fields:
-        if "\t" in value or "\n" in value:
-            raise ValueError(f"sync status field {value!r} must not contain tabs or newlines")
-    return f"{SYNC}\t" + "\t".join(fields)
-
-
-def _none(text: str) -> str | None:
-    return None if text == _NULL else text
-
-
-def decode(body: str) -> tuple[str, tuple]:
-    """A candle or sync line → (kind, row) in the shape the encoders took."""
-    kind, _, rest = body.partition("\t")
-    f = rest.split("\t")
-    if kind == CANDLE:
-        vwap = _none(f[6])
-        return kind, (
-            f[0], datetime.fromisoformat(f[1]), Decimal(f[2]), Decimal(f[3]), Decimal(f[4]), Decimal(f[5]),
-            None if vwap is None else Decimal(vwap), Decimal(f[7]), int(f[8]), f[9],
-        )
-    if kind == SYNC:
-        time, cursor, last_id = _none(f[2]), _none(f[3]), _none(f[4])
-        return kind, (
-            f[0], f[1], None if time is None else datetime.fromisoformat(time), cursor,
-            None if last_id is None else int(last_id), f[5],
-        )
-    raise ValueError(f"unknown spool record kind {kind!r}")
-
-
-def encode_lines(bodies: list[str]) -> bytes:
-    """Candle/sync lines → a block payload."""
-    return ("\n".join(bodies) + "\n").encode() if bodies else b""
-
-
-def decode_lines(payload: bytes) -> list[tuple[str, tuple]]:
-    return [decode(line) for line in payload.decode().splitlines()]
-
-
-# ---------------------------------------------------------------- blocks
-
-def encode_block(kind: str, count: int, meta: dict, payload: bytes) -> bytes:
-    """One block: header, JSON meta, payload."""
-    meta_bytes = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
-    crc = binascii.crc32(payload, binascii.crc32(meta_bytes))
-    head = _HEAD.pack(MAGIC, kind.encode(), count, len(meta_bytes), len(payload), crc)
-    return b"".join((head, struct.pack("<I", binascii.crc32(head)), meta_bytes, payload))
 
 
 @dataclass(slots=True, eq=False)
@@ -186,7 +78,7 @@ def read_blocks(blocks: list[Block]) -> list[bytes]:
             raise ValueError("blocks of one read must share a segment")
         try:
             parsed, _ = parse_block(data, block.offset - start)
-        except (_Torn, ValueError):
+        except (TornBlock, ValueError):
             parsed = None
         if parsed is None or parsed[0] != block.kind:
             raise ValueError(f"spool block at {segment.path}:{block.offset} is damaged")
@@ -206,117 +98,6 @@ class Segment:
         if self.read_fd is not None:
             os.close(self.read_fd)
             self.read_fd = None
-
-
-class _Torn(Exception):
-    """Too few bytes for the block the header announces (or for a header)."""
-
-
-def parse_block(data: bytes | memoryview, offset: int) -> tuple[tuple[str, int, dict, bytes] | None, int]:
-    """Parse the block at `offset`: ((kind, count, meta, payload) or None if its body is
-    corrupt, offset after it). Raises _Torn when the data ends inside it and ValueError when
-    its header is damaged."""
-    end = offset + HEADER_SIZE
-    if end > len(data):
-        raise _Torn
-    magic, kind, count, meta_len, payload_len, crc, head_crc = _HEADER.unpack_from(data, offset)
-    if magic != MAGIC or binascii.crc32(data[offset:end - 4]) != head_crc:
-        raise ValueError("damaged block header")
-    meta_end = end + meta_len
-    stop = meta_end + payload_len
-    if stop > len(data):
-        raise _Torn
-    meta_bytes = bytes(data[end:meta_end])
-    payload = bytes(data[meta_end:stop])
-    if binascii.crc32(payload, binascii.crc32(meta_bytes)) != crc:
-        return None, stop
-    meta = json.loads(meta_bytes) if meta_bytes else {}
-    return (kind.decode(), count, meta, payload), stop
-
-
-# ---------------------------------------------------------------- which database a spool belongs to
-
-class SpoolOwnerError(PermanentError):
-    """A spool holds records of another database (or of an unknown one): kept, not replayed."""
-
-
-@dataclass(frozen=True, slots=True)
-class DatabaseIdentity:
-    """A database as a spool label names it. ``system_identifier`` (the server's, from
-    ``pg_control_system()``) and ``database_oid`` identify it however it is reached (None
-    until the server has answered); ``description`` (``host:port/dbname``, never a password)
-    is for messages."""
-
-    description: str
-    system_identifier: str | None = None
-    database_oid: int | None = None
-    database: str | None = None
-
-    @property
-    def known(self) -> bool:
-        return self.system_identifier is not None and self.database_oid is not None
-
-    def __str__(self) -> str:
-        if self.known:
-            return f"{self.description} (server {self.system_identifier}, database oid {self.database_oid})"
-        return f"{self.description} (server not reached yet)"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"description": self.description, "system_identifier": self.system_identifier,
-                "database_oid": self.database_oid, "database": self.database}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DatabaseIdentity":
-        oid = data.get("database_oid")
-        sysid = data.get("system_identifier")
-        return cls(str(data["description"]), None if sysid is None else str(sysid),
-                   None if oid is None else int(oid), data.get("database"))
-
-
-def describe_url(url: str) -> str:
-    """``host:port/dbname`` of a libpq URL or conninfo string (no user, no password)."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "?"
-    host = info.get("host") or info.get("hostaddr") or "localhost"
-    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or '?'}"
-
-
-_IDENTITY_QUERY = """
-SELECT (SELECT system_identifier FROM pg_control_system())::text, d.oid::bigint, d.datname
-FROM pg_database d WHERE d.datname = current_database()
-"""
-
-
-def read_identity(conn: psycopg.Connection, description: str) -> DatabaseIdentity:
-    """The identity of the database `conn` is connected to."""
-    sysid, oid, name = conn.execute(_IDENTITY_QUERY).fetchone()  # type: ignore[misc]
-    return DatabaseIdentity(description, sysid, oid, name)
-
-
-def same_database(label: DatabaseIdentity, current: DatabaseIdentity) -> bool | None:
-    """Whether a spool labelled `label` belongs to the database `current`; None while that
-    cannot be told (a full label, and the current server not reached yet). A pending label
-    (its writer never reached its server) is matched by description."""
-    if label.known and current.known:
-        return (label.system_identifier, label.database_oid) == (current.system_identifier, current.database_oid)
-    if label.known:
-        return None
-    return label.description == current.description
-
-
-def foreign_message(directory: Path, records: int, label: DatabaseIdentity | None, current: DatabaseIdentity) -> str:
-    """One line: whose records a spool holds, that they are kept, and what to do."""
-    where = f"spool {directory} holds {records:,} records"
-    if label is None:
-        return (f"{where} written without a record of their database (by an older kraken_hist); they are kept "
-                f"and not replayed: if they belong to {current.description}, replay them there once with "
-                f"adopt_unlabelled_spool=True (kraken-hist stream --adopt-unlabelled-spool), otherwise move "
-                f"{directory} out of {directory.parent}")
-    return (f"{where} for database {label}, not for {current}, the database this writer uses; they are kept "
-            f"and not replayed: point KRAKEN_HIST_DATABASE_URL at {label.description} to replay them there, "
-            f"or move {directory} out of {directory.parent} to go on without them")
 
 
 # ---------------------------------------------------------------- the spool
@@ -343,7 +124,7 @@ class Spool:
         """Lock and open the first spool slot under `root` that no living process owns."""
         root.mkdir(parents=True, exist_ok=True)
         for index in range(1024):
-            spool = cls(root / f"slot-{index}")
+            spool = cls(root / f"{SLOT_PREFIX}{index}")
             if spool._try_lock():
                 return spool
         raise RuntimeError(f"no free spool slot under {root}")
@@ -404,7 +185,7 @@ class Spool:
             while offset < len(data):
                 try:
                     parsed, offset = parse_block(data, offset)
-                except (_Torn, ValueError):
+                except (TornBlock, ValueError):
                     break
                 if parsed is not None:
                     records += parsed[1]
@@ -422,7 +203,7 @@ class Spool:
             while offset < len(data):
                 try:
                     parsed, stop = parse_block(data, offset)
-                except _Torn:
+                except TornBlock:
                     logger.warning("spool %s: torn last block (%d bytes) dropped", path, len(data) - offset)
                     break
                 except ValueError:
@@ -596,92 +377,6 @@ class Spool:
         segment.close_reader()
         segment.path.unlink(missing_ok=True)
         self.segments.remove(segment)
-
-
-@dataclass(slots=True)
-class Claim:
-    """What :func:`claim` found: the writer's spool (recovered, labelled), the spools held
-    until the writer's server is reached (recovered, files untouched, numbered first), and
-    how many records all of them hold (numbered 1..recovered)."""
-
-    spool: Spool
-    held: list[Spool]
-    recovered: int
-
-
-def claim(root: Path, identity: DatabaseIdentity, *, adopt_unlabelled: bool = False) -> Claim:
-    """Lock and open a spool slot under `root` for a writer of database `identity`, taking
-    over every unowned slot that holds records of that database (merged into the oldest).
-
-    Raises SpoolOwnerError, having changed nothing, when an unowned slot holds records of
-    another database, or unlabelled records and not `adopt_unlabelled`. With `identity`
-    pending (its server not reached), slots labelled with a full identity are held: numbered
-    first, and neither repaired nor merged until the caller has compared the identities
-    (:func:`same_database`, :meth:`Spool.absorb`). Slots owned by a living process are
-    not looked at."""
-    root.mkdir(parents=True, exist_ok=True)
-    locked: list[Spool] = []
-    own: list[Spool] = []
-    held: list[Spool] = []
-    empty: list[Spool] = []
-    try:
-        for path in sorted(_slots(root), key=_slot_index):
-            candidate = Spool(path)
-            if not candidate._try_lock():
-                continue
-            locked.append(candidate)
-            if not candidate.has_segments():
-                empty.append(candidate)
-                continue
-            label = candidate.read_label()
-            verdict = adopt_unlabelled if label is None else same_database(label, identity)
-            if verdict is False:
-                records = candidate.count_records()
-                if not records:  # nothing intact in it: free for us
-                    empty.append(candidate)
-                    continue
-                raise SpoolOwnerError(foreign_message(candidate.directory, records, label, identity))
-            (own if verdict else held).append(candidate)
-        for spools in (own, held):
-            spools.sort(key=lambda s: (s.created, _slot_index(s.directory)))
-        seq = 1
-        for spool in held:
-            seq += spool.recover(seq, repair=False)
-        target = own[0] if own else empty[0] if empty else _new_slot(root)
-        if target not in locked:
-            locked.append(target)
-        seq += target.recover(seq)
-        for spool in own[1:]:
-            seq += spool.recover(seq)
-            target.absorb(spool, front=False)
-        target.write_label(identity, min((s.created for s in own if s.created), default=None) or time.time())
-    except BaseException:
-        for spool in locked:
-            spool.close()
-        raise
-    for spool in locked:
-        if spool is not target and spool not in held:
-            spool.close()
-    return Claim(target, held, seq - 1)
-
-
-def _slots(root: Path) -> list[Path]:
-    return [p for p in root.glob(_SLOT_PREFIX + "*") if p.name[len(_SLOT_PREFIX):].isdigit() and p.is_dir()]
-
-
-def _slot_index(path: Path) -> int:
-    return int(path.name[len(_SLOT_PREFIX):])
-
-
-def _new_slot(root: Path) -> Spool:
-    for index in range(1024):
-        path = root / f"{_SLOT_PREFIX}{index}"
-        if path.exists():
-            continue
-        spool = Spool(path)
-        if spool._try_lock():
-            return spool
-    raise RuntimeError(f"no free spool slot under {root}")
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -239,7 +239,7 @@ def test_duplicate_probes_read_one_or_two_chunks_of_many(settings, conn):
         SELECT 'BTC/USD', i, %s + i * interval '1 hour', 100, 1, 'rest' FROM generate_series(1, 24 * 365) i""", (T0,))
     conn.commit()
     assert rows(conn, "SELECT count(*) FROM show_chunks('trades')")[0][0] >= 52
-    from kraken_hist.storage.writer import _PROBE_TRADES, _probe_params
+    from kraken_hist.storage.writer.statements import PROBE_TRADES as _PROBE_TRADES, probe_params as _probe_params
     window = store.identity_window(T0 + timedelta(hours=4000), T0 + timedelta(hours=4010))
     minutes = [int((T0 + timedelta(hours=h)).timestamp()) // 60 for h in (4000, 4010)]
     (plan,), = rows(conn, "EXPLAIN (ANALYZE, FORMAT JSON) " + _PROBE_TRADES,

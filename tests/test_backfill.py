@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from kraken_hist.storage import store
 from kraken_hist.rules.candles import candles_from_trades, resample
-from kraken_hist.ingest.backfill import KrakenTradesBackfill, merge_ranges, missing_ranges
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.rules import ranges
 from kraken_hist.cli.main import cli
 from kraken_hist.core.errors import ExchangePermanentError
 from kraken_hist.kraken.ratelimit import RateLimiter
@@ -103,13 +104,15 @@ def snapshot(url: str) -> dict[str, Any]:
 # --- planning (pure) ------------------------------------------------------------------------
 
 
-def test_missing_ranges_and_merge() -> None:
+def test_the_older_windows_to_fetch_are_the_complement_of_the_coverage() -> None:
+    """(The backfill asks rules.ranges: coverage merged with normalize, windows by complement.)"""
     t = [START + timedelta(hours=h) for h in range(10)]
-    assert merge_ranges([(t[3], t[4]), (t[1], t[2]), (t[2], t[3]), (t[6], t[5])]) == [(t[1], t[4])]
-    assert missing_ranges(t[0], t[9], []) == [(t[0], t[9])]
-    assert missing_ranges(t[0], t[9], [(t[0], t[9])]) == []
-    assert missing_ranges(t[1], t[8], [(t[0], t[2]), (t[4], t[5]), (t[7], t[9])]) == [(t[2], t[4]), (t[5], t[7])]
-    assert missing_ranges(t[1], t[3], [(t[4], t[5])]) == [(t[1], t[3])]
+    assert ranges.normalize([(t[3], t[4]), (t[1], t[2]), (t[2], t[3]), (t[6], t[5])]) == [(t[1], t[4])]
+    assert ranges.complement([], t[0], t[9]) == [(t[0], t[9])]
+    assert ranges.complement([(t[0], t[9])], t[0], t[9]) == []
+    assert ranges.complement([(t[0], t[2]), (t[4], t[5]), (t[7], t[9])], t[1], t[8]) == [(t[2], t[4]), (t[5], t[7])]
+    assert ranges.complement([(t[4], t[5])], t[1], t[3]) == [(t[1], t[3])]
+    assert ranges.complement([(t[0], t[9])], t[5], t[5]) == []
 
 
 # --- full runs ------------------------------------------------------------------------------

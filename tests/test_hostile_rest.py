@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from kraken_hist.storage import store
-from kraken_hist.ingest.backfill import MAX_IDLE_PAGES, KrakenTradesBackfill
+from kraken_hist.ingest.backfill import KrakenTradesBackfill
+from kraken_hist.ingest.backfill_pages import MAX_IDLE_PAGES
 from kraken_hist.core.errors import ExchangePermanentError, ExchangeTransientError
 from kraken_hist.gaps.filler import GapFiller
 from kraken_hist.ingest.live import WebSocketDBIntegration

@@ -10,11 +10,9 @@ Pagination follows KRAKEN.md: ``since = last`` exactly as received (nanoseconds,
 each page must continue at the previous page's last trade id + 1. Whether ``since`` is
 inclusive for trades sharing one timestamp is undocumented, so overlap is dropped by id and a
 break in the ids is repaired by stepping the cursor back and fetching again. The run is
-caught up when a page is empty or ``last`` stops advancing.
-
-Coverage only claims what is known complete: a page proves ``[start, time of its last
-trade)`` (trades sharing that last timestamp may continue on the next page), or up to
-``until`` when a trade at or after ``until`` was seen.
+caught up when a page is empty or ``last`` stops advancing. Those decisions, and the coverage
+each page proves, are the pure :class:`~kraken_hist.ingest.backfill_pages.TradesPaging`'s;
+this module fetches, stores and resumes.
 """
 
 from __future__ import annotations
@@ -24,22 +22,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from kraken_hist.storage import ownership
-
-from kraken_hist.storage import store
-from kraken_hist.storage.db import connect, translate_errors
-from kraken_hist.core.errors import ExchangePermanentError, ExchangeTransientError
-from kraken_hist.storage.pair_store import database_registry
+from kraken_hist.core.errors import ExchangePermanentError
 from kraken_hist.core.pairs import PairRegistry
-from kraken_hist.core.bounds import unix_seconds_problem
-from kraken_hist.kraken.rest_parsing import TradesPage
-from kraken_hist.core.timeutils import check_aware, floor_minute, since_cursor, to_unix_ns, utcnow
+from kraken_hist.core.timeutils import check_aware, floor_minute, utcnow
 from kraken_hist.core.types import HistoricalTrade, Refused, TradeRecord, TradeSource
+from kraken_hist.ingest.backfill_pages import BackfillPage, TradesPaging
+from kraken_hist.kraken.rest_parsing import TradesPage
+from kraken_hist.rules import ranges
+from kraken_hist.storage import ownership, store
+from kraken_hist.storage.db import connect, translate_errors
+from kraken_hist.storage.pair_store import database_registry
 
 if TYPE_CHECKING:
     from kraken_hist.core.config import Settings
@@ -52,11 +48,6 @@ COVERAGE_SOURCE = "rest"
 TRADE_SOURCES = (*ownership.ID_SOURCES, ownership.ARCHIVE_SOURCE)  # coverage that proves trades are stored
 PAGE_SIZE = 1000
 MAX_SAME_TIMESTAMP = 17  # the most real trades seen sharing one timestamp (KRAKEN.md)
-#: How far the cursor steps back (ns) to repair a break in the trade ids, tried in order.
-REPAIR_STEPS = (1, 1_000, 1_000_000, 1_000_000_000, 60_000_000_000)
-#: Pages in a row that bring no new trade id before paging is given up as not advancing (a
-#: cursor that moves a nanosecond a page over the same trades would otherwise loop forever).
-MAX_IDLE_PAGES = 3
 LOG_EVERY_SECONDS = 10.0
 
 Trade = HistoricalTrade | TradeRecord
@@ -70,26 +61,6 @@ class ResumePoint:
     cursor: str | None
     last_time: datetime | None
     last_trade_id: int | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BackfillPage:
-    """One checked page from :meth:`KrakenTradesBackfill.fetch_all_trades`.
-
-    ``trades`` continue the previous page exactly (overlap dropped, breaks repaired, nothing
-    at or after ``until``); ``last`` is the cursor to continue from after storing them;
-    ``covered`` is the time range this page proves complete.
-    """
-
-    symbol: str
-    trades: list[HistoricalTrade]
-    last: str
-    covered: tuple[datetime, datetime] | None
-    reached_until: bool = False
-    repaired: int = 0
-    #: Trades of this page refused for an impossible value (``bounds``): their ids are
-    #: accounted for, recorded in ``refused_trades`` with the page.
-    refused: tuple[Refused, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,126 +197,18 @@ class KrakenTradesBackfill:
 
         `after_id` is the id of the trade just before `since` when known: pages then must
         continue at ``after_id + 1``. `covered_from` is where the first page's proven coverage
-        starts (default: `since` when a datetime, else the first trade's time).
+        starts (default: `since` when a datetime, else the first trade's time). The decisions
+        are :class:`TradesPaging`'s; this loop fetches, logs and records.
         """
         canonical = self.registry.normalize(symbol)
         if until is not None:
             until = check_aware(until, "until")
         if isinstance(since, datetime):
             since = check_aware(since, "since")
-            covered_from = covered_from if covered_from is not None else since
-            cursor = since_cursor(since)  # trades at or after since
-        elif since is None:
-            cursor = "0"  # the pair's first trade
-        else:
-            cursor = str(since)
-        expected = after_id + 1 if after_id is not None else None
-        cover_start = covered_from
-        idle = 0  # pages in a row without a new trade id
-        while True:
-            page = self.fetch_trades_page(canonical, cursor)
-            trades, repaired, page = self._continue_from(canonical, cursor, page, expected)
-            trades, refused, jump = _contiguous_part(trades, page.refused, expected)
-            if not trades:
-                if not (page.trades or page.refused) or int(page.last) <= int(cursor):
-                    logger.debug("%s caught up at cursor %s", canonical, cursor)
-                    return
-                if refused:  # a page of refused trades only: seen all the same
-                    if until is None or refused[0].time is None or refused[0].time < until:
-                        self._record_refused(canonical, refused)
-                    expected = max(r.trade_id for r in refused) + 1  # type: ignore[type-var]
-                    idle = 0
-                elif len(page.trades) < self.page_size:
-                    logger.debug("%s caught up at cursor %s (overlap only)", canonical, cursor)
-                    return  # overlap only, and nothing after it
-                else:
-                    idle += 1  # a full page of overlap only: move on, but not for ever
-                    if idle >= MAX_IDLE_PAGES:
-                        raise ExchangeTransientError(
-                            f"{canonical}: Trades paging does not advance: {idle} pages in a row after cursor "
-                            f"{cursor} brought no new trade (last={page.last})")
-                if jump is None:  # (after a jump: the same cursor again, and the break is repaired)
-                    cursor = _possible_cursor(canonical, page.last, None)
-                continue
-            idle = 0
-            reached_until = False
-            if until is not None and trades[-1].time >= until:
-                trades = [t for t in trades if t.time < until]
-                reached_until = True
-            if reached_until:
-                next_cursor = since_cursor(until)  # type: ignore[arg-type]
-                cover_end = until
-                refused = tuple(r for r in refused if r.time is None or r.time < until)
-            elif jump is not None:
-                # Ids jump inside the page: it is cut there, as if the page ended with the last
-                # trade before the jump, and the next page continues from just before that
-                # trade's time: the break between pages then goes through the same repair (step
-                # back and refetch; a hole Kraken itself has is logged and stays a gap)
-                logger.warning("%s: trade ids jump from %d to %d inside the page after cursor %s; "
-                               "refetching from trade %d", canonical, jump[0], jump[1], cursor, jump[0],
-                               extra={"event": "backfill_id_jump"})
-                next_cursor = str(max(int(cursor) + 1, to_unix_ns(trades[-1].time) - 1))
-                cover_end = trades[-1].time
-            else:
-                next_cursor = _possible_cursor(canonical, page.last, trades[-1].time)
-                cover_end = trades[-1].time
-            if cover_start is None and trades:
-                # from the pair's first trade ("0"): nothing traded earlier in its minute either
-                cover_start = floor_minute(trades[0].time) if cursor == "0" else trades[0].time
-            covered = (cover_start, cover_end) if cover_start is not None and cover_end > cover_start else None
-            if trades or reached_until:
-                yield BackfillPage(
-                    symbol=canonical,
-                    trades=trades,
-                    last=next_cursor,
-                    covered=covered,
-                    reached_until=reached_until,
-                    repaired=repaired,
-                    refused=refused,
-                )
-            if reached_until:
-                return
-            if int(next_cursor) <= int(cursor):
-                raise ExchangeTransientError(
-                    f"{canonical}: Trades cursor did not advance past {cursor} (last={page.last}) "
-                    f"although the page held trades up to id {trades[-1].trade_id}")
-            expected = max([trades[-1].trade_id] + [r.trade_id for r in refused]) + 1  # type: ignore[operator]
-            cover_start = cover_end
-            cursor = next_cursor
-
-    def _continue_from(
-        self, symbol: str, cursor: str, page: TradesPage, expected: int | None
-    ) -> tuple[list[HistoricalTrade], int, TradesPage]:
-        """Trades of `page` that continue at id `expected`, repairing a break by refetching
-        from a cursor stepped back; returns (trades, refetches, the page used)."""
-        if expected is None:
-            return list(page.trades), 0, page
-        # A refused trade (an impossible value, see TradesPage.refused) counts as seen: its id
-        # is no hole, and fetching it again would only refuse it again.
-        trades = [t for t in page.trades if t.trade_id >= expected]
-        first = page.first_seen_id(expected)
-        if first is None or first == expected:
-            return trades, 0, page
-        logger.info(
-            "%s: page after cursor %s starts at trade id %d, expected %d; stepping back to refetch",
-            symbol, cursor, first, expected,
-        )
-        for attempt, step in enumerate(REPAIR_STEPS, start=1):
-            retry = self.fetch_trades_page(symbol, str(max(0, int(cursor) - step)))
-            earliest = retry.first_seen_id()
-            if earliest is None or earliest > expected:
-                continue  # not far enough back yet
-            fixed = [t for t in retry.trades if t.trade_id >= expected]
-            following = retry.first_seen_id(expected)
-            if following is not None and following != expected:
-                # the trade before `expected` was served and `expected` was not: Kraken's own
-                # sequence has a hole; nothing to refetch, the gap detector will report it
-                logger.warning("%s: Kraken skipped trade ids %d..%d", symbol, expected, following - 1)
-            return fixed, attempt, retry
-        raise ExchangeTransientError(
-            f"{symbol}: trade ids jump from {expected - 1} to {first} after cursor {cursor} "
-            "and stepping back did not recover the missing trades"
-        )
+        paging = TradesPaging.since(canonical, since, after_id=after_id, covered_from=covered_from, until=until,
+                                    page_size=self.page_size)
+        yield from page_through(paging, lambda cursor: self.fetch_trades_page(canonical, cursor),
+                                record_refused=lambda refused: self._record_refused(canonical, refused))
 
     def _record_refused(self, symbol: str, refused: Sequence[Refused]) -> None:
         """Record the refused trades of a page that has nothing else to store."""
@@ -460,11 +323,11 @@ class KrakenTradesBackfill:
 
     def _read_trade_coverage(self, symbol: str) -> list[tuple[datetime, datetime]]:
         conn = self._connection()
-        ranges: list[tuple[datetime, datetime]] = []
+        covered: list[tuple[datetime, datetime]] = []
         with translate_errors():
             for source in TRADE_SOURCES:
-                ranges.extend(store.read_coverage(conn, symbol, source))
-        return merge_ranges(ranges)
+                covered.extend(store.read_coverage(conn, symbol, source))
+        return ranges.normalize(covered)
 
     def _last_id_before(self, symbol: str, when: datetime) -> int | None:
         with translate_errors():
@@ -507,7 +370,7 @@ class KrakenTradesBackfill:
         try:
             if since is not None and resume_time is not None and since < resume_time:
                 end = min(resume_time, until) if until is not None else resume_time
-                for lo, hi in missing_ranges(since, end, self._read_trade_coverage(canonical)):
+                for lo, hi in ranges.complement(self._read_trade_coverage(canonical), since, end):
                     windows += 1
                     logger.info("%s: fetching older trades %s → %s", canonical, lo.isoformat(), hi.isoformat())
                     pages = self.fetch_all_trades(
@@ -625,6 +488,62 @@ class KrakenTradesBackfill:
             tally.caught_up = not reached_until
 
 
+def page_through(
+    paging: TradesPaging,
+    fetch: Callable[[str], TradesPage],
+    *,
+    record_refused: Callable[[tuple[Refused, ...]], None],
+    clock: Callable[[], datetime] = utcnow,
+) -> Iterator[BackfillPage]:
+    """Fetch pages from `paging`'s cursor, repair breaks, and yield the checked pages until
+    `paging` says paging is over: the loop around the pure decisions (it fetches, logs and
+    records a page of refused trades only through `record_refused`)."""
+    symbol = paging.symbol
+    while True:
+        cursor = paging.cursor
+        page, repaired = repair_break(paging, fetch(cursor), fetch)
+        step = paging.accept(page, now=clock(), repaired=repaired)
+        if step.caught_up is not None:
+            logger.debug("%s caught up %s", symbol, step.caught_up)
+        if step.jump is not None:
+            logger.warning("%s: trade ids jump from %d to %d inside the page after cursor %s; "
+                           "refetching from trade %d", symbol, step.jump[0], step.jump[1], cursor, step.jump[0],
+                           extra={"event": "backfill_id_jump"})
+        if step.bad_cursor is not None and step.page is not None:
+            logger.warning("%s: %s; continuing from the newest accepted trade (%s)", symbol, step.bad_cursor,
+                           step.page.trades[-1].time.isoformat(), extra={"event": "backfill_bad_cursor"})
+        if step.refused_only:
+            record_refused(step.refused_only)
+        if step.page is not None:
+            yield step.page
+        if step.error is not None:
+            raise step.error
+        if step.finished:
+            return
+
+
+def repair_break(paging: TradesPaging, page: TradesPage, fetch: Callable[[str], TradesPage]) -> tuple[TradesPage, int]:
+    """`page`, or when it does not continue at the expected id, the page fetched from a cursor
+    stepped back far enough to hold it; returns (the page to take, refetches)."""
+    first = paging.break_at(page)
+    if first is None:
+        return page, 0
+    symbol = paging.symbol
+    logger.info("%s: page after cursor %s starts at trade id %d, expected %d; stepping back to refetch",
+                symbol, paging.cursor, first, paging.expected)
+    for attempt, cursor in enumerate(paging.step_back_cursors(), start=1):
+        retry = fetch(cursor)
+        verdict = paging.judge_step_back(retry)
+        if not verdict.enough:
+            continue
+        if verdict.hole is not None:
+            # the trade before the expected one was served and it was not: Kraken's own
+            # sequence has a hole; nothing to refetch, the gap detector will report it
+            logger.warning("%s: Kraken skipped trade ids %d..%d", symbol, *verdict.hole)
+        return retry, attempt
+    raise paging.unrepaired(first)
+
+
 class _ProgressLog:
     """Progress as log lines every LOG_EVERY_SECONDS: pages, trades, trades/s, position, ETA."""
 
@@ -672,66 +591,3 @@ def _check_batch(symbol: str, batch: list[Trade]) -> None:
             raise ValueError(f"trade {t.trade_id} is for {t.symbol}, not {symbol}")
         if t.price <= 0 or t.volume < 0:
             raise ValueError(f"trade {t.trade_id} of {symbol} has price {t.price} and volume {t.volume}")
-
-
-def _contiguous_part(
-    trades: list[HistoricalTrade], refused: Sequence[Refused], expected: int | None
-) -> tuple[list[HistoricalTrade], tuple[Refused, ...], tuple[int, int] | None]:
-    """The part of a page whose ids run on without a gap (refused trades count as seen), from
-    its first id at least `expected`; and the jump (last id before it, first id after it) where
-    the page stops being contiguous, or None."""
-    valid = [r for r in refused if r.trade_id is not None and (expected is None or r.trade_id >= expected)
-             and 0 < r.trade_id <= 2**63 - 1]
-    ids = sorted([t.trade_id for t in trades] + [r.trade_id for r in valid])  # type: ignore[misc]
-    jump = next(((a, b) for a, b in zip(ids, ids[1:]) if b > a + 1), None)
-    if jump is None:
-        return trades, tuple(valid), None
-    return ([t for t in trades if t.trade_id <= jump[0]],
-            tuple(r for r in valid if r.trade_id <= jump[0]), jump)  # type: ignore[operator]
-
-
-def _possible_cursor(symbol: str, last: str, fallback: datetime | None) -> str:
-    """Kraken's ``last`` cursor when it is a possible time (``bounds``); else a cursor just
-    before `fallback` (the newest trade accepted from the page: trades sharing its time are
-    fetched again and dropped by id), or an error when there is none."""
-    problem = unix_seconds_problem(Decimal(int(last)).scaleb(-9), utcnow(), "last cursor")
-    if problem is None:
-        return last
-    if fallback is None:
-        raise ExchangeTransientError(f"{symbol}: Trades page refused: {problem}")
-    logger.warning("%s: %s; continuing from the newest accepted trade (%s)", symbol, problem, fallback.isoformat(),
-                   extra={"event": "backfill_bad_cursor"})
-    return str(to_unix_ns(fallback) - 1)
-
-
-def merge_ranges(ranges: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
-    """Sorted, disjoint union of half-open ranges (touching ranges merge)."""
-    out: list[tuple[datetime, datetime]] = []
-    for lo, hi in sorted(r for r in ranges if r[1] > r[0]):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def missing_ranges(
-    start: datetime, end: datetime, covered: Sequence[tuple[datetime, datetime]]
-) -> list[tuple[datetime, datetime]]:
-    """The parts of ``[start, end)`` outside `covered`: sorted, disjoint, empty when complete."""
-    out: list[tuple[datetime, datetime]] = []
-    position = start
-    for lo, hi in merge_ranges(covered):
-        if hi <= position:
-            continue
-        if lo >= end:
-            break
-        if lo > position:
-            out.append((position, lo))
-        position = max(position, hi)
-        if position >= end:
-            break
-    if position < end:
-        out.append((position, end))
-    return out
-

@@ -514,22 +514,22 @@ def test_a_chunk_rolled_back_as_a_deadlock_victim_is_stored_again(db_url, tmp_pa
     import completes with every row once."""
     import psycopg.errors
 
-    from kraken_hist.ingest.archive.importer import BulkCSVImporter
+    from kraken_hist.ingest.archive import chunk_store
 
     rows = generate(300, seed=11)
     trades = as_trades(rows)
     path = write(tmp_path / "XBTUSD.csv", time_and_sales_text(rows))
-    real = BulkCSVImporter._store_trade_chunk
+    real = chunk_store.store_trade_chunk
     victims = []
 
-    def once_a_victim(self, conn, *args, **kwargs):
-        counts = real(self, conn, *args, **kwargs)  # the work is done, then the server ends it
+    def once_a_victim(conn, *args, **kwargs):
+        counts = real(conn, *args, **kwargs)  # the work is done, then the server ends it
         if len(victims) < 2:
             victims.append(1)
             raise psycopg.errors.DeadlockDetected("deadlock detected")
         return counts
 
-    monkeypatch.setattr(BulkCSVImporter, "_store_trade_chunk", once_a_victim)
+    monkeypatch.setattr(chunk_store, "store_trade_chunk", once_a_victim)
     result = BulkCSVImporter(db_url, chunk_size=1000).import_csv_file(path)
     assert len(victims) == 2 and result.ok and result.imported == len(trades)
     with psycopg.connect(db_url) as conn:

@@ -113,7 +113,7 @@ def test_replay_memory_stays_flat_over_a_large_range(db_url, conn):
         assert _wait_for(lambda: ("active", "ClientWrite") in _replay_backends(conn)), _replay_backends(conn)
         replay.close()  # stopping early ends the query and closes the stream's connection
         assert _wait_for(lambda: _replay_backends(conn) == []), _replay_backends(conn)
-        assert provider._engine.pool.checkedout() == 0
+        assert provider._reader.engine.pool.checkedout() == 0
 
 
 def test_replay_refuses_a_batch_size_below_one_and_reports_an_outage(db_url):

@@ -8,8 +8,8 @@ Memory stays at about one block whatever the range.
 Column types (Parquet): ``time`` timestamp[us, UTC]; ids and counts int64; prices, volumes and
 vwap ``decimal128(38, 18)`` — exact: a value that would not fit (more than 18 decimals) fails
 the export instead of being rounded. Candles' vwap comes as every read hands it out: at the
-pair's price decimals, rounded down (``aggregates.vwap_at_decimals``; the provider's
-``_vwap_at_places`` on the server), in CSV and Parquet alike.
+pair's price decimals, rounded down (``rules.candles.vwap_at_decimals``; on the server
+``rules.sql.vwap_at_places``), in CSV and Parquet alike.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from kraken_hist.core.intervals import Interval
 from kraken_hist.storage.pair_store import database_registry
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import UTC
+from kraken_hist.query.candle_sql import select_candles  # the query layer's one definition of every interval
 
 #: Parquet's exact decimal type for prices, volumes and vwap.
 DECIMAL = (38, 18)
@@ -110,20 +111,10 @@ def _columns(kind: ExportKind) -> Columns:
     return Columns(names, types)
 
 
-_TRADES_QUERY = """
-SELECT time, trade_id, price, volume, side, ord_type, source
-FROM trades
-WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s
-ORDER BY time, trade_id
-"""
-
-
 def candles_query(interval: Interval, price_decimals: int | None = None) -> tuple[str, dict[str, Any]]:
     """Candles of `interval` whose bucket starts in ``[lo, hi)`` (the provider's
     ``select_candles``), vwap at `price_decimals` rounded down like every read hands it out
     (None: as stored, at most the Parquet scale); the query and its other parameters."""
-    from kraken_hist.query.provider import select_candles  # the query layer's one definition of every interval
-
     probe = datetime(2000, 1, 1, tzinfo=UTC)
     inner = select_candles(interval, ["-"], probe, probe, vwap_places=price_decimals is not None).compile(
         dialect=postgresql.psycopg.dialect())
@@ -140,7 +131,9 @@ def copy_statement(kind: ExportKind | str, interval: Interval | None,
     """``COPY (query) TO STDOUT`` for `kind` and its fixed parameters; symbol, lo and hi are
     added per file (psycopg binds COPY parameters client-side). Candles' vwap at `price_decimals`."""
     if ExportKind(kind) is ExportKind.TRADES:
-        query, params = _TRADES_QUERY, {}
+        from kraken_hist.query.trades_out import trades_query  # (and not pandas at import)
+
+        query, params = trades_query("time, trade_id, price, volume, side, ord_type, source"), {}
     else:
         query, params = candles_query(interval or Interval(1), price_decimals)
     return f"COPY ({query.strip()}) TO STDOUT (FORMAT csv)", params

@@ -1,5 +1,5 @@
 """Trades out of storage: one symbol's trades in (time, id) order, streamed with constant memory,
-as records or DataFrames, and the merge and pacing of a multi-symbol trade replay.
+as records or DataFrames, and the merge of a multi-symbol trade replay (paced by ``streams.pace``).
 
 Every read is bounded by ``[lo, hi)`` in time, where the caller has already cut `hi` at "now"
 (no look-ahead: a trade is known from its own time on). Rows are streamed on a connection of
@@ -11,17 +11,16 @@ or is closed.
 
 from __future__ import annotations
 
-import heapq
 import operator
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import pandas as pd
-import psycopg
 
+from kraken_hist.query.streams import merge as merge_streams
+from kraken_hist.query.streams import pace, stream_rows
 from kraken_hist.storage.copy_out import BLOCK_BYTES, copy_blocks, has_pyarrow, parse_block
 from kraken_hist.storage.db import connect, translate_errors
 from kraken_hist.core.timeutils import UTC
@@ -37,15 +36,22 @@ WHERE symbol = %(symbol)s AND time >= %(lo)s AND time < %(hi)s
 ORDER BY time, trade_id
 """
 
-#: One symbol's trades in ``[lo, hi)``, in Kraken's order (time, then id) — the order the
-#: 1-minute candle rule uses (``rules.sql.MINUTE_CANDLES_FROM_TRADES``).
-TRADES_SQL = _TRADES_TEMPLATE.format(columns="symbol, trade_id, time, price, volume, side, ord_type")
+
+
+def trades_query(columns: str) -> str:
+    """`columns` of one symbol's trades in ``[%(lo)s, %(hi)s)``, in Kraken's order (time, then
+    id) — the order the 1-minute candle rule uses (``rules.sql.MINUTE_CANDLES_FROM_TRADES``)."""
+    return _TRADES_TEMPLATE.format(columns=columns)
+
+
+#: One symbol's trades as HistoricalTrade rows.
+TRADES_SQL = trades_query("symbol, trade_id, time, price, volume, side, ord_type")
 
 #: The rows of a trade DataFrame: exact (Decimal) or with numeric → float8 done by the server
 #: (what backtesting libraries compute with; no Decimal object is ever built).
 FRAME_SQL = {
-    True: _TRADES_TEMPLATE.format(columns="time, trade_id, price, volume, side, ord_type"),
-    False: _TRADES_TEMPLATE.format(columns="time, trade_id, price::float8, volume::float8, side, ord_type"),
+    True: trades_query("time, trade_id, price, volume, side, ord_type"),
+    False: trades_query("time, trade_id, price::float8, volume::float8, side, ord_type"),
 }
 
 _TRADE_FIELDS = ("symbol", "trade_id", "time", "price", "volume", "side", "ord_type")
@@ -54,20 +60,6 @@ _new = object.__new__
 
 #: Merge order of a multi-symbol replay: time, then Kraken id, then symbol (ids are per pair).
 MERGE_KEY = operator.attrgetter("time", "trade_id", "symbol")
-
-
-def stream_rows(url: str, query: str, params: dict[str, Any], batch_size: int) -> Iterator[tuple[Any, ...]]:
-    """Rows of `query`, streamed on a connection opened for it (UTC session) and closed when
-    the iterator ends or is closed (which also cancels the query)."""
-    capabilities = getattr(psycopg, "capabilities", None)  # psycopg >= 3.2
-    chunked = capabilities is not None and capabilities.has_stream_chunked()
-    with connect(url, autocommit=True, options="-c TimeZone=UTC") as driver, translate_errors():
-        cursor = driver.cursor()
-        rows = cursor.stream(query, params, size=batch_size) if chunked else cursor.stream(query, params)
-        try:
-            yield from rows
-        finally:
-            rows.close()
 
 
 def iter_trades(rows: Iterable[Sequence[Any]]) -> Iterator[HistoricalTrade]:
@@ -188,29 +180,7 @@ def concat_frames(frames: Iterable[pd.DataFrame], symbol: str, exact: bool) -> p
 
 def merge(streams: Sequence[Iterator[HistoricalTrade]]) -> Iterator[HistoricalTrade]:
     """Several symbols' ordered streams as one, by (time, id, symbol)."""
-    return streams[0] if len(streams) == 1 else heapq.merge(*streams, key=MERGE_KEY)
-
-
-def pace(trades: Iterable[HistoricalTrade], origin: datetime | None, speed: float,
-         sleep: Callable[[float], None] = time.sleep) -> Iterator[HistoricalTrade]:
-    """Release each trade when its own time comes on a replay clock that starts at `origin`
-    (or the first trade) and runs `speed` times faster than the wall clock; 0 = no waiting.
-
-    The candle replay's rule, with a trade's time where a candle has its close: nothing is
-    handed out before the market time it happened at."""
-    if speed < 0:
-        raise ValueError(f"speed must not be negative, got {speed}")
-    if speed == 0:
-        yield from trades
-        return
-    wall_start = time.monotonic()
-    for trade in trades:
-        if origin is None:
-            origin = trade.time
-        delay = (trade.time - origin).total_seconds() / speed - (time.monotonic() - wall_start)
-        if delay > 0:
-            sleep(delay)
-        yield trade
+    return merge_streams(streams, MERGE_KEY)
 
 
 __all__ = [
@@ -224,4 +194,5 @@ __all__ = [
     "read_trade_frames",
     "read_trades",
     "stream_rows",
+    "trades_query",
 ]

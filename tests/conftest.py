@@ -1,4 +1,5 @@
-"""Shared fixtures: a real PostgreSQL per test (a migrated template copied per test), Redis, settings.
+"""Shared fixtures: a real PostgreSQL per test (a migrated template copied per test), Redis,
+settings, a fake exchange. Shared functions are in ``helpers.py`` and ``trade_data.py``.
 
 The server is, in order: KRAKEN_HIST_TEST_ADMIN_URL if set, the local PostgreSQL at
 127.0.0.1:5432 if it answers, else an embedded PostgreSQL started for this session.
@@ -7,17 +8,19 @@ The server is, in order: KRAKEN_HIST_TEST_ADMIN_URL if set, the local PostgreSQL
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from dataclasses import fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from kraken_hist.core.config import PREFIX, Settings
+from kraken_hist.core.timeutils import floor_minute, utcnow
+
+from .helpers import LIVE_SYMBOLS, close_to_connections, create_database, drop_database
 
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -58,41 +61,6 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     stop_embedded(data_dir)
 
 
-def database_url(admin_url: str, name: str) -> str:
-    """`admin_url` pointed at database `name` (keeps host, port, socket query)."""
-    info = psycopg.conninfo.conninfo_to_dict(admin_url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)
-
-
-def to_url(conninfo: str) -> str:
-    """A libpq key=value string → a postgresql:// URL (what our settings take)."""
-    info = psycopg.conninfo.conninfo_to_dict(conninfo)
-    host = info.get("host", "")
-    user = info.get("user", "postgres")
-    port = info.get("port")
-    dbname = info.get("dbname", "postgres")
-    if host.startswith("/"):
-        return f"postgresql://{user}@/{dbname}?host={host}" + (f"&port={port}" if port else "")
-    return f"postgresql://{user}@{host}{':' + str(port) if port else ''}/{dbname}"
-
-
-def create_database(admin_url: str, name: str, template: str | None = None) -> str:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-        if template:
-            statement = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        conn.execute(statement)
-    return to_url(database_url(admin_url, name))
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 @pytest.fixture(scope="session")
 def migrated_template(pg_admin_url: str) -> Iterator[tuple[str, bool]]:
     """A database migrated once per session, and whether the migrations took the TimescaleDB
@@ -124,28 +92,6 @@ def template_database(migrated_template: tuple[str, bool]) -> str:
 def timescaledb(migrated_template: tuple[str, bool]) -> bool:
     """Whether the suite runs on TimescaleDB (the migrations took that branch)."""
     return migrated_template[1]
-
-
-def close_to_connections(admin_url: str, name: str, timeout: float = 10.0) -> None:
-    """Make database `name` a quiet template: no new connections, none left open.
-
-    ``CREATE DATABASE ... TEMPLATE`` fails while anyone is connected to the template, and
-    TimescaleDB's scheduler (a background worker) connects to every database that has the
-    extension and allows connections; its launcher skips databases that do not.
-    """
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
-        while True:
-            pids = [row[0] for row in conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))]
-            if not pids:
-                return
-            for pid in pids:
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"template database {name} still has connections: {pids}")
-            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -229,3 +175,19 @@ def samples_dir() -> Path:
     if not value or not Path(value).is_dir():
         pytest.skip("KRAKEN_HIST_SAMPLES_DIR is not set to the recorded Kraken samples")
     return Path(value)
+
+
+@pytest.fixture
+def exchange():
+    """A fake Kraken (REST and WebSocket) trading LIVE_SYMBOLS for the last ten minutes:
+    (market, ws, rest). A module may define its own ``exchange``; that one wins there."""
+    from kraken_hist.testing.fake_rest import FakeKrakenREST
+    from kraken_hist.testing.fake_ws import FakeKrakenWS
+    from kraken_hist.testing.history import generate_trades
+    from kraken_hist.testing.market import FakeMarket
+
+    now = utcnow()
+    market = FakeMarket({s: generate_trades(s, floor_minute(now - timedelta(minutes=10)), now, seed=4)
+                         for s in LIVE_SYMBOLS})
+    with FakeKrakenREST(market) as rest, FakeKrakenWS(market, heartbeat_interval=0.3) as ws:
+        yield market, ws, rest

@@ -33,7 +33,7 @@ from kraken_hist.core.timeutils import utcnow
 from kraken_hist.kraken.ws_client import KrakenWSClient
 from kraken_hist.kraken.ws_parsing import TradeMessage
 
-from .test_csv_import import snapshot
+from .helpers import snapshot
 
 UTC = timezone.utc
 SYMBOL = "BTC/USD"

@@ -3,7 +3,6 @@ and the stream for pairs that are not built in, against the fake exchange's own 
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import zipfile
@@ -151,7 +150,7 @@ def test_one_stream_carries_hundreds_of_pairs(db_url, settings):
     from kraken_hist.storage.writer import DatabaseWriter
     from kraken_hist.kraken.ws_client import KrakenWSClient
 
-    from .test_live import FAST_WS
+    from .helpers import FAST_WS
 
     now = utcnow()
     live_market = FakeMarket({}, universe=default_universe(), generate=lambda s: generate_trades(

@@ -265,7 +265,7 @@ def test_stream_import_backfill_and_gap_fill_all_at_once(db_url, settings, tmp_p
     from kraken_hist.testing.fake_ws import FakeKrakenWS
     from kraken_hist.core.timeutils import floor_minute, utcnow
 
-    from .test_live_start import streaming, wait_for
+    from .helpers import streaming, wait_for
 
     now = utcnow()
     start = floor_minute(now - 60 * M)

@@ -6,7 +6,6 @@ in Redis database 15. Tasks read their settings from the environment, as in prod
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 import uuid
@@ -29,6 +28,8 @@ from kraken_hist.core.errors import PermanentError, TransientError
 from kraken_hist.ops.locks import JobLock, lock_name
 from kraken_hist.core.pairs import PAIR_MAP
 
+from .helpers import close_app
+
 pytestmark = [pytest.mark.redis]
 
 UTC = timezone.utc
@@ -44,17 +45,6 @@ def app(redis_url: str) -> Iterator[Celery]:
     app.conf.result_expires = 600
     yield app
     close_app(app)
-
-
-def close_app(app: Celery) -> None:
-    """Close the result listener (a Redis pub/sub connection) and the broker pool.
-
-    Collect garbage first: a dead AsyncResult unsubscribes in ``__del__``, which would
-    reopen the pub/sub connection after it was closed."""
-    gc.collect()
-    app.backend.result_consumer.stop()
-    app.backend.client.connection_pool.disconnect()
-    app.close()
 
 
 @pytest.fixture(scope="module")

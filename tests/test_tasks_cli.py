@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +23,7 @@ from kraken_hist.storage import store
 from kraken_hist.core.config import Settings
 from kraken_hist.core.pairs import PAIR_MAP
 
-from .test_tasks import close_app
+from .helpers import celery_command, close_app
 
 pytestmark = [pytest.mark.redis]
 
@@ -36,14 +34,6 @@ README_CALL = (
     "celery -A celery_app call kraken_hist.tasks.backfill_symbol "
     """--args='["BTC/USD"]' --kwargs='{"since": "2024-01-01"}'"""
 )
-
-
-def celery_command(line: str) -> list[str]:
-    """A README line as a shell would split it, run with this interpreter's celery."""
-    argv = shlex.split(line)
-    executable = Path(sys.executable).with_name("celery")
-    argv[0] = str(executable) if executable.exists() else (shutil.which("celery") or "celery")
-    return argv
 
 
 @pytest.fixture

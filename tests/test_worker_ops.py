@@ -20,9 +20,7 @@ from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket
 
-from .test_metrics import free_port, get, scrape, value, wait_for
-from .test_tasks import close_app
-from .test_tasks_cli import celery_command
+from .helpers import celery_command, close_app, free_port, get, scrape, value, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -15,7 +15,9 @@ from kraken_hist.rules.candles import resample, vwap_at_decimals
 from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.core.pairs import PAIR_MAP
 from kraken_hist.query.provider import HistoricalDataProvider
-from kraken_hist.storage.refresh import merge_windows, refresh_aggregates, refresh_order, widen_windows
+from kraken_hist.rules import ranges
+from kraken_hist.storage.refresh import refresh_aggregates, refresh_order, widen_windows
+from kraken_hist.storage.refresh_windows import windows_by_symbol
 from kraken_hist.core.types import CandleRecord
 
 UTC = timezone.utc
@@ -246,7 +248,11 @@ def test_a_failed_refresh_keeps_its_change_rows(db_url, conn, timescaledb):
 def test_window_arithmetic():
     a = datetime(2025, 1, 1, tzinfo=UTC)
     m = timedelta(minutes=1)
-    assert merge_windows([(a + 5 * m, a + 6 * m), (a, a + m), (a + m, a + 2 * m)]) == [(a, a + 2 * m), (a + 5 * m, a + 6 * m)]
+    # change rows' windows are joined by the range algebra: sorted, disjoint, touching ones joined
+    assert ranges.normalize([(a + 5 * m, a + 6 * m), (a, a + m), (a + m, a + 2 * m)]) == \
+        [(a, a + 2 * m), (a + 5 * m, a + 6 * m)]
+    assert windows_by_symbol([("ETH/USD", a + m, a + 2 * m), ("BTC/USD", a, a + m), ("ETH/USD", a, a + m)]) == \
+        {"BTC/USD": [(a, a + m)], "ETH/USD": [(a, a + 2 * m)]}
     assert widen_windows([(a + 3 * m, a + 4 * m), (a + 6 * m, a + 7 * m)], Interval(5)) == [(a, a + 10 * m)]
     assert refresh_order() == [5, 15, 30, 60, 240, 1440, 10080]
 

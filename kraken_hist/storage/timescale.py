@@ -22,12 +22,13 @@ from typing import Sequence
 import psycopg
 from psycopg import sql
 
+from kraken_hist.rules import ranges
+from kraken_hist.storage.db import has_timescaledb
+
 log = logging.getLogger(__name__)
 
 #: Hypertables that are compressed, and how.
 COMPRESSED_TABLES = ("trades", "candles")
-
-_HAS_TIMESCALEDB = "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'"
 
 # Uncompressed chunks of our hypertables whose whole range lies past the policy's age.
 _DUE_CHUNKS = """
@@ -48,10 +49,6 @@ WHERE proc_name = 'policy_compression' AND hypertable_schema = current_schema() 
 """
 
 
-def has_timescaledb(conn: psycopg.Connection) -> bool:
-    return conn.execute(_HAS_TIMESCALEDB).fetchone() is not None
-
-
 def compress_due_chunks(
     conn: psycopg.Connection, *, budget: float | None = None, busy: Sequence[tuple[datetime, datetime]] = ()
 ) -> int:
@@ -69,7 +66,7 @@ def compress_due_chunks(
     for chunk, table, lo, hi in conn.execute(_DUE_CHUNKS, {"tables": list(COMPRESSED_TABLES)}).fetchall():
         if budget is not None and time.monotonic() - started >= budget:
             break
-        if any(b_lo < hi and lo < b_hi for b_lo, b_hi in busy):
+        if ranges.intersect([(lo, hi)], busy):
             continue
         began = time.monotonic()
         conn.execute("SELECT compress_chunk(%s::regclass, if_not_compressed => true)", (chunk,))

@@ -375,16 +375,3 @@ def _in_trade_candle_minutes(conn: psycopg.Connection, symbol: str, pieces: list
         ([a for a, _ in minutes], [b for _, b in minutes], symbol)).fetchall()
     flagged = [(a, b) for a, b in rows]
     return {p for p in pieces if ranges.intersect([p], flagged)}
-
-
-def total_missing_ids(gaps: list[DataGap]) -> int:
-    return sum(g.missing_ids or 0 for g in gaps)
-
-
-def describe(gap: DataGap) -> str:
-    """One line for logs and the CLI."""
-    if gap.kind is GapKind.TRADE_IDS:
-        return (f"{gap.symbol} ids {gap.first_missing_id}..{gap.last_missing_id} "
-                f"({gap.missing_ids} trades) between {gap.start.isoformat()} and {gap.end.isoformat()}")
-    return f"{gap.symbol} {gap.kind.value} {gap.start.isoformat()} .. {gap.end.isoformat()} ({gap.minutes:.0f} min)"
-

@@ -8,7 +8,6 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Iterator
 
 import psycopg

@@ -109,7 +109,7 @@ def test_rest_fills_holes_in_pages_and_retries_transient_failures() -> None:
     writer = MemoryWriter()
     rest = FakeTrades(last=20, page_size=3, fail=1)
     live = WebSocketDBIntegration(writer, db_url="unused", rest=rest, progress_interval=3600, retry_cap=0.05)
-    thread = threading.Thread(target=live._catchup_loop, daemon=True)
+    thread = threading.Thread(target=live._catchup.run, daemon=True)
     thread.start()
     try:
         live.on_trade(message(1, 2))
@@ -132,7 +132,7 @@ def test_tail_check_after_reconnect_fetches_what_traded_while_away() -> None:
     writer = MemoryWriter()
     rest = FakeTrades(last=7, page_size=1000)
     live = WebSocketDBIntegration(writer, db_url="unused", rest=rest, progress_interval=3600)
-    thread = threading.Thread(target=live._catchup_loop, daemon=True)
+    thread = threading.Thread(target=live._catchup.run, daemon=True)
     thread.start()
     try:
         live.on_connect(1)

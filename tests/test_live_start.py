@@ -19,7 +19,9 @@ from kraken_hist.ingest.backfill import KrakenTradesBackfill
 from kraken_hist.core.config import Settings
 from kraken_hist.ingest.archive.formats import synthetic_trade_id
 from kraken_hist.core.errors import TransientError
-from kraken_hist.ingest.live import EARLY, NEW, OLD, OPENED, IdSequence, WebSocketDBIntegration, _Symbol
+from kraken_hist.ingest.live import WebSocketDBIntegration
+from kraken_hist.ingest.live_ids import EARLY, NEW, OLD, OPENED, IdSequence
+from kraken_hist.ingest.live_records import Symbol
 from kraken_hist.kraken.rest_parsing import TradesPage
 from kraken_hist.kraken.ratelimit import RateLimiter
 from kraken_hist.kraken.rest_client import KrakenRestClient
@@ -76,7 +78,7 @@ def catch_up(live: WebSocketDBIntegration, symbol: str = SYMBOL, turns: int = 1)
         if job is None:
             return
         try:
-            live._fill(symbol, job)
+            live._catchup.fill(symbol, job)
         except TransientError:
             pass
 
@@ -134,7 +136,7 @@ def test_live_trades_before_the_rest_answer_are_handed_over_and_progress_waits()
     tape = Tape([trade(i, T0 + timedelta(seconds=i)) for i in range(1, 60)], page_size=4, visible=41)
     writer = MemoryWriter()
     live = WebSocketDBIntegration(writer, db_url="postgresql://nobody@127.0.0.1:9/none", rest=tape)
-    live._symbols[SYMBOL] = _Symbol(IdSequence.after(end))
+    live._symbols[SYMBOL] = Symbol(IdSequence.after(end))
     live.on_trade(message([trade(i, T0 + timedelta(seconds=i)) for i in range(25, 41)]))  # snapshot across the end
     live.on_trade(message([trade(41, T0 + timedelta(seconds=41))]))  # continues: the fast path
     assert writer.ids() == list(range(30, 42))  # 25..29 are the archive's
@@ -189,7 +191,7 @@ def test_any_order_of_frames_and_pages_hands_over_each_id_from_the_anchor_on_exa
     anchor: datetime | None = None
     if not fresh:
         anchor = times[anchor_at * last // 100] + timedelta(microseconds=nudge)
-        live._symbols[SYMBOL] = _Symbol(IdSequence.after(anchor))
+        live._symbols[SYMBOL] = Symbol(IdSequence.after(anchor))
     streamed: set[int] = set()
 
     def stream(ids: list[int]) -> None:

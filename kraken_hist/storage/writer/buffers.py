@@ -77,6 +77,19 @@ class Buffers:
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.stats = dict.fromkeys(STAT_NAMES, 0)
 
+    def refuse(self) -> None:
+        """Raise: records are accepted only while running."""
+        raise RuntimeError(f"writer is {self.state}: call start() first" if self.state == "new"
+                           else f"writer is {self.state}")
+
+    def admit(self, counter: str) -> int:
+        """Number one more accepted record, counted in `counter`; returns its seq."""
+        if self.state != "running":
+            self.refuse()
+        self.seq += 1
+        self.stats[counter] += 1
+        return self.seq
+
     def apply_counts(self, counts: dict[str, int]) -> None:
         """Move the flush thread's counters (kept without the lock) into the stats."""
         if counts:

@@ -269,10 +269,6 @@ class DatabaseWriter:
         self.stop()
 
     # ------------------------------------------------------------ accepting
-    def _refuse(self) -> None:
-        state = self._buffers.state
-        raise RuntimeError(f"writer is {state}: call start() first" if state == "new" else f"writer is {state}")
-
     def write_trade(self, record: TradeRecord) -> None:
         """Accept one trade (validated here; InvalidRecordError names the bad field)."""
         symbol, trade_id, minute, line = self._encode_trade(record)
@@ -284,9 +280,9 @@ class DatabaseWriter:
             notional = _multiply(price, volume)
         now = time.monotonic()
         buffers = self._buffers
-        with self._lock:
+        with self._lock:  # (Buffers.admit, inline: the hot path)
             if buffers.state != "running":
-                self._refuse()
+                buffers.refuse()
             buffers.seq += 1
             stats = buffers.stats
             stats["trades_accepted"] += 1
@@ -332,11 +328,7 @@ class DatabaseWriter:
         now = time.monotonic()
         buffers = self._buffers
         with self._lock:
-            if buffers.state != "running":
-                self._refuse()
-            buffers.seq += 1
-            buffers.stats["candles_accepted"] += 1
-            buffers.candles.append((buffers.seq, now, row))
+            buffers.candles.append((buffers.admit("candles_accepted"), now, row))
             if len(buffers.candles) == 1:
                 buffers.cond.notify()
             elif len(buffers.candles) >= self.MAX_CANDLE_BUFFER_SIZE:
@@ -351,15 +343,12 @@ class DatabaseWriter:
         spool_format.encode_sync(row)  # refuses fields the spool could not hold
         buffers = self._buffers
         with buffers.cond:
-            if buffers.state != "running":
-                self._refuse()
-            buffers.seq += 1
-            buffers.stats["syncs_accepted"] += 1
+            seq = buffers.admit("syncs_accepted")
             if buffers.spool_mode:  # after every record before it, in spool order
                 buffers.seal_open()
-                buffers.spool_syncs([(buffers.seq, time.monotonic(), row)])
+                buffers.spool_syncs([(seq, time.monotonic(), row)])
             else:
-                buffers.syncs.append((buffers.seq, time.monotonic(), row))
+                buffers.syncs.append((seq, time.monotonic(), row))
             buffers.cond.notify()
 
     # ------------------------------------------------------------ durability

@@ -16,6 +16,7 @@ from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.core.pairs import PAIR_MAP
 from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.rules import ranges
+from kraken_hist.rules.sql import bucket_column_pairs, bucket_columns
 from kraken_hist.storage.refresh import refresh_aggregates, refresh_order, widen_windows
 from kraken_hist.storage.refresh_windows import windows_by_symbol
 from kraken_hist.core.types import CandleRecord
@@ -288,18 +289,24 @@ def test_mixed_vwap_buckets_weight_by_the_minutes_that_have_a_vwap(db_url, conn)
     assert conn.execute("SELECT vwap, vwap_volume FROM candles_1w").fetchone() == (Decimal(24), 4)
 
 
-def test_vwap_is_the_direct_weighting_of_the_minutes_to_the_last_digit(db_url, conn):
-    """Each level divides the exact sums its minutes' direct weighting divides (vwap_notional,
-    vwap_volume): the same digits at every level, so on plain PostgreSQL and TimescaleDB alike
-    (dividing rounded vwaps level by level used to differ by ~1e-12 from 15m up)."""
-    insert_candles(conn, random_candles("BTC/USD", random.Random(9), days=16))
+def test_every_level_is_the_bucket_rule_over_the_minutes_to_the_last_digit(db_url, conn):
+    """Every relation's rows, every column, equal the one bucket rule (``rules.sql.bucket_columns``)
+    applied straight to the 1-minute candles, digit for digit: each level divides the exact sums
+    its minutes' direct weighting divides (vwap_notional, vwap_volume), on plain PostgreSQL (the
+    refresh renders the rule level by level) and on TimescaleDB, whose continuous aggregates
+    (migration 0003, history as it is) spell the rule with first()/last() instead. (Dividing
+    rounded vwaps level by level used to differ by ~1e-12 from 15m up.)"""
+    for symbol, seed in (("BTC/USD", 9), ("ETH/USD", 10)):
+        insert_candles(conn, random_candles(symbol, random.Random(seed), days=16))
     refresh_aggregates(db_url)
+    names = [name for name, _expression in bucket_column_pairs(1)]
     for minutes in refresh_order():
         iv = Interval(minutes)
-        direct = conn.execute("""
-            SELECT date_bin(%s, time, %s),
-                   sum(vwap * volume) / NULLIF(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0)
-            FROM candles WHERE symbol = 'BTC/USD' GROUP BY 1 ORDER BY 1""", (iv.delta, iv.origin)).fetchall()
-        stored = conn.execute(f"SELECT time, vwap FROM {INTERVAL_RELATIONS[minutes]} WHERE symbol = 'BTC/USD' "
-                              "ORDER BY 1").fetchall()
-        assert [(t, str(v)) for t, v in stored] == [(t, str(v)) for t, v in direct], minutes
+        direct = conn.execute(f"""
+            SELECT p.symbol, date_bin(%s, p.time, %s), {bucket_columns(1)}
+            FROM candles p GROUP BY 1, 2 ORDER BY 1, 2""", (iv.delta, iv.origin)).fetchall()
+        stored = conn.execute(f"SELECT symbol, time, {', '.join(names)} FROM {INTERVAL_RELATIONS[minutes]} "
+                              "ORDER BY 1, 2").fetchall()
+        assert direct and len(stored) == len(direct), minutes
+        for got, expected in zip(stored, direct):
+            assert [str(v) for v in got] == [str(v) for v in expected], (minutes, got[:2])

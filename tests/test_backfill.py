@@ -337,3 +337,9 @@ def test_cli_backfill(db_url: str, fake: FakeKrakenREST, history: list, monkeypa
     assert refused.exit_code == 1 and "Unknown asset pair" in refused.output
     bad = runner.invoke(cli, ["backfill", "BTC/USD", "--since", "yesterday-ish"])
     assert bad.exit_code == 2
+
+
+def test_a_backfill_paces_the_client_it_builds_with_the_limiter_it_is_given(db_url: str) -> None:
+    limiter = RateLimiter(0)
+    with KrakenTradesBackfill(db_url, limiter=limiter, refresh=False) as job:
+        assert job.client.limiter is limiter

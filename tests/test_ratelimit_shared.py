@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from kraken_hist.core.config import Settings
 from kraken_hist.kraken.ratelimit import (
+    PROCESS_WIDE,
     RateLimiter,
     place_slot,
     RateLimiterUnavailableError,
@@ -160,6 +161,7 @@ def test_limiter_for_follows_the_settings(redis_url: str) -> None:
     assert limiter_for(no_redis) is process_limiter()  # auto: the laptop fallback
     assert isinstance(limiter_for(replace(no_redis, rest_limiter="redis")), RedisRateLimiter)
     assert limiter_for(replace(base, egress_id="nat-b")).namespace.endswith(":nat-b")  # type: ignore[attr-defined]
+    assert process_limiter() is PROCESS_WIDE.local()  # the one in-memory pace of the process
 
 
 def test_the_client_takes_the_pair_slot_for_trades_and_ohlc(redis_url: str, namespace: str,

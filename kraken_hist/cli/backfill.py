@@ -11,6 +11,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kraken_hist.ingest.backfill import BackfillProgress, BackfillResult, KrakenTradesBackfill
 from kraken_hist.storage.migrate import prepare_database
+from kraken_hist.kraken.ratelimit import limiter_for
 from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.core.timeutils import floor_minute, utcnow
 from kraken_hist.cli.common import friendly_errors, parse_time_option, resolve_symbols, settings_from
@@ -102,7 +103,7 @@ def backfill(ctx: click.Context, symbols: tuple[str, ...], since: datetime | Non
         raise click.BadParameter(f"{end.isoformat()} is not after --since {start.isoformat()}", param_hint="'--until'")
     url = prepare_database(settings=settings)
     canonical = resolve_symbols(settings, url, symbols or settings.symbols)
-    client = KrakenRestClient.from_settings(settings)
+    client = KrakenRestClient.from_settings(settings, limiter=limiter_for(settings))  # the pace the settings choose
     bars = _Bars(progress)
     # -v log lines are written above the bar (tqdm.write), never into it
     with KrakenTradesBackfill(url, client, settings=settings, progress=bars) as job, logging_redirect_tqdm():

@@ -26,6 +26,7 @@ from kraken_hist.ingest.live import WebSocketDBIntegration
 from kraken_hist.ops.metrics import StreamCollector, TradeTracker, stream_health
 from kraken_hist.storage.migrate import prepare_database
 from kraken_hist.storage.pair_store import database_registry
+from kraken_hist.kraken.ratelimit import limiter_for
 from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.storage.writer import DatabaseWriter
 from kraken_hist.kraken.ws_client import KrakenWSClient
@@ -86,7 +87,7 @@ def stream(ctx: click.Context, symbols: tuple[str, ...], ohlc_intervals: tuple[i
     writer = DatabaseWriter(db_url, trade_buffer_size=buffer_size, trade_flush_interval=flush_interval,
                             settings=settings, adopt_unlabelled_spool=adopt_unlabelled_spool, registry=registry)
     writer.start()
-    rest = KrakenRestClient.from_settings(settings, registry=registry)
+    rest = KrakenRestClient.from_settings(settings, registry=registry, limiter=limiter_for(settings))
     backfill = KrakenTradesBackfill(db_url, client=rest, settings=settings, registry=registry)
     integration = WebSocketDBIntegration(writer, db_url=db_url, rest=backfill, symbols=canonical,
                                          progress_interval=max(1.0, flush_interval),

@@ -39,6 +39,7 @@ from kraken_hist.storage.pair_store import database_registry
 
 if TYPE_CHECKING:
     from kraken_hist.core.config import Settings
+    from kraken_hist.kraken.ratelimit import Limiter
     from kraken_hist.kraken.rest_client import KrakenRestClient
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,9 @@ class KrakenTradesBackfill:
     """Backfill trades of symbols into the database, resumable at any page.
 
     `client` is handed in (a :class:`KrakenRestClient`); when omitted, one is built from
-    `settings` and closed by :meth:`close`. The database connection is opened on first use.
+    `settings` (pacing its calls with `limiter`, default the one the settings choose:
+    ``ratelimit.limiter_for``) and closed by :meth:`close`. The database connection is opened
+    on first use.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class KrakenTradesBackfill:
         progress: Callable[[BackfillProgress], None] | None = None,
         refresh: bool = True,
         registry: PairRegistry | None = None,
+        limiter: "Limiter | None" = None,
     ) -> None:
         from kraken_hist.core.config import settings_or_env
 
@@ -144,7 +148,8 @@ class KrakenTradesBackfill:
         if client is None:
             from kraken_hist.kraken.rest_client import KrakenRestClient
 
-            client = KrakenRestClient.from_settings(self.settings, registry=self.registry)
+            options: dict[str, Any] = {} if limiter is None else {"limiter": limiter}
+            client = KrakenRestClient.from_settings(self.settings, registry=self.registry, **options)
         self.client = client
         if not MAX_SAME_TIMESTAMP < page_size <= PAGE_SIZE:
             # a page must be able to hold a whole burst of trades sharing one timestamp, or

@@ -1,10 +1,10 @@
 """Trades → 1-minute candles and candles → wider candles, in pure Python.
 
-The twin of the SQL in ``store`` and the refresh job: tests compare the two, and small
-in-memory paths (WebSocket, CSV checks) use it directly. Kraken's 1-minute rule (KRAKEN.md):
-trades bucketed by ``floor(time/60)``; open/close = first/last trade by id; high/low;
-volume = sum; count = number of trades; vwap = Σ(p·v)/Σv rounded DOWN to the pair's price
-decimals.
+The twin of the rules in :mod:`rules.sql`; ``tests/test_rules_agree.py`` checks both against
+an exact reference. Kraken's 1-minute rule (KRAKEN.md): trades bucketed by ``floor(time/60)``;
+open/close = first/last trade by (time, id); high/low; volume = sum; count = number of trades;
+vwap = Σ(p·v)/Σv rounded DOWN to the pair's price decimals. Sums keep every digit and the vwap
+is cut, never rounded, first (``_EXACT``).
 """
 
 from __future__ import annotations

@@ -143,10 +143,14 @@ def test_time_and_sales_file_is_stored_as_it_is_with_candles_coverage_and_resume
                       for c in resample(candles_from_trades(trades), 60)]
 
 
-def test_candles_equal_sql_over_the_stored_trades_to_the_last_digit(db_url, tmp_path):
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"], ids=["array-twin", "line-twin"])
+def test_candles_equal_sql_over_the_stored_trades_to_the_last_digit(db_url, tmp_path, line_end):
     """Prices and volumes written with different numbers of decimals: every candle column,
     vwap included, reads exactly as SQL computes it from the stored trades (scale and all;
-    PostgreSQL's division, hence the vwap, depends on the operands' scales)."""
+    PostgreSQL's division, hence the vwap, depends on the operands' scales). Both twins of
+    the rule that build the candles as they parse: the numpy one (``vectorized``) for clean
+    blocks, the line parser's running candle (``trade_lines``) for lines the array path
+    refuses (a ``\\r\\n`` line end, here every line)."""
     rng = random.Random(8)
     second, lines = START, []
     for _ in range(4000):
@@ -156,8 +160,10 @@ def test_candles_equal_sql_over_the_stored_trades_to_the_last_digit(db_url, tmp_
                             f"{rng.randint(1, 999)}"))  # written two ways
         volume = rng.choice((f"0.{rng.randrange(10**8):08d}", f"{rng.randint(1, 50)}", f"{rng.randint(1, 9)}.5",
                              f"0.{rng.randrange(1, 10**12):012d}"))
-        lines.append(f"{second},{price},{volume}\n")
-    BulkCSVImporter(db_url, chunk_size=500).import_csv_file(write(tmp_path / "XBTUSD.csv", "".join(lines)))
+        lines.append(f"{second},{price},{volume}{line_end}")
+    path = tmp_path / "XBTUSD.csv"
+    path.write_bytes("".join(lines).encode())  # (as written: no newline translation)
+    BulkCSVImporter(db_url, chunk_size=500).import_csv_file(path)
     columns = "open::text, high::text, low::text, close::text, vwap::text, volume::text, trades"
     with psycopg.connect(db_url) as conn:
         stored = conn.execute(f"SELECT time, {columns} FROM candles ORDER BY time").fetchall()
@@ -504,6 +510,30 @@ def test_exchange_candles_are_checked_against_our_aggregates(db_url, tmp_path, t
     with psycopg.connect(db_url) as conn:
         conn.execute("DELETE FROM candles WHERE time >= %s AND time < %s", (hourly[0].time, hourly[0].end))
     assert compare_exchange_candles(db_url, SYMBOL, 60, use_relation=False).missing_ours == 1
+
+
+def test_exchange_days_and_fortnights_are_compared_in_the_exchanges_buckets(db_url, tmp_path):
+    """Our side of the comparison: the stored daily relation, or buckets computed from
+    1-minute candles by the bucket rule from the exchange's origin (the epoch): 15-day
+    buckets are never stored. Exchange candles built from the same trades match either way."""
+    rng, price, rows = random.Random(4), 300_000, []
+    first_day = START - START % 86_400
+    for i in range(40 * 8):  # a trade about every three hours for 40 days
+        price += rng.randint(-50, 50)
+        rows.append((first_day + i * 10_800 + rng.randrange(60), f"{price / 10:.1f}",
+                     f"{rng.randrange(1, 10**6) / 10**6:.6f}"))
+    minutes = candles_from_trades(as_trades(rows))
+    days, fortnights = resample(minutes, 1440), resample(minutes, 21600)
+    assert len(fortnights) >= 3
+    importer = BulkCSVImporter(db_url)
+    results = importer.import_paths([write(tmp_path / "XBTUSD.csv", time_and_sales_text(rows)),
+                                     write(tmp_path / "XBTUSD_1440.csv", ohlcvt_text(days)),
+                                     write(tmp_path / "XBTUSD_21600.csv", ohlcvt_text(fortnights))])
+    assert [r.status for r in results] == ["imported"] * 3 and results[0].refreshed
+    for interval, expected in ((1440, days), (21600, fortnights)):
+        for use_relation in (True, False):
+            check = compare_exchange_candles(db_url, SYMBOL, interval, use_relation=use_relation)
+            assert (check.compared, check.matching) == (len(expected), len(expected)), check.to_dict()
 
 
 

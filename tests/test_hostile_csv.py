@@ -50,8 +50,9 @@ def test_a_weekly_ohlcvt_file_is_checked_against_thursday_weeks(db_url: str, tmp
     weekly.write_text(f"{week},100.0,110.0,100.0,110.0,3,2\n{week + 604_800},105.0,105.0,105.0,105.0,1,1\n")
     importer = BulkCSVImporter(db_url)
     assert [r.status for r in importer.import_paths([trades, weekly])] == ["imported", "imported"]
-    check = importer.compare_exchange_candles("BTC/USD", 10080)
-    assert (check.compared, check.matching, check.mismatched) == (2, 2, 0), check.to_dict()
+    for use_relation in (True, False):  # (our weekly relation's weeks start on Mondays: never used here)
+        check = importer.compare_exchange_candles("BTC/USD", 10080, use_relation=use_relation)
+        assert (check.compared, check.matching, check.mismatched) == (2, 2, 0), check.to_dict()
 
 
 _IMPORT_ONE = """

@@ -372,3 +372,4 @@ class BulkCSVImporter:
         from kraken_hist.storage.refresh import refresh_aggregates
 
         refresh_aggregates(self.db_url)
+        return True

@@ -46,14 +46,7 @@ _MERGE_EXCHANGE = f"""
 INSERT INTO exchange_candles AS c (symbol, interval, time, open, high, low, close, vwap, volume, trades, source)
 SELECT %(symbol)s, %(interval)s, time, open, high, low, close, vwap, volume, trades, 'csv_ohlc'
 FROM {OHLC_STAGE}
-ON CONFLICT (symbol, interval, time) DO UPDATE
-SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
-    vwap = EXCLUDED.vwap, volume = EXCLUDED.volume, trades = EXCLUDED.trades, source = EXCLUDED.source
-WHERE (c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, c.source)
-      IS DISTINCT FROM
-      (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.vwap,
-       EXCLUDED.volume, EXCLUDED.trades, EXCLUDED.source)
-"""
+{sql_rules.UPSERT_EXCHANGE_CANDLE}"""
 
 _COPY_STAGE = sql.SQL("COPY {} (time, open, high, low, close, vwap, volume, trades, line) FROM STDIN").format(
     sql.Identifier(OHLC_STAGE))

@@ -6,11 +6,13 @@ import random
 import threading
 import time
 from datetime import timedelta
+from itertools import count
 from typing import Callable, Iterator
 
 import pytest
 
 from kraken_hist.core.errors import KrakenHistError
+from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.testing.fake_ws import FakeKrakenWS
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket
@@ -23,7 +25,14 @@ from kraken_hist.kraken.ws_client import (
     SubscriptionTimeoutError,
     to_ws_symbol,
 )
-from kraken_hist.kraken.ws_parsing import OhlcMessage, TradeMessage
+from kraken_hist.kraken.ws_parsing import MethodResponse, OhlcMessage, TradeMessage
+from kraken_hist.kraken.ws_subscriptions import (
+    SYMBOLS_PER_REQUEST,
+    acked_subscription,
+    late_subscriptions,
+    subscribe_requests,
+    wanted_subscriptions,
+)
 
 SYMBOLS = ("BTC/USD", "ETH/USD", "SOL/USD")
 FAST = dict(heartbeat_timeout=1.0, ack_timeout=1.0, backoff_base=0.05, backoff_cap=0.2, poll_interval=0.05)
@@ -237,3 +246,29 @@ def test_unreachable_server_keeps_retrying_until_stopped() -> None:
     assert time.monotonic() - started < 2
     assert not client.is_running and all(isinstance(e, ConnectionLostError) for e in errors)
     assert client.state().connections == 0
+
+
+# --- the subscription decisions (pure) ------------------------------------------------------------
+
+
+def test_subscribe_requests_group_by_channel_and_interval_in_chunks_of_fifty() -> None:
+    names = ["BTC/USD", "ETH/USD"] + [f"T{i}/USD" for i in range(SYMBOLS_PER_REQUEST)]
+    subs = wanted_subscriptions(names, PairRegistry(), trades=True, ohlc_intervals=(1, 5))
+    requests = subscribe_requests(subs, count(7), trade_snapshot=False, ohlc_snapshot=True)
+    assert [(r[0], r[2]["params"]["channel"], r[2]["params"].get("interval"), len(r[1])) for r in requests] == [
+        (7, "trade", None, 50), (8, "trade", None, 2), (9, "ohlc", 1, 50), (10, "ohlc", 1, 2),
+        (11, "ohlc", 5, 50), (12, "ohlc", 5, 2)]
+    assert requests[0][2]["params"]["snapshot"] is False and requests[2][2]["params"]["snapshot"] is True
+    assert requests[0][2]["params"]["symbol"][:2] == ["BTC/USD", "ETH/USD"]
+
+
+def test_an_ack_answers_the_subscription_its_request_asked_for() -> None:
+    trade, ohlc1, ohlc5 = Subscription("trade", "BTC/USD"), Subscription("ohlc", "BTC/USD", 1), Subscription(
+        "ohlc", "BTC/USD", 5)
+    ack = MethodResponse(method="subscribe", success=True, req_id=3, channel="ohlc", symbol="BTC/USD", interval=5)
+    assert acked_subscription(ack, [ohlc1, ohlc5], [trade]) == ohlc5
+    assert acked_subscription(ack, [], [trade, ohlc1, ohlc5]) == ohlc5  # no request known: any pending one
+    refused = MethodResponse(method="subscribe", success=False, symbol="BTC/USD", error="Currency pair not supported")
+    assert acked_subscription(refused, [trade], []) == trade  # a refusal names no channel
+    assert acked_subscription(ack, [trade], []) is None
+    assert late_subscriptions({ohlc5: 1.0, trade: 1.0, ohlc1: 3.0}, now=2.0) == [ohlc5, trade]

@@ -9,7 +9,8 @@ and reconnects when nothing at all arrives for ``heartbeat_timeout`` seconds. Re
 wait a full-jitter exponential back-off (capped; reset once a connection is fully
 subscribed) and replay the subscriptions. A malformed or unknown frame is logged with its
 text and skipped. The plain ``WebSocket`` class (not ``WebSocketApp.run_forever``) keeps
-timeouts, the watchdog and the reconnect policy in one readable loop we control.
+timeouts, the watchdog and the reconnect policy in one readable loop we control. What to
+subscribe to and which ack answers what are pure decisions in ``ws_subscriptions``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import websocket
 
 from kraken_hist.core.config import DEFAULT_WS_URL, Settings
 from kraken_hist.core.errors import ExchangePermanentError, ExchangeTransientError, KrakenHistError
-from kraken_hist.core.pairs import ASSET_ALIASES, PairRegistry
+from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.kraken.ws_parsing import (
     FrameError,
     HeartbeatMessage,
@@ -40,11 +40,27 @@ from kraken_hist.kraken.ws_parsing import (
     TradeMessage,
     parse_frame,
 )
+from kraken_hist.kraken.ws_subscriptions import (
+    SYMBOLS_PER_REQUEST,
+    ClientState,
+    Subscription,
+    SubscriptionRefusedError,
+    SubscriptionTimeoutError,
+    acked_subscription,
+    by_name,
+    late_subscriptions,
+    subscribe_requests,
+    to_ws_symbol,
+    wanted_subscriptions,
+)
 from kraken_hist.rules.backoff import Backoff
 
-logger = logging.getLogger(__name__)
+__all__ = [  # the subscription names are importable from here as before the split
+    "SYMBOLS_PER_REQUEST", "ClientState", "ConnectionLostError", "KrakenWSClient", "Subscription",
+    "SubscriptionRefusedError", "SubscriptionTimeoutError", "to_ws_symbol",
+]
 
-SYMBOLS_PER_REQUEST = 50
+logger = logging.getLogger(__name__)
 
 TradeCallback = Callable[[TradeMessage], None]
 OhlcCallback = Callable[[OhlcMessage], None]
@@ -53,74 +69,8 @@ ErrorCallback = Callable[[KrakenHistError], None]
 ConnectCallback = Callable[[int], None]
 
 
-class SubscriptionRefusedError(ExchangePermanentError):
-    """Kraken answered a subscribe with ``success: false`` (unknown or legacy pair name)."""
-
-    def __init__(self, channel: str | None, symbol: str | None, reason: str) -> None:
-        self.channel, self.symbol, self.reason = channel, symbol, reason
-        super().__init__(f"subscribe {channel or '?'} {symbol or '?'} refused: {reason}")
-
-
-class SubscriptionTimeoutError(ExchangeTransientError):
-    """No ack arrived in time for a subscribe request; the connection is renewed."""
-
-
 class ConnectionLostError(ExchangeTransientError):
     """The connection closed, failed, or went silent; the client reconnects."""
-
-
-@dataclass(frozen=True, slots=True)
-class Subscription:
-    """One channel for one symbol; ``interval`` is 0 for ``trade``."""
-
-    channel: str
-    symbol: str
-    interval: int = 0
-
-    def describe(self) -> str:
-        return f"{self.channel}{'/' + str(self.interval) if self.interval else ''} {self.symbol}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClientState:
-    """A consistent copy of the client's counters and subscriptions."""
-
-    running: bool
-    connected: bool
-    connection_id: int | None
-    connections: int
-    reconnects: int
-    messages: int
-    trades: int
-    candles: int
-    malformed: int
-    errors: int
-    last_message_age: float | None  # seconds since the last frame of any kind
-    last_trade_age: float | None  # seconds since the last trade frame
-    subscribed: tuple[Subscription, ...]
-    pending: tuple[Subscription, ...]
-    refused: dict[Subscription, str] = field(default_factory=dict)
-    refused_items: int = 0  # trade/ohlc items left out for impossible values (logged one by one)
-
-
-def to_ws_symbol(name: str, registry: PairRegistry | None = None) -> str:
-    """Any Kraken name → the canonical v2 name: ``XBTUSD``, ``XXBTZUSD``, ``xbt/usd`` → ``BTC/USD``.
-
-    The AssetPairs wsname (``XBT/USD``) is refused by v2, so legacy asset names are mapped
-    through ASSET_ALIASES. Names the registry does not know are sent as given (stripped) so
-    Kraken's refusal reaches the caller instead of a silent drop. Default registry: the
-    built-in pairs (a service passes its own).
-    """
-    registry = registry if registry is not None else PairRegistry()
-    raw = str(name).strip()
-    if registry.is_known(raw):
-        return registry.normalize(raw)
-    if "/" in raw:
-        base, quote = (part.upper() for part in raw.split("/", 1))
-        aliased = f"{ASSET_ALIASES.get(base, base)}/{ASSET_ALIASES.get(quote, quote)}"
-        if registry.is_known(aliased):
-            return registry.normalize(aliased)
-    return raw
 
 
 class KrakenWSClient:
@@ -252,8 +202,8 @@ class KrakenWSClient:
                 errors=self._counters["errors"],
                 last_message_age=None if self._last_message is None else now - self._last_message,
                 last_trade_age=None if self._last_trade is None else now - self._last_trade,
-                subscribed=tuple(sorted(self._subscribed, key=_order)),
-                pending=tuple(sorted(self._pending, key=_order)),
+                subscribed=tuple(sorted(self._subscribed, key=by_name)),
+                pending=tuple(sorted(self._pending, key=by_name)),
                 refused=dict(self._refused),
                 refused_items=self._counters["refused_items"],
             )
@@ -261,12 +211,7 @@ class KrakenWSClient:
     # --- the connection thread ------------------------------------------------------------
 
     def _add(self, symbols: Iterable[str], *, trades: bool, ohlc_intervals: Sequence[int]) -> list[Subscription]:
-        wanted = []
-        for raw in symbols:
-            symbol = to_ws_symbol(raw, self._registry)
-            if trades:
-                wanted.append(Subscription("trade", symbol))
-            wanted.extend(Subscription("ohlc", symbol, int(i)) for i in ohlc_intervals)
+        wanted = wanted_subscriptions(symbols, self._registry, trades=trades, ohlc_intervals=ohlc_intervals)
         with self._lock:
             added = [s for s in dict.fromkeys(wanted) if s not in self._wanted]
             self._wanted.extend(added)
@@ -361,33 +306,22 @@ class KrakenWSClient:
         return established
 
     def _send_subscribe(self, ws: websocket.WebSocket, subs: Sequence[Subscription]) -> None:
-        groups: dict[tuple[str, int], list[Subscription]] = {}
-        for sub in subs:
-            groups.setdefault((sub.channel, sub.interval), []).append(sub)
         deadline = time.monotonic() + self.ack_timeout
-        for (channel, interval), members in groups.items():
-            for lo in range(0, len(members), SYMBOLS_PER_REQUEST):
-                chunk = members[lo:lo + SYMBOLS_PER_REQUEST]
-                req_id = next(self._req_ids)
-                params: dict[str, object] = {"channel": channel, "symbol": [s.symbol for s in chunk]}
-                if channel == "ohlc":
-                    params["interval"] = interval
-                    params["snapshot"] = self.ohlc_snapshot
-                else:
-                    params["snapshot"] = self.trade_snapshot
-                with self._lock:
-                    self._requests[req_id] = chunk
-                    for sub in chunk:
-                        self._pending[sub] = deadline
-                ws.send(json.dumps({"method": "subscribe", "params": params, "req_id": req_id}))
+        for req_id, chunk, request in subscribe_requests(subs, self._req_ids, trade_snapshot=self.trade_snapshot,
+                                                         ohlc_snapshot=self.ohlc_snapshot):
+            with self._lock:
+                self._requests[req_id] = chunk
+                for sub in chunk:
+                    self._pending[sub] = deadline
+            ws.send(json.dumps(request))
         if subs:
             self._connected.clear()
 
     def _check_acks(self, now: float) -> None:
         with self._lock:
-            late = [s for s, deadline in self._pending.items() if deadline < now]
+            late = late_subscriptions(self._pending, now)
         if late:
-            names = ", ".join(s.describe() for s in sorted(late, key=_order))
+            names = ", ".join(s.describe() for s in late)
             raise SubscriptionTimeoutError(f"no subscribe ack within {self.ack_timeout}s for {names}")
 
     # --- frames ---------------------------------------------------------------------------
@@ -442,14 +376,7 @@ class KrakenWSClient:
     def _on_ack(self, message: MethodResponse) -> None:
         with self._lock:
             asked = self._requests.get(message.req_id, []) if message.req_id is not None else []
-            candidates = asked or list(self._pending)
-            matches = [
-                s for s in candidates
-                if s.symbol == message.symbol
-                and (message.channel is None or s.channel == message.channel)
-                and (message.interval is None or s.interval == message.interval)
-            ]
-            sub = matches[0] if matches else None
+            sub = acked_subscription(message, asked, self._pending)
             if sub is not None:
                 self._pending.pop(sub, None)
                 if message.success:
@@ -498,10 +425,6 @@ class KrakenWSClient:
                 ws.shutdown()
         except (OSError, websocket.WebSocketException) as exc:
             logger.debug("%s: close failed: %r", self.name, exc)
-
-
-def _order(sub: Subscription) -> tuple[str, str, int]:
-    return (sub.symbol, sub.channel, sub.interval)
 
 
 def _close_code(data: object) -> str:

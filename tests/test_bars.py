@@ -9,7 +9,7 @@ from math import floor
 import psycopg
 import pytest
 
-from kraken_hist.query import bars as bars_module
+from kraken_hist.query import bars_pieces, bars_sql
 from kraken_hist.query.bars import BarKind, bars_to_frame, check_size, read_bars
 from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades
@@ -169,8 +169,8 @@ def test_a_long_range_in_pieces_at_once_equals_one_query(db_url, history, kind, 
     hi = T0 + timedelta(hours=2, minutes=51, seconds=40)
     expected = reference_bars(history, kind, size, 1, lo, hi)
     queries = []
-    run = bars_module._run
-    monkeypatch.setattr(bars_module, "_run",
+    run = bars_sql.run_query
+    monkeypatch.setattr(bars_sql, "run_query",
                         lambda conn, query, params: queries.append(conn) or run(conn, query, params))
 
     def read(conn, span):
@@ -181,7 +181,7 @@ def test_a_long_range_in_pieces_at_once_equals_one_query(db_url, history, kind, 
 
     with psycopg.connect(db_url, autocommit=True, options="-c TimeZone=UTC") as conn:
         conn.execute(f"SET max_parallel_workers_per_gather = {workers}")
-        cuts = bars_module._cuts(conn, lo, hi)
+        cuts = bars_pieces.cut_points(conn, lo, hi)
         assert len(cuts) == workers + 2
         assert all(any(e["time"] < cut <= e["end_time"] for e in expected) for cut in cuts[1:-1])  # bars are cut
         pieces, connections = read(conn, timedelta(minutes=30))

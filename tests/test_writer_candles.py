@@ -14,6 +14,7 @@ from kraken_hist.rules import candles as aggregates
 from kraken_hist.storage import store
 
 from kraken_hist.storage.writer import candles as writer_candles
+from kraken_hist.storage.writer.sums import EXACT, MinuteSums
 from kraken_hist.core.types import CandleRecord, CandleSource, TradeRecord, TradeSource
 from kraken_hist.storage import ownership
 from kraken_hist.storage.writer import DatabaseWriter
@@ -59,6 +60,34 @@ def generate(rng: random.Random, symbol: str, first_id: int, minutes: int, dense
                 trade_id += 1
                 index += 1
     return out
+
+
+def fold(trades: list[TradeRecord]) -> MinuteSums:
+    first, *rest = trades
+    sums = MinuteSums.of_trade(first.time, first.trade_id, first.price, first.volume,
+                               EXACT.multiply(first.price, first.volume))
+    for t in rest:
+        sums.add(t.time, t.trade_id, t.price, t.volume, EXACT.multiply(t.price, t.volume))
+    return sums
+
+
+def test_minute_sums_in_any_order_and_merged_are_the_minute_s_candle():
+    """A minute's summary does not depend on the order its trades came in, nor on how they were
+    split into batches: its open/high/low/close/volume/count are the pure candle's."""
+    rng = random.Random(11)
+    minute = [t for t in generate(rng, "BTC/USD", 1, 3, dense=400)  # the middle minute is the dense one
+              if t.time.replace(second=0, microsecond=0) == T0 + timedelta(minutes=1)]
+    (candle,) = aggregates.candles_from_trades(minute, price_decimals=DECIMALS["BTC/USD"])
+    for _ in range(5):
+        shuffled = rng.sample(minute, len(minute))
+        cut = rng.randrange(1, len(shuffled))
+        whole, merged = fold(shuffled), fold(shuffled[:cut]).merged(fold(shuffled[cut:]))
+        for sums in (whole, merged):
+            assert (sums.first_price, sums.high, sums.low, sums.last_price, sums.volume, sums.trades) == (
+                candle.open, candle.high, candle.low, candle.close, candle.volume, candle.trades)
+            assert sums.notional == sum((t.price * t.volume for t in minute), Decimal(0))
+            assert (sums.first_id, sums.last_id) == (min(minute, key=lambda t: (t.time, t.trade_id)).trade_id,
+                                                     max(minute, key=lambda t: (t.time, t.trade_id)).trade_id)
 
 
 def candle_rows(conn: psycopg.Connection) -> dict:

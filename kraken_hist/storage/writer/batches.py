@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from kraken_hist.storage.writer.records import minute_number
 from kraken_hist.storage.writer.spool import Block
 from kraken_hist.storage.writer.sums import BatchSums, MinuteSums
 
@@ -71,7 +72,7 @@ class TradeChunk:
             symbol, trade_id, when, _ = line.split(b"\t", 3)
             key = symbol.decode()
             ids.setdefault(key, []).append(int(trade_id))
-            minutes.setdefault(key, set()).add(int(datetime.fromisoformat(when.decode()).timestamp()) // 60)
+            minutes.setdefault(key, set()).add(minute_number(datetime.fromisoformat(when.decode())))
         meta = {s: [min(v), max(v), sorted(minutes[s])] for s, v in ids.items()}
         return cls(b"".join(lines), len(lines), meta, overlap=True)
 

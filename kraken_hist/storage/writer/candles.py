@@ -18,7 +18,8 @@ from kraken_hist.rules.ranges import number_runs
 from kraken_hist.storage import store
 from kraken_hist.storage.db import number_array, text_array
 from kraken_hist.storage.writer import statements
-from kraken_hist.storage.writer.statements import minute_number, minute_start, pairs_params
+from kraken_hist.storage.writer.records import minute_number, minute_start
+from kraken_hist.storage.writer.statements import pairs_params
 from kraken_hist.storage.writer.sums import BatchSums, MinuteSums
 
 MERGE_GAP_MINUTES = 15  # touched minutes closer than this are rebuilt as one window

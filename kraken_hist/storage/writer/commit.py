@@ -33,9 +33,8 @@ from kraken_hist.storage.db import session_options
 from kraken_hist.storage.writer import spool_labels, statements
 from kraken_hist.storage.writer.batches import TradeChunk
 from kraken_hist.storage.writer.candles import CandleSums, maintain_candles, store_candles
-from kraken_hist.storage.writer.records import decode_trade_line
+from kraken_hist.storage.writer.records import decode_trade_line, minute_number, minute_start
 from kraken_hist.storage.writer.spool_labels import DatabaseIdentity
-from kraken_hist.storage.writer.statements import minute_number, minute_start
 
 logger = logging.getLogger("kraken_hist.storage.writer")
 

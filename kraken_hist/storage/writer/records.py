@@ -145,9 +145,20 @@ class TradeEncoder:
             self._minutes.clear()
         start = when.replace(second=0, microsecond=0)
         entry = (f"{when.year:04d}-{when.month:02d}-{when.day:02d} {when.hour:02d}:{when.minute:02d}:",
-                 int(start.timestamp()) // 60)
+                 minute_number(start))
         self._minutes[key] = entry
         return entry
+
+
+def minute_start(minute: int) -> datetime:
+    """The start of minute number `minute`: the writer names a minute by its number (minutes
+    since the epoch), which is what its SQL takes (``to_timestamp(m * 60)``)."""
+    return datetime.fromtimestamp(minute * 60, UTC)
+
+
+def minute_number(when: datetime) -> int:
+    """The number of the minute `when` falls in."""
+    return int(when.timestamp()) // 60
 
 
 def decode_trade_line(line: bytes) -> tuple:

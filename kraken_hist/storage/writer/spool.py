@@ -104,7 +104,7 @@ class Segment:
 
 class Spool:
     """Segment files under one directory, owned by this process while open. Not thread-safe:
-    the writer serialises calls under its own lock (except :meth:`Block.read`)."""
+    the writer serialises calls under its own lock (except :func:`read_blocks`)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)

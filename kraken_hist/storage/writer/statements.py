@@ -10,7 +10,6 @@ per-element work in the driver, and PostgreSQL reads each number with its own sc
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 from psycopg import sql
@@ -18,9 +17,7 @@ from psycopg import sql
 from kraken_hist.rules import sql as sql_rules
 from kraken_hist.storage import store
 from kraken_hist.storage.db import number_array, text_array
-from kraken_hist.storage.writer.records import TRADE_COLUMNS
-
-UTC = timezone.utc
+from kraken_hist.storage.writer.records import TRADE_COLUMNS, minute_start
 
 _COLUMN_LIST = sql.SQL(", ").join(map(sql.Identifier, TRADE_COLUMNS))
 COPY_TRADES = sql.SQL("COPY trades ({}) FROM STDIN").format(_COLUMN_LIST)
@@ -122,16 +119,6 @@ SET last_time = GREATEST(s.last_time, EXCLUDED.last_time),
     last_trade_id = COALESCE(EXCLUDED.last_trade_id, s.last_trade_id),
     details = s.details || EXCLUDED.details, updated_at = now()
 """
-
-
-def minute_start(minute: int) -> datetime:
-    """The start of minute number `minute` (minutes since the epoch)."""
-    return datetime.fromtimestamp(minute * 60, UTC)
-
-
-def minute_number(when: datetime) -> int:
-    """The number of the minute `when` falls in."""
-    return int(when.timestamp()) // 60
 
 
 def probe_params(meta: dict[str, list]) -> dict[str, Any]:

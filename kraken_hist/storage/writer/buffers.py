@@ -26,7 +26,7 @@ from kraken_hist.storage.writer.spool import Block, Spool
 from kraken_hist.storage.writer.spool_labels import DatabaseIdentity
 from kraken_hist.storage.writer.sums import sums_size
 
-logger = logging.getLogger("kraken_hist.storage.writer")  # the writer's events keep one logger name
+logger = logging.getLogger(__name__)
 
 _SPOOL_BLOCK = 5_000  # trades per spooled block in spool mode (at least trade_buffer_size)
 _REPLAY_ROWS = 100_000  # records of consecutive spooled blocks committed in one transaction

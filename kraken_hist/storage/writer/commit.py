@@ -36,7 +36,7 @@ from kraken_hist.storage.writer.candles import CandleSums, maintain_candles, sto
 from kraken_hist.storage.writer.records import decode_trade_line, minute_number, minute_start
 from kraken_hist.storage.writer.spool_labels import DatabaseIdentity
 
-logger = logging.getLogger("kraken_hist.storage.writer")
+logger = logging.getLogger(__name__)
 
 #: bytes handed to libpq before waiting for the socket during a COPY: each wait gives the GIL
 #: away, and getting it back from a busy producer thread takes up to the switch interval

@@ -24,7 +24,7 @@ from kraken_hist.storage.writer.commit import Committer, Unavailable
 from kraken_hist.storage.writer.spool import Block, read_blocks
 from kraken_hist.storage.writer.sums import sums_size
 
-logger = logging.getLogger("kraken_hist.storage.writer")  # the writer's events keep one logger name
+logger = logging.getLogger(__name__)
 
 #: First wait after the database failed a commit; doubles up to ``max_retry_delay``, half
 #: jitter so that writers cut off together do not come back together.

@@ -56,7 +56,7 @@ from kraken_hist.storage.writer.spool_claim import claim
 from kraken_hist.storage.writer.spool_labels import DatabaseIdentity
 from kraken_hist.storage.writer.sums import EXACT, MinuteSums, plain
 
-logger = logging.getLogger("kraken_hist.storage.writer")  # the writer's events keep one logger name
+logger = logging.getLogger(__name__)
 
 _multiply = EXACT.multiply
 

@@ -84,6 +84,7 @@ def interval_from_filename(name: str) -> int | None:
 
 
 def split_line(line: bytes) -> list[bytes]:
+    """A line's fields, without spaces around them or the quotes some tools add."""
     return [cell.strip().strip(b'"') for cell in line.rstrip(b"\r\n").split(b",")]
 
 
@@ -154,7 +155,6 @@ def _layout_from_header(name: str, cells: Sequence[bytes], interval: int | None)
     if interval is not None:
         raise LayoutError(f"{name}: trade columns but the name carries an interval (_{interval})")
     return Layout(kind=TRADES, header=True, columns=columns)
-
 
 
 def is_last(line: bytes) -> bool:

@@ -27,7 +27,6 @@ MAX_TRADES_PER_SECOND = 100_000
 #: Largest unix second a synthetic id can encode while staying negative.
 MAX_SECOND = 10**10 - 1
 
-
 #: Reason code of a line whose time is outside Kraken's life (``bounds``): before its first
 #: trade or after now plus the clock skew. Such a line is never stored and never counts toward
 #: a chunk's first/last time (so neither coverage nor a resume point can move to it).

@@ -10,9 +10,12 @@ Pagination follows KRAKEN.md: ``since = last`` exactly as received (nanoseconds,
 each page must continue at the previous page's last trade id + 1. Whether ``since`` is
 inclusive for trades sharing one timestamp is undocumented, so overlap is dropped by id and a
 break in the ids is repaired by stepping the cursor back and fetching again. The run is
-caught up when a page is empty or ``last`` stops advancing. Those decisions, and the coverage
-each page proves, are the pure :class:`~kraken_hist.ingest.backfill_pages.TradesPaging`'s;
-this module fetches, stores and resumes.
+caught up when a page is empty or ``last`` stops advancing.
+
+The rooms: ``backfill_pages`` (the pure page decisions and the coverage each page proves),
+``backfill_fetch`` (the loop that fetches pages around them), ``backfill_store`` (one page in
+one transaction), ``backfill_progress`` (events, log lines, the result); this module plans a
+run (forward from the resume point, older windows the coverage lacks) and ties them together.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -29,8 +32,18 @@ import psycopg
 from kraken_hist.core.errors import ExchangePermanentError
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import check_aware, floor_minute, utcnow
-from kraken_hist.core.types import HistoricalTrade, Refused, TradeRecord, TradeSource
+from kraken_hist.core.types import Refused, TradeSource
+from kraken_hist.ingest.backfill_fetch import page_through
 from kraken_hist.ingest.backfill_pages import BackfillPage, TradesPaging
+from kraken_hist.ingest.backfill_progress import BackfillProgress, BackfillResult, ProgressLog, Tally
+from kraken_hist.ingest.backfill_store import (
+    COVERAGE_SOURCE,
+    SYNC_TYPE,
+    Trade,
+    TradeStaging,
+    check_batch,
+    write_page,
+)
 from kraken_hist.kraken.rest_parsing import TradesPage
 from kraken_hist.rules import ranges
 from kraken_hist.storage import ownership, store
@@ -42,16 +55,16 @@ if TYPE_CHECKING:
     from kraken_hist.kraken.ratelimit import Limiter
     from kraken_hist.kraken.rest_client import KrakenRestClient
 
+__all__ = [  # BackfillPage, BackfillProgress, BackfillResult are importable from here as before the split
+    "BackfillPage", "BackfillProgress", "BackfillResult", "KrakenTradesBackfill", "ResumePoint",
+]
+
 logger = logging.getLogger(__name__)
 
-SYNC_TYPE = "trades"
-COVERAGE_SOURCE = "rest"
 TRADE_SOURCES = (*ownership.ID_SOURCES, ownership.ARCHIVE_SOURCE)  # coverage that proves trades are stored
 PAGE_SIZE = 1000
 MAX_SAME_TIMESTAMP = 17  # the most real trades seen sharing one timestamp (KRAKEN.md)
-LOG_EVERY_SECONDS = 10.0
 
-Trade = HistoricalTrade | TradeRecord
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,56 +75,6 @@ class ResumePoint:
     cursor: str | None
     last_time: datetime | None
     last_trade_id: int | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BackfillProgress:
-    """Handed to the progress callback after each stored page."""
-
-    symbol: str
-    pages: int
-    trades: int
-    position: datetime | None  # time of the newest trade stored so far in this phase
-    start: datetime | None
-    target: datetime | None  # until, or the time the run started ("now")
-    phase: str  # "forward" or "backward"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BackfillResult:
-    symbol: str
-    pages: int
-    trades_fetched: int
-    trades_stored: int
-    repairs: int
-    backward_windows: int
-    first_time: datetime | None
-    last_time: datetime | None
-    last_trade_id: int | None
-    caught_up: bool
-    reached_until: bool
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("first_time", "last_time"):
-            out[key] = out[key].isoformat() if out[key] is not None else None
-        return out
-
-
-class _Tally:
-    """Counters of one backfill_symbol run, across phases."""
-
-    def __init__(self) -> None:
-        self.pages = self.fetched = self.stored = self.repairs = 0
-        self.first_time: datetime | None = None
-        self.last_time: datetime | None = None
-        self.last_id: int | None = None
-        self.caught_up = False
-        self.reached_until = False
-
-
-_MERGE_STAGED = store.merge_staged_trades("trades_staging")
 
 
 class KrakenTradesBackfill:
@@ -159,7 +122,7 @@ class KrakenTradesBackfill:
         self.progress = progress
         self.refresh = refresh  # bring the 5m…1w relations up to date at the end of a run
         self._conn: psycopg.Connection | None = None
-        self._staging_ready = False
+        self._staging = TradeStaging()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -179,7 +142,7 @@ class KrakenTradesBackfill:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = connect(self.db_url, autocommit=True)
-            self._staging_ready = False
+            self._staging = TradeStaging()
         return self._conn
 
     # --- network --------------------------------------------------------------------------
@@ -241,65 +204,14 @@ class KrakenTradesBackfill:
         the number of trades that were new."""
         canonical = self.registry.normalize(symbol)
         batch = list(trades)
-        _check_batch(canonical, batch)
+        check_batch(canonical, batch)
         if covered is None and len(batch) > 1:
             covered = (batch[0].time, batch[-1].time)
         conn = self._connection()
         with translate_errors(), conn.transaction():
-            ownership.lock_symbol(conn, canonical)
-            inserted = self._insert_trades(conn, canonical, batch, TradeSource(source))
-            if batch:
-                times = [t.time for t in batch]
-                store.rebuild_candles(conn, canonical, min(times), max(times) + timedelta(microseconds=1),
-                                      decimals=self._decimals(canonical))
-            if covered is not None:
-                store.add_coverage(conn, canonical, TradeSource(source).value, covered[0], covered[1])
-            if refused:
-                store.write_refused_trades(conn, canonical, refused, TradeSource(source).value)
-            if cursor is not None:
-                last_time = resume_time or (covered[1] if covered else batch[-1].time if batch else None)
-                last_id = max((t.trade_id for t in batch), default=None)
-                self._advance_resume_point(conn, canonical, cursor, last_time, last_id)
-        return inserted
-
-    def _insert_trades(self, conn: psycopg.Connection, symbol: str, batch: list[Trade], source: TradeSource) -> int:
-        if not batch:
-            return 0
-        if not self._staging_ready:
-            conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS trades_staging "
-                "(LIKE trades INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            self._staging_ready = True
-        with conn.cursor() as cur:
-            with cur.copy(
-                "COPY trades_staging (symbol, trade_id, time, price, volume, side, ord_type, source) FROM STDIN"
-            ) as copy:
-                src = source.value
-                for t in batch:
-                    copy.write_row((symbol, t.trade_id, t.time, t.price, t.volume, t.side, t.ord_type, src))
-            # (symbol, trade_id) is a trade's identity; on TimescaleDB the key also holds time,
-            # so duplicates are recognised here and not by ON CONFLICT alone. Seconds the
-            # archive owns are left to it (ownership.py).
-            cur.execute(_MERGE_STAGED, store.identity_window(min(t.time for t in batch), max(t.time for t in batch)))
-            inserted = cur.rowcount
-            cur.execute("TRUNCATE trades_staging")
-        return inserted
-
-    def _advance_resume_point(
-        self, conn: psycopg.Connection, symbol: str, cursor: str, last_time: datetime | None, last_id: int | None
-    ) -> None:
-        current = store.read_sync_status(conn, symbol, SYNC_TYPE)
-        if current is not None and current["cursor"] is not None and int(current["cursor"]) > int(cursor):
-            # another run (or an import) is already further: never move the resume point back
-            logger.debug("%s: resume point %s is ahead of %s; left as is", symbol, current["cursor"], cursor)
-            return
-        if last_id is None and current is not None:
-            last_id = current["last_trade_id"]
-        store.write_sync_status(
-            conn, symbol, SYNC_TYPE, last_time=last_time, cursor=cursor, last_trade_id=last_id,
-            details={"source": COVERAGE_SOURCE},
-        )
+            return write_page(conn, self._staging, canonical, batch, source=TradeSource(source),
+                              decimals=self._decimals(canonical), covered=covered, refused=refused, cursor=cursor,
+                              resume_time=resume_time)
 
     def build_candles_from_trades(self, symbol: str, start: datetime, end: datetime) -> int:
         """Rebuild the 1-minute candles of ``[start, end)`` from stored trades; returns candles written."""
@@ -368,7 +280,7 @@ class KrakenTradesBackfill:
         if since is not None and until is not None and until <= since:
             raise ValueError(f"until ({until.isoformat()}) must be after since ({since.isoformat()})")
         started = time.monotonic()
-        tally = _Tally()
+        tally = Tally()
         state = self.get_resume_point(canonical)
         resume_time = state.last_time if state is not None else None
         windows = 0
@@ -445,14 +357,14 @@ class KrakenTradesBackfill:
         self,
         symbol: str,
         pages: Iterator[BackfillPage],
-        tally: _Tally,
+        tally: Tally,
         *,
         phase: str,
         start: datetime | None,
         target: datetime | None,
         resume: bool,
     ) -> None:
-        meter = _ProgressLog(symbol, phase, start, target)
+        meter = ProgressLog(symbol, phase, start, target)
         phase_pages = phase_trades = 0
         reached_until = False
         position: datetime | None = None
@@ -491,108 +403,3 @@ class KrakenTradesBackfill:
         if phase == "forward":
             tally.reached_until = reached_until
             tally.caught_up = not reached_until
-
-
-def page_through(
-    paging: TradesPaging,
-    fetch: Callable[[str], TradesPage],
-    *,
-    record_refused: Callable[[tuple[Refused, ...]], None],
-    clock: Callable[[], datetime] = utcnow,
-) -> Iterator[BackfillPage]:
-    """Fetch pages from `paging`'s cursor, repair breaks, and yield the checked pages until
-    `paging` says paging is over: the loop around the pure decisions (it fetches, logs and
-    records a page of refused trades only through `record_refused`)."""
-    symbol = paging.symbol
-    while True:
-        cursor = paging.cursor
-        page, repaired = repair_break(paging, fetch(cursor), fetch)
-        step = paging.accept(page, now=clock(), repaired=repaired)
-        if step.caught_up is not None:
-            logger.debug("%s caught up %s", symbol, step.caught_up)
-        if step.jump is not None:
-            logger.warning("%s: trade ids jump from %d to %d inside the page after cursor %s; "
-                           "refetching from trade %d", symbol, step.jump[0], step.jump[1], cursor, step.jump[0],
-                           extra={"event": "backfill_id_jump"})
-        if step.bad_cursor is not None and step.page is not None:
-            logger.warning("%s: %s; continuing from the newest accepted trade (%s)", symbol, step.bad_cursor,
-                           step.page.trades[-1].time.isoformat(), extra={"event": "backfill_bad_cursor"})
-        if step.refused_only:
-            record_refused(step.refused_only)
-        if step.page is not None:
-            yield step.page
-        if step.error is not None:
-            raise step.error
-        if step.finished:
-            return
-
-
-def repair_break(paging: TradesPaging, page: TradesPage, fetch: Callable[[str], TradesPage]) -> tuple[TradesPage, int]:
-    """`page`, or when it does not continue at the expected id, the page fetched from a cursor
-    stepped back far enough to hold it; returns (the page to take, refetches)."""
-    first = paging.break_at(page)
-    if first is None:
-        return page, 0
-    symbol = paging.symbol
-    logger.info("%s: page after cursor %s starts at trade id %d, expected %d; stepping back to refetch",
-                symbol, paging.cursor, first, paging.expected)
-    for attempt, cursor in enumerate(paging.step_back_cursors(), start=1):
-        retry = fetch(cursor)
-        verdict = paging.judge_step_back(retry)
-        if not verdict.enough:
-            continue
-        if verdict.hole is not None:
-            # the trade before the expected one was served and it was not: Kraken's own
-            # sequence has a hole; nothing to refetch, the gap detector will report it
-            logger.warning("%s: Kraken skipped trade ids %d..%d", symbol, *verdict.hole)
-        return retry, attempt
-    raise paging.unrepaired(first)
-
-
-class _ProgressLog:
-    """Progress as log lines every LOG_EVERY_SECONDS: pages, trades, trades/s, position, ETA."""
-
-    def __init__(self, symbol: str, phase: str, start: datetime | None, target: datetime | None) -> None:
-        self.symbol, self.phase = symbol, phase
-        self.start, self.target = start, target
-        self.began = time.monotonic()
-        self.logged = self.began
-        self.first_position: datetime | None = None
-
-    def page(self, pages: int, trades: int, position: datetime | None) -> None:
-        if position is not None and self.first_position is None:
-            self.first_position = self.start if self.start is not None and self.start <= position else position
-        now = time.monotonic()
-        if now - self.logged >= LOG_EVERY_SECONDS:
-            self.logged = now
-            self._log(pages, trades, position, now)
-
-    def done(self, pages: int, trades: int, position: datetime | None) -> None:
-        if pages:
-            self._log(pages, trades, position, time.monotonic())
-
-    def _log(self, pages: int, trades: int, position: datetime | None, now: float) -> None:
-        elapsed = max(now - self.began, 1e-9)
-        eta = "-"
-        if position is not None and self.first_position is not None and self.target is not None:
-            done = (position - self.first_position).total_seconds()
-            left = (self.target - position).total_seconds()
-            if done > 0 and left > 0:
-                eta = str(timedelta(seconds=round(left / (done / elapsed))))
-            elif left <= 0:
-                eta = "0:00:00"
-        logger.info(
-            "%s %s backfill: %d pages, %d trades, %.0f trades/s, at %s, ETA %s",
-            self.symbol, self.phase, pages, trades, trades / elapsed,
-            position.isoformat() if position else "-", eta,
-        )
-
-
-def _check_batch(symbol: str, batch: list[Trade]) -> None:
-    """Refuse a batch that cannot be right before it reaches the database (cheap checks:
-    the records' own constructors validated the rest)."""
-    for t in batch:
-        if t.symbol != symbol:
-            raise ValueError(f"trade {t.trade_id} is for {t.symbol}, not {symbol}")
-        if t.price <= 0 or t.volume < 0:
-            raise ValueError(f"trade {t.trade_id} of {symbol} has price {t.price} and volume {t.volume}")

@@ -26,8 +26,9 @@ from kraken_hist.core.timeutils import floor_minute, utcnow
 from kraken_hist.storage.writer import DatabaseWriter
 from kraken_hist.kraken.ws_client import KrakenWSClient, Subscription
 
+from .helpers import FAST_WS, stored_trades
+
 SYMBOLS = ("BTC/USD", "ETH/USD", "DOGE/USD")
-FAST_WS = dict(heartbeat_timeout=1.0, ack_timeout=2.0, backoff_base=0.05, backoff_cap=0.2, poll_interval=0.05)
 
 
 @dataclass
@@ -84,14 +85,6 @@ def running(db_url: str, settings: Settings, exchange: Exchange, symbols=SYMBOLS
         integration.stop()
         assert writer.stop() is True
         backfill.close()
-
-
-def stored_trades(conn: psycopg.Connection, symbol: str) -> list[tuple]:
-    conn.rollback()
-    return conn.execute(
-        "SELECT trade_id, time, price, volume, side, ord_type FROM trades WHERE symbol = %s ORDER BY trade_id",
-        (symbol,),
-    ).fetchall()
 
 
 def market_trades(exchange: Exchange, symbol: str, first_id: int = 1) -> list[tuple]:

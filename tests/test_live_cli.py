@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -22,49 +18,9 @@ from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket
 from kraken_hist.core.timeutils import floor_minute, utcnow
 
+from .helpers import StreamProcess
+
 SYMBOLS = ("BTC/USD", "ETH/USD")
-
-
-class StreamProcess:
-    """`kraken-hist stream` in a subprocess, its stderr collected line by line."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        command = [sys.executable, "-m", "kraken_hist", "stream", *args]
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def received(self) -> int:
-        counts = [int(m.group(1).replace(",", "")) for line in list(self.lines)
-                  if (m := re.search(r"received ([\d,]+)", line))]
-        return counts[-1] if counts else 0
-
-    def wait_received(self, count: int, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.received() < count:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"stream received {self.received()} < {count}:\n" + "\n".join(self.lines))
-            time.sleep(0.05)
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
-            self._reader.join(5)
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
-        return code
 
 
 @pytest.fixture

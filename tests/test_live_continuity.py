@@ -13,8 +13,10 @@ from kraken_hist.core.errors import DatabaseUnavailableError, ExchangeTransientE
 from kraken_hist.kraken.rest_parsing import TradesPage
 from kraken_hist.ingest.live import WebSocketDBIntegration
 from kraken_hist.core.timeutils import to_unix_ns
-from kraken_hist.core.types import CandleRecord, HistoricalCandle, HistoricalTrade, TradeRecord, TradeSource
+from kraken_hist.core.types import HistoricalCandle, HistoricalTrade, TradeRecord, TradeSource
 from kraken_hist.kraken.ws_parsing import OhlcMessage, TradeMessage, parse_frame
+
+from .helpers import MemoryWriter
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -22,27 +24,6 @@ T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 def trade(tid: int, symbol: str = "BTC/USD") -> HistoricalTrade:
     return HistoricalTrade(symbol=symbol, trade_id=tid, time=T0 + timedelta(seconds=tid), price=Decimal("100.5"),
                            volume=Decimal("0.1"), side="b", ord_type="l")
-
-
-class MemoryWriter:
-    def __init__(self) -> None:
-        self.trades: list[TradeRecord] = []
-        self.candles: list[CandleRecord] = []
-        self.lock = threading.Lock()
-
-    def write_trade(self, record: TradeRecord) -> None:
-        with self.lock:
-            self.trades.append(record)
-
-    def write_candle(self, record: CandleRecord) -> None:
-        self.candles.append(record)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        return True
-
-    def ids(self) -> list[int]:
-        with self.lock:
-            return [t.trade_id for t in self.trades]
 
 
 class FakeTrades:

@@ -4,18 +4,14 @@ test over any order of live frames and REST pages — then end to end against th
 
 from __future__ import annotations
 
-import contextlib
 import random
-import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Iterator
 
 import psycopg
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from kraken_hist.storage import store
-from kraken_hist.ingest.backfill import KrakenTradesBackfill
 from kraken_hist.core.config import Settings
 from kraken_hist.ingest.archive.formats import synthetic_trade_id
 from kraken_hist.core.errors import TransientError
@@ -23,20 +19,15 @@ from kraken_hist.ingest.live import WebSocketDBIntegration
 from kraken_hist.ingest.live_ids import EARLY, NEW, OLD, OPENED, IdSequence
 from kraken_hist.ingest.live_records import Symbol
 from kraken_hist.kraken.rest_parsing import TradesPage
-from kraken_hist.kraken.ratelimit import RateLimiter
-from kraken_hist.kraken.rest_client import KrakenRestClient
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.fake_ws import FakeKrakenWS, next_trades
 from kraken_hist.testing.history import generate_trades
 from kraken_hist.testing.market import FakeMarket, ManualClock
 from kraken_hist.core.timeutils import floor_minute, to_unix_ns, utcnow
 from kraken_hist.core.types import HistoricalTrade
-from kraken_hist.storage.writer import DatabaseWriter
-from kraken_hist.kraken.ws_client import KrakenWSClient
 from kraken_hist.kraken.ws_parsing import TradeMessage
 
-from .test_live import FAST_WS, stored_trades
-from .test_live_continuity import MemoryWriter
+from .helpers import MemoryWriter, stored_trades, streaming, wait_for
 
 SYMBOL = "BTC/USD"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -251,55 +242,8 @@ def test_any_order_of_frames_and_pages_hands_over_each_id_from_the_anchor_on_exa
 # --- end to end: fake exchange → stream → PostgreSQL --------------------------------------------
 
 
-class RecordingRest:
-    """The integration's REST fetcher, recording each ``since`` asked and each id received."""
-
-    def __init__(self, inner: KrakenTradesBackfill) -> None:
-        self.inner = inner
-        self.calls: list[int] = []
-        self.ids: list[int] = []
-
-    def fetch_trades_page(self, symbol: str, since: str | None) -> TradesPage:
-        self.calls.append(int(since or 0))
-        page = self.inner.fetch_trades_page(symbol, since)
-        self.ids.extend(t.trade_id for t in page.trades)
-        return page
-
-
-@contextlib.contextmanager
-def streaming(db_url: str, settings: Settings, rest_url: str, ws_url: str, symbol: str
-              ) -> Iterator[tuple[WebSocketDBIntegration, RecordingRest]]:
-    writer = DatabaseWriter(db_url, trade_flush_interval=0.2, candle_flush_interval=0.2,
-                            settings=settings, data_dir=settings.data_dir)
-    writer.start()
-    backfill = KrakenTradesBackfill(db_url, client=KrakenRestClient(rest_url, limiter=RateLimiter(0.0),
-                                                                    retry_base_delay=0.02))
-    rest = RecordingRest(backfill)
-    integration = WebSocketDBIntegration(writer, db_url=db_url, rest=rest, symbols=[symbol],
-                                         progress_interval=0.3, retry_cap=0.2)
-    integration.start()
-    client = KrakenWSClient(ws_url, [symbol], **integration.callbacks(), rng=random.Random(5), ohlc_intervals=(),
-                            **FAST_WS)
-    client.start()
-    try:
-        assert client.wait_connected(5)
-        yield integration, rest
-    finally:
-        client.stop()
-        integration.stop()
-        assert writer.stop() is True
-        backfill.close()
-
-
 def as_rows(trades: list[HistoricalTrade]) -> list[tuple]:
     return [(t.trade_id, t.time, t.price, t.volume, t.side, t.ord_type) for t in trades]
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "the database") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def candle_rows(conn: psycopg.Connection, symbol: str, start: datetime, end: datetime) -> list[tuple]:

@@ -282,20 +282,10 @@ RENDERINGS = {
 #: Renderings that need no database.
 IN_MEMORY = {"python twin", "resample"}
 
-#: Renderings known to part from the exact rule on the "extreme" trades: PostgreSQL divides
-#: numerics to at least 16 significant digits (20 places here), ROUNDING the last one, and only
-#: then truncates, so 0.1200001 - 1e-23 becomes 0.1200001 (an exact form:
-#: ``trunc(div(n * 10^d, v) * 10^-d, d)``). Strict: fixing the rule fails here until the mark goes.
-EXTREME_DISAGREES = {"sql rebuild", "writer", "archive import", "refreshed relations", "provider"}
-
-
 def cases():
     for dataset in DATASETS:
         for rendering in RENDERINGS:
-            marks = ()
-            if dataset == "extreme" and rendering in EXTREME_DISAGREES:
-                marks = (pytest.mark.xfail(strict=True, reason="SQL rounds Σp·v/Σv before trunc()"),)
-            yield pytest.param(dataset, rendering, marks=marks, id=f"{dataset}-{rendering.replace(' ', '_')}")
+            yield pytest.param(dataset, rendering, id=f"{dataset}-{rendering.replace(' ', '_')}")
 
 
 @pytest.mark.parametrize(("dataset", "rendering"), list(cases()))

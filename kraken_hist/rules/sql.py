@@ -16,8 +16,14 @@ from __future__ import annotations
 
 
 def kraken_vwap(notional: str, volume: str, decimals: str) -> str:
-    """Kraken's 1-minute vwap from the SQL expressions Σp·v (`notional`) and Σv (`volume`)."""
-    return f"CASE WHEN {volume} > 0 THEN trunc({notional} / {volume}, {decimals}) ELSE 0 END"
+    """Kraken's 1-minute vwap from the SQL expressions Σp·v (`notional`) and Σv (`volume`).
+
+    Truncated exactly: ``div`` is the whole quotient of ``Σp·v·10^d`` by ``Σv``. A plain
+    ``trunc(n / v, d)`` is not: PostgreSQL rounds a numeric quotient at 16 or more significant
+    digits before ``trunc`` sees it, so 0.1200001 - 1e-23 would become 0.1200001 instead of
+    0.1200000 (tests/test_rules_agree.py, "extreme")."""
+    return (f"CASE WHEN {volume} > 0 THEN trunc(div({notional} * power(10::numeric, {decimals}), {volume})"
+            f" * power(10::numeric, -({decimals})), {decimals}) ELSE 0 END")
 
 
 def minute_candle_columns(*, decimals: str = "%(decimals)s", time: str = "time", price: str = "price",

@@ -24,6 +24,8 @@ from kraken_hist.core.pairs import PAIR_MAP
 from kraken_hist.core.timeutils import EPOCH, floor_minute, since_cursor, to_unix_ns
 from kraken_hist.core.types import HistoricalTrade
 
+from .helpers import read, snapshot
+
 UTC = timezone.utc
 SYMBOL = "BTC/USD"
 START = 1_700_000_000 - 1_700_000_000 % 43_200  # on a 12-hour boundary, so 60m and 720m buckets are whole
@@ -73,24 +75,6 @@ def ohlcvt_text(candles) -> str:
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def read(db_url: str, query: str, params=()) -> list[tuple]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
-
-
-def snapshot(db_url: str) -> dict[str, list[tuple]]:
-    return {
-        "trades": read(db_url, "SELECT symbol, trade_id, time, price, volume, side, ord_type, source FROM trades "
-                               "ORDER BY symbol, trade_id"),
-        "candles": read(db_url, "SELECT symbol, time, open, high, low, close, vwap, volume, trades, source "
-                                "FROM candles ORDER BY symbol, time"),
-        "candles_1h": read(db_url, "SELECT * FROM candles_1h ORDER BY symbol, time"),
-        "exchange": read(db_url, "SELECT * FROM exchange_candles ORDER BY symbol, interval, time"),
-        "coverage": read(db_url, "SELECT symbol, source, ranges::text FROM coverage ORDER BY 1, 2"),
-        "sync": read(db_url, "SELECT symbol, data_type, last_time, cursor, last_trade_id FROM sync_status ORDER BY 1, 2"),
-    }
 
 
 def stored_trades(db_url: str) -> list[tuple]:

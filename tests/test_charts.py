@@ -104,7 +104,7 @@ def test_chart_refuses_other_outputs_and_empty_series(db_url, tmp_path):
 
 
 def test_merge_days_joins_consecutive_days():
-    days = [datetime(2025, 1, d, tzinfo=UTC) for d in (5, 1, 2, 3)]
+    days = [datetime(2025, 1, d, tzinfo=UTC) for d in (5, 1, 2, 3, 2)]
     assert merge_days(days) == [(days[1], days[0] - timedelta(days=1)), (days[0], days[0] + timedelta(days=1))]
 
 

@@ -16,10 +16,13 @@ import psycopg
 
 from kraken_hist.gaps import detection as gap_detection
 
-from kraken_hist.storage import store
 from kraken_hist.core.types import GapKind
+from kraken_hist.rules import ranges
+from kraken_hist.storage import store
 
 Span = tuple[datetime, datetime]
+
+ONE_DAY = timedelta(days=1)
 
 #: Lane order of a pair's band (sources first, then what is stored, then what is missing).
 SOURCE_LANES = ("csv", "rest", "ws", "ohlc")
@@ -54,14 +57,8 @@ def _lane_order(source: str) -> tuple[int, str]:
 
 
 def merge_days(days: Sequence[datetime]) -> list[Span]:
-    """Sorted day starts → spans of consecutive days ``[first, last + 1 day)``."""
-    out: list[Span] = []
-    for day in sorted(days):
-        if out and out[-1][1] == day:
-            out[-1] = (out[-1][0], day + timedelta(days=1))
-        else:
-            out.append((day, day + timedelta(days=1)))
-    return out
+    """Day starts (any order) → spans of consecutive days ``[first, last + 1 day)``."""
+    return ranges.normalize((day, day + ONE_DAY) for day in days)
 
 
 _CANDLE_DAYS = """

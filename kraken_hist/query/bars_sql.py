@@ -5,12 +5,14 @@ and the trades of the minutes a threshold falls in, and the parameters that say 
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
 
+from kraken_hist.core.intervals import Interval
 from kraken_hist.core.timeutils import floor_minute
+from kraken_hist.query.arguments import ceil_bucket
 from kraken_hist.rules.sql import kraken_vwap
 
 
@@ -21,6 +23,8 @@ class BarKind(str, enum.Enum):
     VOLUME = "volume"  # base units
     VALUE = "value"  # quote units (price × volume)
 
+
+_MINUTE = Interval(1)
 
 #: Kraken's 1-minute vwap of a minute's trades, truncated to ``%(decimals)s`` (``rules.sql``).
 MINUTE_VWAP = kraken_vwap("sum(price * volume)", "sum(volume)", "%(decimals)s")
@@ -195,11 +199,6 @@ def bars_sql(kind: BarKind, *, from_trades: bool, first_cut: bool = True, offset
         c0="(SELECT o + f FROM cuts) + " if first_cut or offset else "")
 
 
-def _ceil_minute(when: datetime) -> datetime:
-    start = floor_minute(when)
-    return start if start == when else start + timedelta(minutes=1)
-
-
 def query_ranges(lo: datetime, hi: datetime, *, candles: bool) -> dict[str, Any]:
     """How ``[lo, hi)`` is read (``lo < hi``): whole minutes [c_lo, c_hi) from candles, the
     minute cut by lo ([lo, f_hi)) and the one cut by hi ([l_lo, hi)) from trades; empty ranges
@@ -207,7 +206,7 @@ def query_ranges(lo: datetime, hi: datetime, *, candles: bool) -> dict[str, Any]
     out = {"lo": lo, "hi": hi, "f_minute": floor_minute(lo), "f_hi": lo, "l_lo": hi, "c_lo": lo, "c_hi": lo}
     if not candles:
         return out
-    lo_min, hi_min = _ceil_minute(lo), floor_minute(hi)
+    lo_min, hi_min = ceil_bucket(_MINUTE, lo), floor_minute(hi)
     if lo_min >= hi_min:  # no whole minute: one minute cut (or two, when lo and hi are in neighbours)
         if floor_minute(lo) == floor_minute(hi) or hi <= lo_min:
             out["f_hi"] = hi

@@ -271,7 +271,7 @@ def test_reads_survive_the_server_ending_the_pooled_connections(db_url, conn, lo
 
 def test_every_read_hands_out_an_interval_s_vwap_at_the_pair_decimals(db_url, conn, loaded):
     """Above one minute a vwap is the exact quotient of its bucket's sums rounded down to the
-    pair's price decimals (aggregates.vwap_at_decimals), digit for digit, on every read path;
+    pair's price decimals (rules.candles.vwap_at_decimals), digit for digit, on every read path;
     a 1-minute vwap is handed out as stored."""
     from kraken_hist.rules.candles import vwap_at_decimals
     from kraken_hist.core.intervals import Interval

@@ -1,4 +1,4 @@
-"""The aggregate refresh against the pure twin (aggregates.resample), on whichever backend the
+"""The aggregate refresh against the pure twin (rules.candles.resample), on whichever backend the
 suite runs; how it rewrites tables row by row is plain PostgreSQL's (TimescaleDB's own
 behaviour is in test_timescaledb.py)."""
 

@@ -20,7 +20,7 @@ from kraken_hist.query.provider import (
 )
 from kraken_hist.storage.refresh import refresh_aggregates
 
-from .test_refresh import assert_same, insert_candles, random_candles
+from .trade_data import assert_same, insert_candles, random_candles
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 5, tzinfo=UTC)

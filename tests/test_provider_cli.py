@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kraken_hist.cli.main import cli
 from kraken_hist.core.types import CandleRecord
 
-from .test_refresh import insert_candles
+from .trade_data import insert_candles
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 5, tzinfo=UTC)

@@ -11,7 +11,7 @@ from kraken_hist.core.errors import DatabaseUnavailableError
 from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.core.types import CandleRecord
 
-from .test_refresh import insert_candles
+from .trade_data import insert_candles
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 5, tzinfo=UTC)

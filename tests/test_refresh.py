@@ -11,9 +11,8 @@ import psycopg
 import pytest
 
 from kraken_hist.storage import store
-from kraken_hist.rules.candles import resample, vwap_at_decimals
+from kraken_hist.rules.candles import resample
 from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
-from kraken_hist.core.pairs import PAIR_MAP
 from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.rules import ranges
 from kraken_hist.rules.sql import bucket_column_pairs, bucket_columns
@@ -21,73 +20,12 @@ from kraken_hist.storage.refresh import refresh_aggregates, refresh_order, widen
 from kraken_hist.storage.refresh_windows import windows_by_symbol
 from kraken_hist.core.types import CandleRecord
 
+from .trade_data import assert_same, insert_candles, random_candles
+
 UTC = timezone.utc
 T0 = datetime(2025, 3, 5, tzinfo=UTC)  # a Wednesday: weeks must start on the Monday before
 SYMBOLS = ("BTC/USD", "ETH/USD", "DOGE/USD")
 COLUMNS = ("open", "high", "low", "close", "volume", "vwap", "trades")
-
-
-def random_candles(symbol, rng, days=16):
-    """1-minute candles with holes: quiet minutes, quiet hours, whole quiet days; some minutes
-    traded zero volume. vwap is missing (as in OHLCVT imports) on whole days, on a random
-    share of the minutes of other days, or nowhere — so buckets of every interval mix minutes
-    with and without vwap."""
-    out, price = [], Decimal(rng.randrange(1000, 5000))
-    for day in range(days):
-        if rng.random() < 0.1:
-            continue
-        r = rng.random()
-        no_vwap_day = r < 0.25
-        missing_share = 0.5 if r < 0.5 else 0.05 if r < 0.75 else 0.0
-        holes = random.Random(r)  # its own stream: the main one stays as it was
-        base = T0 + timedelta(days=day)
-        for hour in range(24):
-            if rng.random() < 0.15:
-                continue
-            for minute in range(60):
-                if rng.random() < 0.6:
-                    continue
-                when = base + timedelta(hours=hour, minutes=minute)
-                o = price
-                c = max(Decimal("0.1"), o + Decimal(rng.randrange(-50, 51)) / 10)
-                h = max(o, c) + Decimal(rng.randrange(0, 20)) / 10
-                low = max(Decimal("0.1"), min(o, c) - Decimal(rng.randrange(0, 20)) / 10)
-                volume = Decimal(0) if rng.random() < 0.02 else Decimal(rng.randrange(1, 10**9)) / 10**8
-                vwap = None if no_vwap_day else (low + (h - low) * Decimal(rng.randrange(0, 11)) / 10).quantize(Decimal("0.1"))
-                if holes.random() < missing_share:
-                    vwap = None
-                out.append(CandleRecord(symbol=symbol, time=when, open=o, high=h, low=low, close=c, volume=volume,
-                                        vwap=vwap, trades=rng.randrange(1, 40)))
-                price = c
-    return out
-
-
-def insert_candles(conn, records, source="trades"):
-    with conn.cursor().copy(
-        "COPY candles (symbol, time, open, high, low, close, vwap, volume, trades, source) FROM STDIN"
-    ) as copy:
-        for c in records:
-            copy.write_row((c.symbol, c.time, c.open, c.high, c.low, c.close, c.vwap, c.volume, c.trades, source))
-    if records:
-        for symbol in {c.symbol for c in records}:
-            times = [c.time for c in records if c.symbol == symbol]
-            store.record_candle_change(conn, symbol, min(times), max(times) + timedelta(minutes=1))
-    conn.commit()
-
-
-def assert_same(actual, expected):
-    """Bucket by bucket; vwap to 12 significant digits (SQL numeric division keeps >= 16)."""
-    assert [(c.symbol, c.time) for c in actual] == [(c.symbol, c.time) for c in expected]
-    for a, e in zip(actual, expected):
-        assert (a.open, a.high, a.low, a.close, a.volume, a.trades) == (e.open, e.high, e.low, e.close, e.volume, e.trades), a.time
-        if e.vwap is None:
-            assert a.vwap is None, a.time
-        else:
-            assert a.vwap is not None, a.time
-            # the relations hold the exact quotient; the provider gives it at the pair's price
-            # decimals, rounded down (issue 18)
-            assert abs(a.vwap - e.vwap) <= abs(e.vwap) * Decimal("1e-12") or a.vwap == vwap_at_decimals(
-                e.vwap, PAIR_MAP[e.symbol].price_decimals), a.time
 
 
 def stored(conn, minutes, symbol):

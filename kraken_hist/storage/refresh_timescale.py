@@ -20,15 +20,8 @@ from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.rules import ranges
 from kraken_hist.rules.backoff import Backoff
 from kraken_hist.storage.db import connect
-from kraken_hist.storage.refresh_windows import (
-    RefreshResult,
-    Window,
-    read_explicit_window,
-    read_symbols_to_refresh,
-    refresh_order,
-    widen_windows,
-    windows_by_symbol,
-)
+from kraken_hist.storage import refresh_windows as plan
+from kraken_hist.storage.refresh_windows import RefreshResult, Window
 from kraken_hist.storage.timescale import compress_due_chunks
 
 log = logging.getLogger(__name__)
@@ -63,8 +56,8 @@ def refresh_timescaledb(
             ids: list[int] = []
             by_symbol: dict[str, list[Window]] = {}
             if explicit:
-                for name in [symbol] if symbol else read_symbols_to_refresh(conn, True):
-                    windows = read_explicit_window(conn, name, start, end)
+                for name in [symbol] if symbol else plan.read_symbols_to_refresh(conn, True):
+                    windows = plan.read_explicit_window(conn, name, start, end)
                     if windows:
                         by_symbol[name] = windows
             else:
@@ -74,15 +67,15 @@ def refresh_timescaledb(
                     (symbol, symbol),
                 ).fetchall()
                 ids = [r[0] for r in rows]
-                by_symbol = windows_by_symbol((name, lo, hi) for _id, name, lo, hi in rows)
+                by_symbol = plan.windows_by_symbol((name, lo, hi) for _id, name, lo, hi in rows)
             changed = ranges.union(*by_symbol.values())
             forced = changed if explicit else []
             now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
-            for minutes in refresh_order():
+            for minutes in plan.refresh_order():
                 interval = Interval(minutes)
                 relation = INTERVAL_RELATIONS[minutes]
                 in_progress = interval.bucket_start(now)
-                if not any(lo < in_progress for lo, _hi in widen_windows(changed, interval)):
+                if not any(lo < in_progress for lo, _hi in plan.widen_windows(changed, interval)):
                     # No complete bucket of this level changed (nothing did, or only buckets in
                     # progress): nothing to materialize. Real-time aggregation serves whatever lies
                     # past the watermark, so a bucket completed meanwhile is right without it.
@@ -94,7 +87,7 @@ def refresh_timescaledb(
                 # down when it lies beyond it: a refresh ending past the watermark moves it, and
                 # unmaterialized rows before the window would be hidden until the next refresh.
                 watermark = _watermark(conn, relation)
-                for lo, hi in widen_windows(forced, interval):
+                for lo, hi in plan.widen_windows(forced, interval):
                     start = None if watermark is None else min(lo, watermark)
                     hi = min(hi, in_progress)
                     if start is None or start < hi:

@@ -36,7 +36,7 @@ import psycopg
 from kraken_hist.storage import migrate
 
 from kraken_hist.storage import store
-from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
+from kraken_hist.core.intervals import Interval
 from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.storage.refresh import refresh_aggregates
 

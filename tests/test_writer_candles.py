@@ -233,27 +233,31 @@ def test_doubtful_minutes_are_rebuilt_and_then_merged_again(settings, conn, db_u
         w.stop()
 
 
-def test_vwap_rounds_as_postgresql_does(settings, conn, db_url):
-    """Σp·v/Σv = 60000.1 - 1e-14: PostgreSQL's division rounds at 12 decimals before trunc, so
-    the rebuild says 60000.1; the merged candle must say the same (computed in SQL from the
-    exact sums, with their scales). DOGE: sums with 15 decimals."""
+def test_vwap_is_truncated_exactly_like_the_rebuild_and_the_twin(settings, conn, db_url):
+    """Σp·v/Σv = 60000.1 - 1e-14: truncated exactly (rules.sql.kraken_vwap) that is 60000.0, where a
+    division rounded before trunc would say 60000.1; the merged candle (computed in SQL from the
+    exact sums, with their scales) says what the rebuild and the pure twin say. DOGE: sums with
+    15 decimals."""
     minute = T0 + timedelta(minutes=20)
+    batches = [
+        [make_trade("BTC/USD", 1, minute, Decimal("60000.1"), Decimal("99999.99999999"))],
+        [make_trade("BTC/USD", 2, minute + timedelta(seconds=1), Decimal("60000.0"), Decimal("0.00000001")),
+         make_trade("DOGE/USD", 1, minute, Decimal("0.1234567"), Decimal("3.00000000"))],
+        [make_trade("DOGE/USD", 2, minute, Decimal("0.1234568"), Decimal("0.00000007")),
+         make_trade("DOGE/USD", 3, minute, Decimal("0.1000000"), Decimal("7E+1"))],
+    ]
     w = new_writer(settings)
     try:
-        w.write_trade(make_trade("BTC/USD", 1, minute, Decimal("60000.1"), Decimal("99999.99999999")))
-        assert w.flush(timeout=30)
-        w.write_trade(make_trade("BTC/USD", 2, minute + timedelta(seconds=1), Decimal("60000.0"), Decimal("0.00000001")))
-        w.write_trade(make_trade("DOGE/USD", 1, minute, Decimal("0.1234567"), Decimal("3.00000000")))
-        assert w.flush(timeout=30)
-        w.write_trade(make_trade("DOGE/USD", 2, minute, Decimal("0.1234568"), Decimal("0.00000007")))
-        w.write_trade(make_trade("DOGE/USD", 3, minute, Decimal("0.1000000"), Decimal("7E+1")))
-        assert w.flush(timeout=30)
+        for batch in batches:
+            for t in batch:
+                w.write_trade(t)
+            assert w.flush(timeout=30)
         stats = w.get_stats()
     finally:
         w.stop()
     assert stats["candles_incremental"] == 4 and stats["candles_fallback"] == 0
-    stored = assert_exact(conn, db_url)
-    assert stored[("BTC/USD", minute)][4] == Decimal("60000.1")
+    stored = assert_exact(conn, db_url, [t for batch in batches for t in batch])
+    assert stored[("BTC/USD", minute)][4] == Decimal("60000.0")
 
 
 def test_spooled_batches_keep_their_sums(settings, conn, db_url):

@@ -111,7 +111,8 @@ def close_to_connections(admin_url: str, name: str, timeout: float = 10.0) -> No
 # ----- a database read whole
 
 
-def read(db_url: str, query: str, params: Any = ()) -> list[tuple]:
+def read(db_url: str, query: str, params: Any = None) -> list[tuple]:
+    """Rows of `query` (without `params`, a ``%`` in it is just a character)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         return conn.execute(query, params).fetchall()
 

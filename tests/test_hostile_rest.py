@@ -15,7 +15,6 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import psycopg
 import pytest
 
 from kraken_hist.ingest.backfill import KrakenTradesBackfill
@@ -30,6 +29,8 @@ from kraken_hist.core.timeutils import to_unix_ns, utcnow
 from kraken_hist.core.types import GapKind, HistoricalTrade, Refused, TradeSource
 from kraken_hist.storage.writer import DatabaseWriter
 from kraken_hist.kraken.ws_parsing import TradeMessage
+
+from .helpers import read
 
 UTC = timezone.utc
 SYMBOL = "BTC/USD"
@@ -226,11 +227,6 @@ def test_an_impossible_last_cursor_is_never_handed_on(db_url: str, caplog: pytes
 
 
 # --------------------------------------------------------------------------- refused trades
-
-def read(db_url: str, query: str) -> list[tuple]:
-    with psycopg.connect(db_url) as conn:
-        return conn.execute(query).fetchall()
-
 
 def test_a_refused_trade_is_recorded_and_is_no_gap_to_fill(db_url: str) -> None:
     history = [trade(i) for i in range(1, 30)]

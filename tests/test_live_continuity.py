@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -16,7 +15,7 @@ from kraken_hist.core.timeutils import to_unix_ns
 from kraken_hist.core.types import HistoricalCandle, HistoricalTrade, TradeRecord, TradeSource
 from kraken_hist.kraken.ws_parsing import OhlcMessage, TradeMessage, parse_frame
 
-from .helpers import MemoryWriter
+from .helpers import MemoryWriter, wait_for
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -52,10 +51,7 @@ def message(*ids: int, snapshot: bool = False, symbol: str = "BTC/USD") -> Trade
 
 
 def wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    wait_for(predicate, timeout=timeout, interval=0.01)
 
 
 def test_snapshot_replays_and_overlaps_are_dropped_by_id() -> None:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from kraken_hist.cli.main import cli
 from kraken_hist.testing.fake_exchange import FakeExchange
 
-from .conftest import drop_database
+from .helpers import drop_database
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

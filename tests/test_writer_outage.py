@@ -33,7 +33,7 @@ from kraken_hist.storage.writer.spool_labels import LABEL_FILE, DatabaseIdentity
 from kraken_hist.core.types import CandleRecord, CandleSource, TradeRecord, TradeSource
 from kraken_hist.storage.writer import DatabaseWriter
 
-from .test_live_cli import SYMBOLS, StreamProcess, exchange  # noqa: F401 - exchange is a fixture
+from .helpers import LIVE_SYMBOLS as SYMBOLS, StreamProcess
 
 pytestmark = pytest.mark.slow
 

@@ -34,16 +34,14 @@ from kraken_hist.kraken.ws_subscriptions import (
     wanted_subscriptions,
 )
 
+from .helpers import wait_for
+
 SYMBOLS = ("BTC/USD", "ETH/USD", "SOL/USD")
 FAST = dict(heartbeat_timeout=1.0, ack_timeout=1.0, backoff_base=0.05, backoff_cap=0.2, poll_interval=0.05)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    wait_for(predicate, timeout=timeout, what=what, interval=0.01)
 
 
 class Sink:

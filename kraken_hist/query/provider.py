@@ -9,43 +9,38 @@ No look-ahead: a bucket is *complete* when its end is at or before ``min(now, en
 complete buckets are returned unless ``include_forming=True``, and a forming bucket at a
 past ``end`` is built only from 1-minute candles that had closed by then.
 
-This module is the API: it parses arguments, cuts every read at the look-ahead cutoff and
-composes the rooms that do the work — ``candle_sql`` (the selects), ``reader`` (pool, compiled
-queries, reads and streams), ``windows`` (reads of `limit` candles in windows of time),
-``candle_rows`` (rows → candles, DataFrames, the quiet fill), ``streams`` (replay merge and
-clock), ``metadata``; trades and information bars come from ``trade_reads`` (``trades_out``,
-``bars``).
+This module is the candle API (and metadata, refresh): it parses arguments, cuts every read at
+the look-ahead cutoff and composes the rooms that do the work — ``candle_sql`` (the selects),
+``reader`` (pool, compiled queries, reads and streams), ``windows`` (reads of `limit` candles
+in windows of time), ``candle_rows`` (rows → candles, DataFrames, the quiet fill),
+``metadata``. The provider's other parts: ``provider_base`` (lifecycle, the cutoff, the one
+read path), ``replay`` (candle and trade replay on ``streams``' clock), ``trade_reads``
+(trades and information bars).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
-from operator import attrgetter
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
-from kraken_hist.core.config import Settings
 from kraken_hist.core.errors import PermanentError
 from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
-from kraken_hist.core.pairs import PairRegistry
-from kraken_hist.core.timeutils import check_aware, floor_minute, utcnow
+from kraken_hist.core.timeutils import floor_minute
 from kraken_hist.core.types import HistoricalCandle
-from kraken_hist.query import candle_sql, streams, windows
+from kraken_hist.query import candle_sql, windows
 from kraken_hist.query.arguments import IntervalArg, TimeArg, ceil_bucket, time_arg
-from kraken_hist.query.candle_rows import FRAME_COLUMNS, PairDecimals, candles_to_frame, fill_quiet
+from kraken_hist.query.candle_rows import FRAME_COLUMNS, candles_to_frame, fill_quiet
 from kraken_hist.query.candle_sql import select_candles
 from kraken_hist.query.metadata import DataRange, check_health
-from kraken_hist.query.reader import CandleReader
+from kraken_hist.query.replay import Replays
 from kraken_hist.query.trade_reads import TradeReads
 from kraken_hist.storage import refresh as refresh_module
-from kraken_hist.storage.pair_store import database_registry
 from kraken_hist.storage.schema import sync_status
 
 #: Stored relation of each standard interval (minutes → table or continuous aggregate).
@@ -53,17 +48,12 @@ INTERVAL_VIEWS: dict[int, str] = dict(INTERVAL_RELATIONS)
 
 DEFAULT_TIMEFRAMES = (1, 5, 15, 60, 240, 1440)
 
-#: Merge order of a multi-symbol candle replay: bucket time, then symbol.
-_CANDLE_MERGE_KEY = attrgetter("time", "symbol")
-#: When a replayed candle becomes known: when its bucket closes.
-_CANDLE_DUE = attrgetter("end")
-
 
 class InsufficientDataError(PermanentError, LookupError):
     """Fewer complete candles are stored than were asked for (warm-up)."""
 
 
-class HistoricalDataProvider(TradeReads):
+class HistoricalDataProvider(Replays, TradeReads):
     """Read candles for strategies (backtests, warm-up, replay, multi-timeframe).
 
     Sync, thread-safe (a SQLAlchemy connection pool). ``db_url=None`` resolves the configured
@@ -74,84 +64,6 @@ class HistoricalDataProvider(TradeReads):
     By default only stored candles are returned: a minute without trades has no candle, so a
     series may have holes. ``fill_quiet=True`` fills them (see ``fill_quiet``).
     """
-
-    def __init__(
-        self,
-        db_url: str | None = None,
-        pool_min_size: int = 2,
-        pool_max_size: int = 10,
-        *,
-        settings: Settings | None = None,
-        engine: Engine | None = None,
-        clock: Callable[[], datetime] = utcnow,
-        registry: PairRegistry | None = None,
-    ) -> None:
-        if pool_min_size < 0 or pool_max_size < max(1, pool_min_size):
-            raise ValueError(f"need 0 <= pool_min_size <= pool_max_size >= 1, got {pool_min_size}, {pool_max_size}")
-        self._reader = CandleReader(db_url, (pool_min_size, pool_max_size), settings, engine)
-        self._clock = clock
-        self._registry = registry
-
-    @property
-    def registry(self) -> PairRegistry:
-        """The pairs this provider knows: the registry given, or its database's."""
-        if self._registry is None:
-            self._registry = database_registry(self._database_url())
-        return self._registry
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    def connect(self) -> "HistoricalDataProvider":
-        """Resolve the database, check its schema, open the pool and check it answers."""
-        self._reader.open()
-        return self
-
-    def close(self) -> None:
-        """Close the pool (only if this provider created it)."""
-        self._reader.close()
-
-    def __enter__(self) -> "HistoricalDataProvider":
-        return self.connect()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _database_url(self) -> str:
-        """The database's libpq URL (resolving a configured one first)."""
-        if self._reader.url is None:
-            self.connect()
-        assert self._reader.url is not None
-        return self._reader.url
-
-    def _query_candles(
-        self, name: str, iv: Interval, lo: datetime | None, hi: datetime | None, *, desc: bool = False,
-        limit: int | None = None,
-    ) -> list[HistoricalCandle]:
-        """Candles of one symbol with bucket start in ``[lo, hi)``, by time (newest first if
-        `desc`), at most `limit`: the hot path of get_candles, warm-up and latest. On TimescaleDB
-        a limited read of a stored interval goes in windows (``windows.read_stored_in_windows``)."""
-        read = self._read_once(name, iv)
-        if limit is not None and hi is not None and iv.is_stored and self._reader.reads_views():
-            return windows.read_stored_in_windows(read, partial(self._first_minute, name), iv, lo, hi, desc, limit)
-        return read(lo, hi, desc, limit)
-
-    def _read_once(self, name: str, iv: Interval) -> windows.Read:
-        """One query for `name`'s `iv` candles in a window: ``read(lo, hi, desc, limit)``."""
-        return partial(self._reader.read, name, iv, places=self._places(name))
-
-    def _places(self, name: str) -> int | None:
-        """The pair's price decimals: the vwap of every read above 1m comes at them."""
-        return PairDecimals(self.registry)[name]
-
-    def _now(self) -> datetime:
-        return check_aware(self._clock(), "clock()")
-
-    def _cutoff(self, end: datetime | None) -> tuple[datetime, bool]:
-        """``min(now, end)`` and whether it lies in the past (a historical point in time)."""
-        now = self._now()
-        if end is not None and end < now:
-            return end, True
-        return now, False
 
     # --- candles --------------------------------------------------------------------------
 
@@ -285,45 +197,6 @@ class HistoricalDataProvider(TradeReads):
                                                   fill_quiet=fill_quiet)
         return {minutes: candles_to_frame(c, exact=exact) for minutes, c in series.items()}
 
-    # --- replay ---------------------------------------------------------------------------
-
-    def replay_candles(
-        self,
-        symbol: str | Sequence[str],
-        interval: IntervalArg,
-        start: TimeArg = None,
-        end: TimeArg = None,
-        speed: float = 0.0,
-        *,
-        batch_size: int = 5000,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> Iterator[HistoricalCandle]:
-        """Stream complete candles in time order (several symbols merged by time, then symbol),
-        each released when its bucket closes on the replay clock.
-
-        `speed` is market time per wall time: 0 = as fast as possible, 60 = one market minute
-        per second. The clock starts at `start` (or the first candle). Memory stays constant:
-        each symbol is streamed on a connection of its own, `batch_size` rows at a time, and
-        several symbols are merged in Python (``streams``).
-        """
-        if speed < 0:
-            raise ValueError(f"speed must not be negative, got {speed}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        names = self._names(symbol)
-        iv = Interval.parse(interval)
-        lo_time = time_arg(start, "start")
-        cutoff, _historical = self._cutoff(time_arg(end, "end"))
-        lo = ceil_bucket(iv, lo_time) if lo_time is not None else None
-        hi = iv.bucket_start(cutoff)
-        symbol_streams = [self._reader.stream(name, iv, lo, hi, self._places(name), batch_size) for name in names]
-        try:
-            merged = streams.merge(symbol_streams, _CANDLE_MERGE_KEY)
-            yield from streams.pace(merged, lo, speed, sleep, due=_CANDLE_DUE)
-        finally:
-            for stream in symbol_streams:  # closes their connections now, also when the caller stops early
-                stream.close()
-
     # --- metadata (kraken_hist.query.metadata) ----------------------------------------------
 
     def get_symbols(self) -> list[str]:
@@ -361,18 +234,6 @@ class HistoricalDataProvider(TradeReads):
                                                  time_arg(end, "end"))
 
     # --- internals ------------------------------------------------------------------------
-
-    def _names(self, symbols: str | Sequence[str]) -> list[str]:
-        """The symbols of a replay, normalized: at least one."""
-        names = [self.registry.normalize(symbols)] if isinstance(symbols, str) else \
-            [self.registry.normalize(s) for s in symbols]
-        if not names:
-            raise ValueError("replay needs at least one symbol")
-        return names
-
-    def _first_minute(self, name: str) -> datetime | None:
-        """`name`'s first stored 1-minute candle: the bound of every windowed read."""
-        return self._reader.scalar(candle_sql.select_first_minute(name))
 
     def _latest(
         self, name: str, iv: Interval, cutoff: datetime, count: int, fill: bool

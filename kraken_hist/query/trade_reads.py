@@ -1,44 +1,24 @@
-"""The trade half of the provider's API: stored trades, their DataFrames, a trade replay and
-information bars (the work is ``trades_out``'s and ``bars``')."""
+"""The trade part of the provider's API: stored trades, their DataFrames and information bars
+(the work is ``trades_out``'s and ``bars``'; a trade replay is ``replay``'s)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pandas as pd
 
-from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import EPOCH
 from kraken_hist.core.types import HistoricalTrade
 from kraken_hist.query import bars as bars_module
-from kraken_hist.query import streams, trades_out
-from kraken_hist.query.arguments import TimeArg, time_arg
+from kraken_hist.query import trades_out
+from kraken_hist.query.arguments import TimeArg
+from kraken_hist.query.provider_base import ProviderBase
 from kraken_hist.storage.db import connect, translate_errors
 
 
-class TradeReads:
-    """Trade reads, mixed into ``HistoricalDataProvider``, which supplies the pairs, the database
-    and the look-ahead cutoff (the members declared first)."""
-
-    registry: PairRegistry
-
-    def _database_url(self) -> str:
-        raise NotImplementedError
-
-    def _cutoff(self, end: datetime | None) -> tuple[datetime, bool]:
-        raise NotImplementedError
-
-    def _names(self, symbols: str | Sequence[str]) -> list[str]:
-        raise NotImplementedError
-
-    def _trade_window(self, start: TimeArg, end: TimeArg) -> tuple[datetime, datetime]:
-        """``[start, min(now, end))``: a trade is known from its own time on."""
-        self._database_url()
-        lo = time_arg(start, "start")
-        return (lo if lo is not None else EPOCH), self._cutoff(time_arg(end, "end"))[0]
+class TradeReads(ProviderBase):
+    """Trade reads and information bars: the part of ``HistoricalDataProvider`` that reads trades."""
 
     def get_trades(self, symbol: str, start: TimeArg = None, end: TimeArg = None, *,
                    batch_size: int = 10_000) -> Iterator[HistoricalTrade]:
@@ -59,24 +39,6 @@ class TradeReads:
         side, ord_type; float64 prices and volumes unless ``exact=True`` (Decimals)."""
         return trades_out.concat_frames(self.iter_trades_df(symbol, start, end, exact=exact),
                                         self.registry.normalize(symbol), exact)
-
-    def replay_trades(self, symbol: str | Sequence[str], start: TimeArg = None, end: TimeArg = None,
-                      speed: float = 0.0, *, batch_size: int = 10_000,
-                      sleep: Callable[[float], None] = time.sleep) -> Iterator[HistoricalTrade]:
-        """Trades of one or several symbols merged in (time, id, symbol) order, each released
-        when its time comes on the replay clock (`speed` as in ``replay_candles``; the clock
-        starts at `start` or the first trade). Nothing after ``min(now, end)``."""
-        if speed < 0:
-            raise ValueError(f"speed must not be negative, got {speed}")
-        names = self._names(symbol)
-        lo, hi = self._trade_window(start, end)
-        url = self._database_url()
-        symbol_streams = [trades_out.read_trades(url, name, lo, hi, batch_size=batch_size) for name in names]
-        try:
-            yield from streams.pace(trades_out.merge(symbol_streams), time_arg(start, "start"), speed, sleep)
-        finally:
-            for stream in symbol_streams:  # closes their connections now, also when the caller stops early
-                stream.close()
 
     def get_bars(self, symbol: str, kind: bars_module.BarKind | str, size: Decimal | int | str,
                  start: TimeArg = None, end: TimeArg = None, *, include_forming: bool = False,

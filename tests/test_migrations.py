@@ -216,7 +216,7 @@ def test_upgrading_a_database_with_data_gives_exact_sums_at_every_level(empty_db
     """Revision 0003 on a database that already holds candles and interval rows: every level
     gets its exact sums and the vwap of dividing them (TimescaleDB: the new aggregates are
     materialized during the upgrade)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timezone
 
     migrate.upgrade(empty_db_url, "0002")
     start = datetime(2025, 3, 3, tzinfo=timezone.utc)

@@ -1,6 +1,8 @@
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kraken_hist.core.intervals import INTERVAL_RELATIONS, STANDARD_INTERVALS, Interval
 
@@ -47,3 +49,12 @@ def test_arbitrary_intervals_come_from_the_largest_stored_divisor(minutes, sourc
 def test_naive_datetimes_are_refused():
     with pytest.raises(ValueError, match="timezone-aware"):
         Interval(5).bucket_start(datetime(2024, 1, 1))
+
+
+@given(minutes=st.sampled_from([1, 3, 5, 45, 60, 1440, 4320, 10080, 20160]),
+       when=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2040, 1, 1), timezones=st.just(UTC)))
+def test_the_first_bucket_at_or_after_a_time_is_the_nearest_bucket_start_not_before_it(minutes, when):
+    interval = Interval(minutes)
+    first = interval.first_bucket_at_or_after(when)
+    assert first >= when > first - interval.delta
+    assert interval.bucket_start(first) == first

@@ -26,11 +26,6 @@ def _stored_range(url: str, kind: ExportKind, symbol: str) -> tuple[datetime | N
     return (row[0], row[1]) if row else (None, None)
 
 
-def _ceil(interval: Interval, when: datetime) -> datetime:
-    start = interval.bucket_start(when)
-    return start if start == when else start + interval.delta
-
-
 def default_output(symbol: str, kind: ExportKind, interval: Interval, fmt: str, partitioned: bool) -> Path:
     """``BTC-USD_trades.parquet``, ``BTC-USD_candles_1h/`` (a directory when partitioned)."""
     stem = f"{symbol.replace('/', '-')}_{kind.value}" + (f"_{interval}" if kind is ExportKind.CANDLES else "")
@@ -66,7 +61,7 @@ def export_command(ctx: click.Context, symbol: str, kind: str, interval: Interva
     # Without --end, through the newest stored row (never past now); candles: complete buckets.
     if what is ExportKind.CANDLES:
         hi = interval.bucket_start(min(end if end is not None else interval.bucket_end(last), utcnow()))
-        lo = interval.bucket_start(first) if start is None else _ceil(interval, start)
+        lo = interval.bucket_start(first) if start is None else interval.first_bucket_at_or_after(start)
     else:
         hi = min(end if end is not None else last + timedelta(microseconds=1), utcnow())
         lo = start if start is not None else first

@@ -95,6 +95,11 @@ class Interval:
         """End (exclusive) of the bucket containing `when`."""
         return self.bucket_start(when) + self.delta
 
+    def first_bucket_at_or_after(self, when: datetime) -> datetime:
+        """Start of the first bucket that begins at or after `when` (a range's first whole bucket)."""
+        start = self.bucket_start(when)
+        return start if start == when else start + self.delta
+
     def source_interval(self) -> "Interval":
         """Largest stored interval that divides this one (its buckets nest exactly inside ours)."""
         for minutes in sorted(INTERVAL_RELATIONS, reverse=True):

@@ -18,9 +18,3 @@ def time_arg(value: TimeArg, field: str) -> datetime | None:
     if isinstance(value, str):
         return parse_time(value)
     return check_aware(value, field)
-
-
-def ceil_bucket(interval: Interval, when: datetime) -> datetime:
-    """First bucket start of `interval` at or after `when`."""
-    start = interval.bucket_start(when)
-    return start if start == when else start + interval.delta

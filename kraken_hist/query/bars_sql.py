@@ -12,7 +12,6 @@ import psycopg
 
 from kraken_hist.core.intervals import Interval
 from kraken_hist.core.timeutils import floor_minute
-from kraken_hist.query.arguments import ceil_bucket
 from kraken_hist.rules.sql import kraken_vwap
 
 
@@ -206,7 +205,7 @@ def query_ranges(lo: datetime, hi: datetime, *, candles: bool) -> dict[str, Any]
     out = {"lo": lo, "hi": hi, "f_minute": floor_minute(lo), "f_hi": lo, "l_lo": hi, "c_lo": lo, "c_hi": lo}
     if not candles:
         return out
-    lo_min, hi_min = ceil_bucket(_MINUTE, lo), floor_minute(hi)
+    lo_min, hi_min = _MINUTE.first_bucket_at_or_after(lo), floor_minute(hi)
     if lo_min >= hi_min:  # no whole minute: one minute cut (or two, when lo and hi are in neighbours)
         if floor_minute(lo) == floor_minute(hi) or hi <= lo_min:
             out["f_hi"] = hi

@@ -34,7 +34,7 @@ from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.core.timeutils import floor_minute
 from kraken_hist.core.types import HistoricalCandle
 from kraken_hist.query import candle_sql, windows
-from kraken_hist.query.arguments import IntervalArg, TimeArg, ceil_bucket, time_arg
+from kraken_hist.query.arguments import IntervalArg, TimeArg, time_arg
 from kraken_hist.query.candle_rows import FRAME_COLUMNS, candles_to_frame, fill_quiet
 from kraken_hist.query.candle_sql import select_candles
 from kraken_hist.query.metadata import DataRange, check_health
@@ -87,7 +87,7 @@ class HistoricalDataProvider(Replays, TradeReads):
         name, iv = self.registry.normalize(symbol), Interval.parse(interval)
         lo_time, end_time = time_arg(start, "start"), time_arg(end, "end")
         cutoff, historical = self._cutoff(end_time)
-        lo = ceil_bucket(iv, lo_time) if lo_time is not None else None
+        lo = iv.first_bucket_at_or_after(lo_time) if lo_time is not None else None
         hi = iv.bucket_start(cutoff)
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")

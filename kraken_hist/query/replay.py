@@ -10,7 +10,7 @@ from operator import attrgetter
 from kraken_hist.core.intervals import Interval
 from kraken_hist.core.types import HistoricalCandle, HistoricalTrade
 from kraken_hist.query import streams, trades_out
-from kraken_hist.query.arguments import IntervalArg, TimeArg, ceil_bucket, time_arg
+from kraken_hist.query.arguments import IntervalArg, TimeArg, time_arg
 from kraken_hist.query.provider_base import ProviderBase
 
 #: Merge order of a multi-symbol candle replay: bucket time, then symbol.
@@ -49,7 +49,7 @@ class Replays(ProviderBase):
         iv = Interval.parse(interval)
         lo_time = time_arg(start, "start")
         cutoff, _historical = self._cutoff(time_arg(end, "end"))
-        lo = ceil_bucket(iv, lo_time) if lo_time is not None else None
+        lo = iv.first_bucket_at_or_after(lo_time) if lo_time is not None else None
         hi = iv.bucket_start(cutoff)
         symbol_streams = [self._reader.stream(name, iv, lo, hi, self._places(name), batch_size) for name in names]
         try:

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from kraken_hist.core.errors import ExchangeTransientError
 from kraken_hist.core.timeutils import floor_minute, since_cursor, to_unix_ns
 from kraken_hist.core.types import HistoricalTrade, Refused
-from kraken_hist.ingest.backfill_fetch import page_through
-from kraken_hist.ingest.backfill_pages import (
+from kraken_hist.ingest.backfill.fetch import page_through
+from kraken_hist.ingest.backfill.pages import (
     MAX_IDLE_PAGES,
     REPAIR_STEPS,
     StepBack,

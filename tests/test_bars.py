@@ -9,7 +9,9 @@ from math import floor
 import psycopg
 import pytest
 
-from kraken_hist.query import bars_pieces, bars_sql
+from kraken_hist.query.bars import pieces as bars_pieces
+
+from kraken_hist.query.bars import sql as bars_sql
 from kraken_hist.query.bars import BarKind, bars_to_frame, check_size, read_bars
 from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.testing.history import generate_trades

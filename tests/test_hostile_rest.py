@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from kraken_hist.ingest.backfill import KrakenTradesBackfill
-from kraken_hist.ingest.backfill_pages import MAX_IDLE_PAGES
+from kraken_hist.ingest.backfill.pages import MAX_IDLE_PAGES
 from kraken_hist.core.errors import ExchangePermanentError, ExchangeTransientError
 from kraken_hist.gaps.filler import GapFiller
 from kraken_hist.ingest.live import WebSocketDBIntegration

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings, strategies as st
 
 from kraken_hist.core.timeutils import floor_minute, to_unix_ns
-from kraken_hist.ingest.live_ids import EARLY, NEW, OLD, OPENED, REST_MARGIN_NS, IdSequence
+from kraken_hist.ingest.live.ids import EARLY, NEW, OLD, OPENED, REST_MARGIN_NS, IdSequence
 from kraken_hist.rules import ranges
 
 UTC = timezone.utc

@@ -16,8 +16,8 @@ from kraken_hist.core.config import Settings
 from kraken_hist.ingest.archive.formats import synthetic_trade_id
 from kraken_hist.core.errors import TransientError
 from kraken_hist.ingest.live import WebSocketDBIntegration
-from kraken_hist.ingest.live_ids import EARLY, NEW, OLD, OPENED, IdSequence
-from kraken_hist.ingest.live_records import Symbol
+from kraken_hist.ingest.live.ids import EARLY, NEW, OLD, OPENED, IdSequence
+from kraken_hist.ingest.live.records import Symbol
 from kraken_hist.kraken.rest_parsing import TradesPage
 from kraken_hist.testing.fake_rest import FakeKrakenREST
 from kraken_hist.testing.fake_ws import FakeKrakenWS, next_trades

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from kraken_hist.core.intervals import Interval
 from kraken_hist.core.types import HistoricalCandle
-from kraken_hist.query import windows
-from kraken_hist.query.candle_rows import fill_quiet
+from kraken_hist.query.provider import windows
+from kraken_hist.query.provider.candle_rows import fill_quiet
 
 T0 = datetime(2025, 3, 3, tzinfo=timezone.utc)
 

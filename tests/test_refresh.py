@@ -17,7 +17,7 @@ from kraken_hist.query.provider import HistoricalDataProvider
 from kraken_hist.rules import ranges
 from kraken_hist.rules.sql import bucket_column_pairs, bucket_columns
 from kraken_hist.storage.refresh import refresh_aggregates, refresh_order, widen_windows
-from kraken_hist.storage.refresh_windows import windows_by_symbol
+from kraken_hist.storage.refresh.windows import windows_by_symbol
 from kraken_hist.core.types import CandleRecord
 
 from .trade_data import assert_same, insert_candles, random_candles

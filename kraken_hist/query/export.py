@@ -33,7 +33,7 @@ from kraken_hist.core.intervals import Interval
 from kraken_hist.storage.pair_store import database_registry
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import UTC
-from kraken_hist.query.candle_sql import select_candles  # the query layer's one definition of every interval
+from kraken_hist.query.provider.candle_sql import select_candles  # the query layer's one definition of every interval
 
 #: Parquet's exact decimal type for prices, volumes and vwap.
 DECIMAL = (38, 18)

@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from kraken_hist.query.streams import merge as merge_streams
-from kraken_hist.query.streams import pace, stream_rows
+from kraken_hist.query.provider.streams import merge as merge_streams
+from kraken_hist.query.provider.streams import pace, stream_rows
 from kraken_hist.storage.copy_out import BLOCK_BYTES, copy_blocks, has_pyarrow, parse_block
 from kraken_hist.storage.db import connect, translate_errors
 from kraken_hist.core.timeutils import UTC

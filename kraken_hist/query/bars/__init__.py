@@ -33,7 +33,7 @@ one parallel query processes, computed at once on the caller's connection and ot
 it, in one snapshot; a later piece's running total starts from the sum of the range before it
 (from the same candles), and a bar two pieces share is joined.
 
-Rooms: ``bars_sql`` (the query and how a range is read), ``bars_pieces`` (a range in pieces at
+Rooms: ``sql`` (the query and how a range is read), ``pieces`` (a range in pieces at
 once); this module holds the records, the entry point and the DataFrame.
 """
 
@@ -51,9 +51,9 @@ import pandas as pd
 import psycopg
 
 from kraken_hist.core.timeutils import UTC
-from kraken_hist.query import bars_pieces
-from kraken_hist.query import bars_sql as bar_query
-from kraken_hist.query.bars_sql import BarKind, Row, bars_sql
+from kraken_hist.query.bars import pieces as bars_pieces
+from kraken_hist.query.bars import sql as bar_query
+from kraken_hist.query.bars.sql import BarKind, Row, bars_sql
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

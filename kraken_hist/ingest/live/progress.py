@@ -17,7 +17,7 @@ from typing import Any
 from kraken_hist.core.errors import DatabaseUnavailableError, KrakenHistError
 from kraken_hist.core.timeutils import to_unix_ns
 from kraken_hist.core.types import Refused, TradeSource
-from kraken_hist.ingest.live_records import LiveState, TradeWriter
+from kraken_hist.ingest.live.records import LiveState, TradeWriter
 from kraken_hist.storage import ownership, store
 from kraken_hist.storage.db import connect, translate_errors
 

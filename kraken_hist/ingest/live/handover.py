@@ -1,7 +1,7 @@
 """Hand trades to the writer in id order, each id once: the live stream's continuity step.
 
 WebSocket messages and REST catch-up pages both come here. Per symbol the trades are placed in
-its :class:`~kraken_hist.ingest.live_ids.IdSequence` under the shared lock: replays and overlap
+its :class:`~kraken_hist.ingest.live.ids.IdSequence` under the shared lock: replays and overlap
 are dropped by id, a jump opens a hole (and wakes the REST catch-up), a refused trade takes its
 place without being written. The common case — a message continuing the sequence — skips the
 per-id bookkeeping.
@@ -16,8 +16,8 @@ from typing import Any
 
 from kraken_hist.core.bounds import trade_id_problem
 from kraken_hist.core.types import Refused, TradeSource
-from kraken_hist.ingest.live_ids import NEW, OLD, OPENED, Hole, IdSequence
-from kraken_hist.ingest.live_records import LiveState, RecordFactory, RefusedTrade, Symbol, Trade, TradeWriter
+from kraken_hist.ingest.live.ids import NEW, OLD, OPENED, Hole, IdSequence
+from kraken_hist.ingest.live.records import LiveState, RecordFactory, RefusedTrade, Symbol, Trade, TradeWriter
 
 logger = logging.getLogger("kraken_hist.ingest.live")
 _trade_id = attrgetter("trade_id")

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from kraken_hist.core.errors import KrakenHistError
 from kraken_hist.core.timeutils import ONE_MINUTE
-from kraken_hist.query.candle_sql import NEWEST_SQL
+from kraken_hist.query.provider.candle_sql import NEWEST_SQL
 from kraken_hist.storage.db import has_timescaledb
 from kraken_hist.storage.schema import candle_changes
 

@@ -20,8 +20,8 @@ from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.rules import ranges
 from kraken_hist.rules.backoff import Backoff
 from kraken_hist.storage.db import connect
-from kraken_hist.storage import refresh_windows as plan
-from kraken_hist.storage.refresh_windows import RefreshResult, Window
+from kraken_hist.storage.refresh import windows as plan
+from kraken_hist.storage.refresh.windows import RefreshResult, Window
 from kraken_hist.storage.timescale import compress_due_chunks
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 A background thread asks each symbol's id sequence for its first job (its lowest hole, or a
 tail check after a reconnect), pages REST Trades for it (paced by the REST client's limiter)
-and hands the pages to the same :class:`~kraken_hist.ingest.live_handover.TradeHandover` as the
+and hands the pages to the same :class:`~kraken_hist.ingest.live.handover.TradeHandover` as the
 WebSocket. A symbol whose fetch fails waits out a back-off; others go on.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 from kraken_hist.core.errors import ExchangePermanentError, TransientError
 from kraken_hist.core.types import TradeSource
-from kraken_hist.ingest.live_handover import TradeHandover
-from kraken_hist.ingest.live_ids import Fetch
-from kraken_hist.ingest.live_records import LiveState, TradesFetcher
+from kraken_hist.ingest.live.handover import TradeHandover
+from kraken_hist.ingest.live.ids import Fetch
+from kraken_hist.ingest.live.records import LiveState, TradesFetcher
 from kraken_hist.rules.backoff import Backoff
 
 logger = logging.getLogger("kraken_hist.ingest.live")

@@ -23,9 +23,9 @@ from kraken_hist.core.errors import ConfigurationError
 from kraken_hist.core.intervals import Interval
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.types import HistoricalCandle
-from kraken_hist.query.candle_rows import candles_from_rows, iter_candles
-from kraken_hist.query.candle_sql import CompiledQuery, ordered, select_candles
-from kraken_hist.query.streams import open_stream
+from kraken_hist.query.provider.candle_rows import candles_from_rows, iter_candles
+from kraken_hist.query.provider.candle_sql import CompiledQuery, ordered, select_candles
+from kraken_hist.query.provider.streams import open_stream
 from kraken_hist.storage.db import has_timescaledb, libpq_url, sqlalchemy_url, translate_errors
 
 

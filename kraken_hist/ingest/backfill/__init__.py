@@ -12,9 +12,9 @@ inclusive for trades sharing one timestamp is undocumented, so overlap is droppe
 break in the ids is repaired by stepping the cursor back and fetching again. The run is
 caught up when a page is empty or ``last`` stops advancing.
 
-The rooms: ``backfill_pages`` (the pure page decisions and the coverage each page proves),
-``backfill_fetch`` (the loop that fetches pages around them), ``backfill_store`` (one page in
-one transaction), ``backfill_progress`` (events, log lines, the result); this module plans a
+The rooms: ``pages`` (the pure page decisions and the coverage each page proves),
+``fetch`` (the loop that fetches pages around them), ``store`` (one page in
+one transaction), ``progress`` (events, log lines, the result); this module plans a
 run (forward from the resume point, older windows the coverage lacks) and ties them together.
 """
 
@@ -33,10 +33,10 @@ from kraken_hist.core.errors import ExchangePermanentError
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import check_aware, floor_minute, utcnow
 from kraken_hist.core.types import Refused, TradeSource
-from kraken_hist.ingest.backfill_fetch import page_through
-from kraken_hist.ingest.backfill_pages import BackfillPage, TradesPaging
-from kraken_hist.ingest.backfill_progress import BackfillProgress, BackfillResult, ProgressLog, Tally
-from kraken_hist.ingest.backfill_store import (
+from kraken_hist.ingest.backfill.fetch import page_through
+from kraken_hist.ingest.backfill.pages import BackfillPage, TradesPaging
+from kraken_hist.ingest.backfill.progress import BackfillProgress, BackfillResult, ProgressLog, Tally
+from kraken_hist.ingest.backfill.store import (
     COVERAGE_SOURCE,
     SYNC_TYPE,
     Trade,

@@ -17,8 +17,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from kraken_hist.core.timeutils import floor_minute
-from kraken_hist.query import bars_sql
-from kraken_hist.query.bars_sql import BarKind, Row
+from kraken_hist.query.bars import sql as bars_sql
+from kraken_hist.query.bars.sql import BarKind, Row
 
 
 def _joined_vwap(weight: Decimal, volume: Decimal, decimals: int) -> Decimal | None:

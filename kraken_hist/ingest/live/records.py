@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from kraken_hist.core.timeutils import UTC
 from kraken_hist.core.types import CandleRecord, HistoricalTrade, Refused, TradeRecord, TradeSource
-from kraken_hist.ingest.live_ids import IdSequence
+from kraken_hist.ingest.live.ids import IdSequence
 from kraken_hist.kraken.rest_parsing import TradesPage
 from kraken_hist.kraken.ws_parsing import WsTrade
 

@@ -13,7 +13,7 @@ This module is the candle API (and metadata, refresh): it parses arguments, cuts
 the look-ahead cutoff and composes the rooms that do the work — ``candle_sql`` (the selects),
 ``reader`` (pool, compiled queries, reads and streams), ``windows`` (reads of `limit` candles
 in windows of time), ``candle_rows`` (rows → candles, DataFrames, the quiet fill),
-``metadata``. The provider's other parts: ``provider_base`` (lifecycle, the cutoff, the one
+``metadata``. The provider's other parts: ``base`` (lifecycle, the cutoff, the one
 read path), ``replay`` (candle and trade replay on ``streams``' clock), ``trade_reads``
 (trades and information bars).
 """
@@ -33,13 +33,14 @@ from kraken_hist.core.errors import PermanentError
 from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.core.timeutils import floor_minute
 from kraken_hist.core.types import HistoricalCandle
-from kraken_hist.query import candle_sql, windows
-from kraken_hist.query.arguments import IntervalArg, TimeArg, time_arg
-from kraken_hist.query.candle_rows import FRAME_COLUMNS, candles_to_frame, fill_quiet
-from kraken_hist.query.candle_sql import select_candles
-from kraken_hist.query.metadata import DataRange, check_health
-from kraken_hist.query.replay import Replays
-from kraken_hist.query.trade_reads import TradeReads
+from kraken_hist.query.provider import candle_sql
+from kraken_hist.query.provider import windows
+from kraken_hist.query.provider.arguments import IntervalArg, TimeArg, time_arg
+from kraken_hist.query.provider.candle_rows import FRAME_COLUMNS, candles_to_frame, fill_quiet
+from kraken_hist.query.provider.candle_sql import select_candles
+from kraken_hist.query.provider.metadata import DataRange, check_health
+from kraken_hist.query.provider.replay import Replays
+from kraken_hist.query.provider.trade_reads import TradeReads
 from kraken_hist.storage import refresh as refresh_module
 from kraken_hist.storage.schema import sync_status
 
@@ -197,7 +198,7 @@ class HistoricalDataProvider(Replays, TradeReads):
                                                   fill_quiet=fill_quiet)
         return {minutes: candles_to_frame(c, exact=exact) for minutes, c in series.items()}
 
-    # --- metadata (kraken_hist.query.metadata) ----------------------------------------------
+    # --- metadata (kraken_hist.query.provider.metadata) ----------------------------------------------
 
     def get_symbols(self) -> list[str]:
         """Symbols that have stored 1-minute candles (a skip scan of the primary key)."""

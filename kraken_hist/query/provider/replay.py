@@ -9,9 +9,10 @@ from operator import attrgetter
 
 from kraken_hist.core.intervals import Interval
 from kraken_hist.core.types import HistoricalCandle, HistoricalTrade
-from kraken_hist.query import streams, trades_out
-from kraken_hist.query.arguments import IntervalArg, TimeArg, time_arg
-from kraken_hist.query.provider_base import ProviderBase
+from kraken_hist.query import trades_out
+from kraken_hist.query.provider import streams
+from kraken_hist.query.provider.arguments import IntervalArg, TimeArg, time_arg
+from kraken_hist.query.provider.base import ProviderBase
 
 #: Merge order of a multi-symbol candle replay: bucket time, then symbol.
 _CANDLE_MERGE_KEY = attrgetter("time", "symbol")

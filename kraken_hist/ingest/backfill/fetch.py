@@ -10,7 +10,7 @@ from datetime import datetime
 
 from kraken_hist.core.timeutils import utcnow
 from kraken_hist.core.types import Refused
-from kraken_hist.ingest.backfill_pages import BackfillPage, TradesPaging
+from kraken_hist.ingest.backfill.pages import BackfillPage, TradesPaging
 from kraken_hist.kraken.rest_parsing import TradesPage
 
 logger = logging.getLogger("kraken_hist.ingest.backfill")

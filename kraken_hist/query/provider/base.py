@@ -18,10 +18,11 @@ from kraken_hist.core.intervals import Interval
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import EPOCH, check_aware, utcnow
 from kraken_hist.core.types import HistoricalCandle
-from kraken_hist.query import candle_sql, windows
-from kraken_hist.query.arguments import TimeArg, time_arg
-from kraken_hist.query.candle_rows import PairDecimals
-from kraken_hist.query.reader import CandleReader
+from kraken_hist.query.provider import candle_sql
+from kraken_hist.query.provider import windows
+from kraken_hist.query.provider.arguments import TimeArg, time_arg
+from kraken_hist.query.provider.candle_rows import PairDecimals
+from kraken_hist.query.provider.reader import CandleReader
 from kraken_hist.storage.pair_store import database_registry
 
 

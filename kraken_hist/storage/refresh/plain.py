@@ -23,7 +23,7 @@ from kraken_hist.rules import ranges
 from kraken_hist.rules.sql import bucket_columns
 from kraken_hist.storage import ownership
 from kraken_hist.storage.db import connect
-from kraken_hist.storage.refresh_windows import (
+from kraken_hist.storage.refresh.windows import (
     RefreshResult,
     Window,
     read_explicit_window,

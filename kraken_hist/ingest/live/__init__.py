@@ -22,9 +22,9 @@ Only the contiguous part is ever recorded as done: once the writer has made it d
 ``sync_status(symbol, 'trades')`` and coverage ``'ws'`` advance to the frontier, never past a
 hole — so a crash at any moment resumes from a correct point.
 
-The rooms: ``live_ids`` (the pure id sequence), ``live_handover`` (trades → writer in id
-order), ``live_catchup`` (the REST thread), ``live_progress`` (durable progress),
-``live_records`` (what they share); this module wires them to the WebSocket client's callbacks.
+The rooms: ``ids`` (the pure id sequence), ``handover`` (trades → writer in id
+order), ``catchup`` (the REST thread), ``progress`` (durable progress),
+``records`` (what they share); this module wires them to the WebSocket client's callbacks.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from typing import Any, Iterable
 from kraken_hist.core.errors import ExchangePermanentError, KrakenHistError
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.types import CandleRecord, CandleSource, TradeSource
-from kraken_hist.ingest.live_catchup import MAX_IDLE_PAGES, NotYetError, RestCatchUp
-from kraken_hist.ingest.live_handover import TradeHandover
-from kraken_hist.ingest.live_ids import EARLY, NEW, OLD, OPENED, REST_MARGIN_NS, Fetch, Hole, IdSequence
-from kraken_hist.ingest.live_progress import ProgressRecorder
-from kraken_hist.ingest.live_records import (
+from kraken_hist.ingest.live.catchup import MAX_IDLE_PAGES, NotYetError, RestCatchUp
+from kraken_hist.ingest.live.handover import TradeHandover
+from kraken_hist.ingest.live.ids import EARLY, NEW, OLD, OPENED, REST_MARGIN_NS, Fetch, Hole, IdSequence
+from kraken_hist.ingest.live.progress import ProgressRecorder
+from kraken_hist.ingest.live.records import (
     LiveState,
     LiveStats,
     RestTrades,

@@ -12,8 +12,8 @@ from kraken_hist.core.timeutils import EPOCH
 from kraken_hist.core.types import HistoricalTrade
 from kraken_hist.query import bars as bars_module
 from kraken_hist.query import trades_out
-from kraken_hist.query.arguments import TimeArg
-from kraken_hist.query.provider_base import ProviderBase
+from kraken_hist.query.provider.arguments import TimeArg
+from kraken_hist.query.provider.base import ProviderBase
 from kraken_hist.storage.db import connect, translate_errors
 
 

@@ -2,14 +2,14 @@
 
 One entry point, two backends:
 
-* plain PostgreSQL (``refresh_plain``): the relations are tables; the buckets above the windows
+* plain PostgreSQL (``plain``): the relations are tables; the buckets above the windows
   listed in ``candle_changes`` are recomputed level by level and the change rows consumed in
   the same transaction;
-* TimescaleDB (``refresh_timescale``): the relations are hierarchical continuous aggregates;
+* TimescaleDB (``timescale``): the relations are hierarchical continuous aggregates;
   ``refresh_continuous_aggregate`` recomputes what TimescaleDB logged, up to the bucket in
   progress and never into it.
 
-The windows, their widening per level and the levels' order are ``refresh_windows``'.
+The windows, their widening per level and the levels' order are ``windows``'.
 
 The aggregation is the bucket rule of ``rules.sql.bucket_columns`` (the SQL twin of
 ``rules.candles.resample`` over 1-minute candles; the continuous aggregates of migration 0003
@@ -32,9 +32,9 @@ from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import check_aware
 from kraken_hist.storage.db import connect, has_timescaledb
 from kraken_hist.storage.pair_store import database_registry
-from kraken_hist.storage.refresh_plain import refresh_plain
-from kraken_hist.storage.refresh_timescale import refresh_timescaledb
-from kraken_hist.storage.refresh_windows import RefreshResult, Window, refresh_order, widen_windows
+from kraken_hist.storage.refresh.plain import refresh_plain
+from kraken_hist.storage.refresh.timescale import refresh_timescaledb
+from kraken_hist.storage.refresh.windows import RefreshResult, Window, refresh_order, widen_windows
 
 log = logging.getLogger(__name__)
 

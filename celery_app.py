@@ -171,11 +171,12 @@ def serve_metrics(sender: Any = None, **_: Any) -> None:
     settings = settings_of(sender.app) if sender is not None else Settings.from_env()
     if settings.metrics_port is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
-    from kraken_hist.ops import metrics
     from kraken_hist.kraken.ratelimit import limiter_for
+    from kraken_hist.ops import metrics
+    from kraken_hist.query.provider import HealthCheckOnFirstUse
 
     registry = metrics.multiprocess_registry()
-    registry.register(metrics.DatabaseCollector(settings=settings))
+    registry.register(metrics.DatabaseCollector(HealthCheckOnFirstUse(None, settings)))
     registry.register(metrics.LimiterCollector(limiter_for(settings)))
     server = metrics.MetricsServer(settings.metrics_port, registry, health=lambda: (True, {"pid": os.getpid()}))
     _servers.append(server.start())

@@ -149,9 +149,11 @@ class StreamMetrics:
         from prometheus_client import REGISTRY
 
         from kraken_hist.ops.metrics import DatabaseCollector, LimiterCollector, MetricsServer
+        from kraken_hist.query.provider import HealthCheckOnFirstUse
 
         self.registry = REGISTRY
-        self.collectors = [collector, DatabaseCollector(db_url, settings), LimiterCollector(rest.limiter)]
+        self.collectors = [collector, DatabaseCollector(HealthCheckOnFirstUse(db_url, settings)),
+                           LimiterCollector(rest.limiter)]
         self.server = MetricsServer(port, self.registry, health=health)
 
     def start(self) -> None:

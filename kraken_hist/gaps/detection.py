@@ -36,8 +36,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from kraken_hist.rules import ranges as ranges
-from kraken_hist.storage import ownership
-from kraken_hist.storage import store
+from kraken_hist.storage import ownership, store
 from kraken_hist.storage.pair_store import stored_price_decimals
 from kraken_hist.rules.sql import MINUTE_CANDLES_FROM_TRADES
 from kraken_hist.storage.store import read_sync_status

@@ -220,18 +220,10 @@ class DatabaseCollector:
     """What the database says at scrape time: reachable, the aggregate refresh lag (oldest
     pending 1-minute change) and the newest candle's age per symbol."""
 
-    def __init__(self, db_url: str | None = None, settings: Any = None) -> None:
-        self.db_url, self.settings = db_url, settings
-        self._provider: Any = None
-        self._lock = threading.Lock()
-
-    def _health(self) -> dict[str, Any]:
-        with self._lock:
-            if self._provider is None:
-                from kraken_hist.query.provider import HistoricalDataProvider
-
-                self._provider = HistoricalDataProvider(self.db_url, 0, 1, settings=self.settings)
-            return self._provider.health_check()
+    def __init__(self, health_check: Callable[[], dict[str, Any]]) -> None:
+        """`health_check`: the provider's report (``HistoricalDataProvider.health_check``),
+        passed in so that metrics need not know how the database is read."""
+        self._health = health_check
 
     def describe(self) -> list[Any]:
         return []  # registered without a trial scrape
@@ -259,10 +251,10 @@ class DatabaseCollector:
         yield age
 
     def close(self) -> None:
-        with self._lock:
-            if self._provider is not None:
-                self._provider.close()
-                self._provider = None
+        """Close what the health check holds open, if it holds anything (a provider's pool)."""
+        close = getattr(self._health, "close", None)
+        if callable(close):
+            close()
 
 
 class LimiterCollector:

@@ -20,6 +20,7 @@ read path), ``replay`` (candle and trade replay on ``streams``' clock), ``trade_
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -33,8 +34,7 @@ from kraken_hist.core.errors import PermanentError
 from kraken_hist.core.intervals import INTERVAL_RELATIONS, Interval
 from kraken_hist.core.timeutils import floor_minute
 from kraken_hist.core.types import HistoricalCandle
-from kraken_hist.query.provider import candle_sql
-from kraken_hist.query.provider import windows
+from kraken_hist.query.provider import candle_sql, windows
 from kraken_hist.query.provider.arguments import IntervalArg, TimeArg, time_arg
 from kraken_hist.query.provider.candle_rows import FRAME_COLUMNS, candles_to_frame, fill_quiet
 from kraken_hist.query.provider.candle_sql import select_candles
@@ -290,9 +290,33 @@ class HistoricalDataProvider(Replays, TradeReads):
         return self._reader.scalar(candle_sql.select_previous_close(name, before))
 
 
+
+class HealthCheckOnFirstUse:
+    """:meth:`HistoricalDataProvider.health_check` of a one-connection provider built at the
+    first call (a metrics scrape) rather than now: a process never scraped opens no pool."""
+
+    def __init__(self, db_url: str | None, settings: Any = None) -> None:
+        self._db_url, self._settings = db_url, settings
+        self._provider: HistoricalDataProvider | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            if self._provider is None:
+                self._provider = HistoricalDataProvider(self._db_url, 0, 1, settings=self._settings)
+            return self._provider.health_check()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._provider is not None:
+                self._provider.close()
+                self._provider = None
+
+
 __all__ = [
     "DataRange",
     "FRAME_COLUMNS",
+    "HealthCheckOnFirstUse",
     "HistoricalDataProvider",
     "INTERVAL_VIEWS",
     "InsufficientDataError",

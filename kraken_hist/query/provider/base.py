@@ -18,8 +18,7 @@ from kraken_hist.core.intervals import Interval
 from kraken_hist.core.pairs import PairRegistry
 from kraken_hist.core.timeutils import EPOCH, check_aware, utcnow
 from kraken_hist.core.types import HistoricalCandle
-from kraken_hist.query.provider import candle_sql
-from kraken_hist.query.provider import windows
+from kraken_hist.query.provider import candle_sql, windows
 from kraken_hist.query.provider.arguments import TimeArg, time_arg
 from kraken_hist.query.provider.candle_rows import PairDecimals
 from kraken_hist.query.provider.reader import CandleReader

@@ -15,15 +15,16 @@ close, Σ volume, Σ count, vwap weighted by the volume of the minutes that have
 from __future__ import annotations
 
 
-def kraken_vwap(notional: str, volume: str, decimals: str) -> str:
+def kraken_vwap(notional: str, volume: str, decimals: str, *, no_volume: str = "0") -> str:
     """Kraken's 1-minute vwap from the SQL expressions Σp·v (`notional`) and Σv (`volume`).
 
     Truncated exactly: ``div`` is the whole quotient of ``Σp·v·10^d`` by ``Σv``. A plain
     ``trunc(n / v, d)`` is not: PostgreSQL rounds a numeric quotient at 16 or more significant
     digits before ``trunc`` sees it, so 0.1200001 - 1e-23 would become 0.1200001 instead of
-    0.1200000 (tests/test_rules_agree.py, "extreme")."""
+    0.1200000 (tests/test_rules_agree.py, "extreme"). Without volume: `no_volume` (Kraken's
+    candles say 0; an information bar says NULL)."""
     return (f"CASE WHEN {volume} > 0 THEN trunc(div({notional} * power(10::numeric, {decimals}), {volume})"
-            f" * power(10::numeric, -({decimals})), {decimals}) ELSE 0 END")
+            f" * power(10::numeric, -({decimals})), {decimals}) ELSE {no_volume} END")
 
 
 def minute_candle_columns(*, decimals: str = "%(decimals)s", time: str = "time", price: str = "price",
@@ -83,39 +84,43 @@ WHERE (c.source <> 'trades' OR EXCLUDED.source = 'trades') AND ({only_where})
 """
 
 
-#: Aggregate columns over candle rows aliased ``p`` (open, high, low, close, volume, trades, then
-#: `{weights}`: vwap, vwap_volume, vwap_notional).
-_BUCKET_COLUMNS = """
-    (array_agg(p.open ORDER BY p.time))[1]        AS open,
-    max(p.high)                                   AS high,
-    min(p.low)                                    AS low,
-    (array_agg(p.close ORDER BY p.time DESC))[1]  AS close,
-    sum(p.volume)                                 AS volume,
-    sum(p.trades)::bigint                         AS trades,
-    {weights}
-"""
+#: The bucket rule over candle rows aliased ``p``, column by column: first open, max high, min
+#: low, last close, summed volume and trades.
+_BUCKET_PRICES = (
+    ("open", "(array_agg(p.open ORDER BY p.time))[1]"),
+    ("high", "max(p.high)"),
+    ("low", "min(p.low)"),
+    ("close", "(array_agg(p.close ORDER BY p.time DESC))[1]"),
+    ("volume", "sum(p.volume)"),
+    ("trades", "sum(p.trades)::bigint"),
+)
 
 #: vwap and its exact sums from 1-minute candles (which have no vwap_notional/vwap_volume).
-MINUTE_WEIGHTS = """
-    sum(p.vwap * p.volume) / NULLIF(sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL), 0) AS vwap,
-    sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL) AS vwap_volume,
-    sum(p.vwap * p.volume) AS vwap_notional
-"""
+_MINUTE_WEIGHTS = (
+    ("vwap", "sum(p.vwap * p.volume) / NULLIF(sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL), 0)"),
+    ("vwap_volume", "sum(p.volume) FILTER (WHERE p.vwap IS NOT NULL)"),
+    ("vwap_notional", "sum(p.vwap * p.volume)"),
+)
 
 #: vwap and its exact sums from buckets that carry them: Σvwap_notional/Σvwap_volume divides
 #: the very numbers the direct 1-minute weighting divides (sums of numerics are exact).
-BUCKET_WEIGHTS = """
-    sum(p.vwap_notional) / NULLIF(sum(p.vwap_volume), 0) AS vwap,
-    sum(p.vwap_volume) AS vwap_volume,
-    sum(p.vwap_notional) AS vwap_notional
-"""
+_BUCKET_WEIGHTS = (
+    ("vwap", "sum(p.vwap_notional) / NULLIF(sum(p.vwap_volume), 0)"),
+    ("vwap_volume", "sum(p.vwap_volume)"),
+    ("vwap_notional", "sum(p.vwap_notional)"),
+)
+
+
+def bucket_column_pairs(parent_minutes: int) -> list[tuple[str, str]]:
+    """The bucket rule over parent rows ``p`` of `parent_minutes` (1: the ``candles`` table;
+    more: an interval relation with its exact vwap sums) as ``(name, expression)`` pairs in
+    select-list order, for a query builder that picks columns by name (the provider)."""
+    return [*_BUCKET_PRICES, *(_MINUTE_WEIGHTS if parent_minutes == 1 else _BUCKET_WEIGHTS)]
 
 
 def bucket_columns(parent_minutes: int) -> str:
-    """The aggregate select list of wider candles over parent rows ``p`` of `parent_minutes`
-    (1: the ``candles`` table; more: an interval relation with its exact vwap sums)."""
-    weights = MINUTE_WEIGHTS if parent_minutes == 1 else BUCKET_WEIGHTS
-    return _BUCKET_COLUMNS.format(weights=weights.strip())
+    """:func:`bucket_column_pairs` as a select list."""
+    return ",\n".join(f"    {expression} AS {name}" for name, expression in bucket_column_pairs(parent_minutes))
 
 
 def vwap_at_places(vwap: str, places: str) -> str:
@@ -136,25 +141,6 @@ def skip_scan_symbols(table: str, cte: str = "s") -> str:
     SELECT (SELECT min(x.symbol) FROM {table} x WHERE x.symbol > {cte}.symbol)
     FROM {cte} WHERE {cte}.symbol IS NOT NULL
 )"""
-
-
-def bucket_column_pairs(parent_minutes: int) -> list[tuple[str, str]]:
-    """``bucket_columns(parent_minutes)`` as ``(name, expression)`` pairs in select-list order,
-    for a query builder that picks columns by name (the provider's SQLAlchemy selects)."""
-    text = bucket_columns(parent_minutes)
-    items: list[str] = []
-    depth = start = 0
-    for at, char in enumerate(text):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(text[start:at])
-            start = at + 1
-    items.append(text[start:])
-    pairs = []
-    for item in items:
-        expression, _as, name = item.rpartition(" AS ")
-        pairs.append((name.strip(), " ".join(expression.split())))
-    return pairs
 
 
 #: Upsert tail (table aliased ``c``) for the exchange's own candles (``exchange_candles``,

@@ -35,11 +35,15 @@ def kraken_vwap(trades: Sequence[Trade], price_decimals: int) -> Decimal:
     """Σ(p·v)/Σv truncated to `price_decimals` (0 when the minute had no volume), exactly."""
     with localcontext(_EXACT):
         volume = sum((t.volume for t in trades), Decimal(0))
-        if volume == 0:
-            return Decimal(0)
         notional = sum((t.price * t.volume for t in trades), Decimal(0))
-        quantum = Decimal(1).scaleb(-price_decimals)
-        return (notional / volume).quantize(quantum)
+    return Decimal(0) if volume == 0 else vwap_from_sums(notional, volume, price_decimals)
+
+
+def vwap_from_sums(notional: Decimal, volume: Decimal, price_decimals: int) -> Decimal:
+    """`notional` / `volume` (positive) truncated to `price_decimals`, exactly: Kraken's vwap
+    from a span's Σp·v and Σv (a minute's, or an information bar's)."""
+    with localcontext(_EXACT):
+        return (notional / volume).quantize(Decimal(1).scaleb(-price_decimals))
 
 
 def vwap_at_decimals(vwap: Decimal, price_decimals: int) -> Decimal:

@@ -123,7 +123,7 @@ def read_bars(
     if hi <= lo:
         return []
     candles = not (from_trades or kind is BarKind.VALUE)
-    fixed = {"symbol": symbol, "size": size, "decimals": price_decimals, "unit": Decimal(10) ** price_decimals}
+    fixed = {"symbol": symbol, "size": size, "decimals": price_decimals}
     rows: list[Row] | None = None
     # not inside a transaction of the caller's: other connections would not see its writes
     if candles and parallel_span is not None and hi - lo >= parallel_span \

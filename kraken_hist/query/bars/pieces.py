@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from contextlib import ExitStack
 from datetime import datetime
-from decimal import ROUND_DOWN, Decimal, localcontext
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -17,18 +17,14 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from kraken_hist.core.timeutils import floor_minute
+from kraken_hist.rules.candles import vwap_from_sums
 from kraken_hist.query.bars import sql as bars_sql
 from kraken_hist.query.bars.sql import BarKind, Row
 
 
 def _joined_vwap(weight: Decimal, volume: Decimal, decimals: int) -> Decimal | None:
-    """weight / volume rounded down to `decimals`, digit for digit the query's rule."""
-    if volume <= 0:
-        return None
-    with localcontext() as ctx:
-        ctx.prec, ctx.rounding = 80, ROUND_DOWN
-        unit = Decimal(10) ** decimals
-        return ((weight * unit) // volume / unit).quantize(Decimal(1).scaleb(-decimals))
+    """The query's bar vwap (``sql.BAR_VWAP``) of a bar joined from two pieces."""
+    return vwap_from_sums(weight, volume, decimals) if volume > 0 else None
 
 
 def join_pieces(pieces: list[list[Row]], decimals: int) -> list[Row]:

@@ -27,6 +27,8 @@ _MINUTE = Interval(1)
 
 #: Kraken's 1-minute vwap of a minute's trades, truncated to ``%(decimals)s`` (``rules.sql``).
 MINUTE_VWAP = kraken_vwap("sum(price * volume)", "sum(volume)", "%(decimals)s")
+#: A bar's vwap from its Σp·v (``weight``) and Σv, Kraken's rule; a bar without volume has none.
+BAR_VWAP = kraken_vwap("b.weight", "b.volume", "%(decimals)s", no_volume="NULL")
 
 # The measure of a trade row, of a minute summed from trades, of a candle (SQL, never user input).
 _TRADE_MEASURE = {BarKind.TICK: "1", BarKind.VOLUME: "volume", BarKind.VALUE: "price * volume"}
@@ -157,7 +159,7 @@ WITH cuts AS MATERIALIZED (
 SELECT b.bar, coalesce(f.time, b.first_time), coalesce(l.time, b.last_time),
        coalesce(f.price, b.first_price), b.high, b.low, coalesce(l.price, b.last_price), b.volume,
        CASE WHEN lag(b.bar) OVER o IS NULL OR lead(b.bar) OVER o IS NULL THEN b.weight END,  -- to join pieces
-       CASE WHEN b.volume > 0 THEN trunc(div(b.weight * %(unit)s, b.volume) / %(unit)s, %(decimals)s) END,
+       {bar_vwap},
        b.trades::bigint, coalesce(f.trade_id, b.first_id), coalesce(l.trade_id, b.last_id),
        b.bar < div(coalesce((SELECT max(after) FROM groups), (SELECT o + f FROM cuts)) + (SELECT l FROM cuts), %(size)s)
 FROM bars b
@@ -180,8 +182,8 @@ def bars_sql(kind: BarKind, *, from_trades: bool, first_cut: bool = True, offset
     """The bar query for `kind`, its minute index from candles or (`from_trades`, value bars)
     from trades. `first_cut`: the range starts inside a minute; `offset`: the running total
     starts from the sums named by ot_lo/ot_hi/oc_lo/oc_hi (the second half of a range, candle
-    index only). Parameters: symbol, lo, hi, f_minute, f_hi, l_lo, c_lo, c_hi, size, decimals,
-    unit (10 ** decimals) and the offset's."""
+    index only). Parameters: symbol, lo, hi, f_minute, f_hi, l_lo, c_lo, c_hi, size, decimals and
+    the offset's."""
     kind = BarKind(kind)
     tx = _TRADE_MEASURE[kind]
     ttx = tx.replace("price", "t.price").replace("volume", "t.volume")
@@ -193,6 +195,7 @@ def bars_sql(kind: BarKind, *, from_trades: bool, first_cut: bool = True, offset
     else:
         minutes = _MINUTES_FROM_CANDLES.format(x=_CANDLE_MEASURE[kind])
     return _BARS.format(
+        bar_vwap=BAR_VWAP,
         tx=tx, ttx=ttx, minutes=minutes, minute_vwap=MINUTE_VWAP,
         offset=_OFFSET.format(tx=tx, cx=_CANDLE_MEASURE.get(kind, "0")) if offset else "0",
         c0="(SELECT o + f FROM cuts) + " if first_cut or offset else "")

@@ -14,8 +14,6 @@ reading without closing) and ``send_malformed``. No new dependency, full control
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import random
@@ -24,143 +22,26 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from decimal import Decimal
-from functools import lru_cache
+from datetime import timedelta
 from typing import Any, Iterable, Sequence
 
 from kraken_hist.core.intervals import Interval
 from kraken_hist.core.timeutils import EPOCH, utcnow
 from kraken_hist.core.types import HistoricalCandle, HistoricalTrade
 from kraken_hist.testing.market import FakeMarket
-
-logger = logging.getLogger(__name__)
-
-_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-OHLC_INTERVALS = (1, 5, 15, 30, 60, 240, 1440, 10080, 21600)
-TRADE_SNAPSHOT_DEPTH = 50
-
-#: What ``send_malformed`` sends by default: each must be logged and skipped by a client.
-MALFORMED_FRAMES = (
-    "this is not json",
-    '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy","pri',
-    '{"channel":"mystery","type":"update","data":[]}',
-    '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy","price":"x",'
-    '"qty":1.0,"ord_type":"limit","trade_id":1,"timestamp":"2025-01-01T00:00:00.000000Z"}]}',
-    "[]",
+from kraken_hist.testing.ws_frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, accept_key, frame_header
+from kraken_hist.testing.ws_messages import (
+    MALFORMED_FRAMES,
+    OHLC_INTERVALS,
+    TRADE_SNAPSHOT_DEPTH,
+    RunningCandle,
+    candle_item,
+    next_trades,
+    rfc3339,
+    trade_item,
 )
 
-
-def _rfc3339(when: datetime, digits: int = 6) -> str:
-    base = when.strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{base}.{when.microsecond:06d}{'0' * (digits - 6)}Z"
-
-
-def _num(value: Decimal) -> str:
-    """A Decimal as JSON number text (never exponent notation, never through float)."""
-    return format(value, "f")
-
-
-@lru_cache(maxsize=64)
-def _quoted(symbol: str) -> str:
-    return json.dumps(symbol)
-
-
-@lru_cache(maxsize=4096)
-def _trade_time(when: datetime) -> str:
-    return _rfc3339(when)
-
-
-def trade_item(trade: HistoricalTrade) -> str:
-    """One v2 trade object as JSON text (hand-built so numbers stay exact decimals)."""
-    side = "sell" if trade.side == "s" else "buy"
-    ord_type = "market" if trade.ord_type == "m" else "limit"
-    return (
-        f'{{"symbol":{_quoted(trade.symbol)},"side":"{side}","price":{trade.price:f},'
-        f'"qty":{trade.volume:f},"ord_type":"{ord_type}","trade_id":{trade.trade_id},'
-        f'"timestamp":"{_trade_time(trade.time)}"}}'
-    )
-
-
-def candle_item(candle: HistoricalCandle) -> str:
-    """One v2 ohlc object; ``timestamp`` (deprecated) is the interval END, as Kraken sends it."""
-    end = candle.time + timedelta(minutes=candle.interval)
-    return (
-        f'{{"symbol":{json.dumps(candle.symbol)},"open":{_num(candle.open)},"high":{_num(candle.high)},'
-        f'"low":{_num(candle.low)},"close":{_num(candle.close)},"trades":{candle.trades},'
-        f'"volume":{_num(candle.volume)},"vwap":{_num(candle.vwap or Decimal(0))},'
-        f'"interval_begin":"{_rfc3339(candle.time, 9)}","interval":{candle.interval},'
-        f'"timestamp":"{_rfc3339(end)}"}}'
-    )
-
-
-def next_trades(
-    market: FakeMarket,
-    symbol: str,
-    count: int,
-    *,
-    when: datetime | None = None,
-    rng: random.Random | None = None,
-) -> list[HistoricalTrade]:
-    """`count` new trades continuing `symbol`'s id sequence and price, at `when` (default now)."""
-    pair = market.universe.get(market.canonical(symbol))
-    rng = rng or random.Random()
-    first_id = market.next_trade_id(pair.symbol)
-    stamp = when or market.now()
-    recent = market.trades_since(pair.symbol, None, 1) if market.has(pair.symbol) else []
-    quantum = Decimal(1).scaleb(-pair.price_decimals)
-    price = recent[0][0].price if recent else Decimal(100)
-    tick = max(1, int(price / quantum))
-    step = max(1, tick // 20_000)
-    out = []
-    for offset in range(count):
-        tick = max(1, tick + rng.randint(-2, 2) * step)
-        out.append(
-            HistoricalTrade(
-                symbol=pair.symbol,
-                trade_id=first_id + offset,
-                time=stamp,
-                price=Decimal(tick) * quantum,
-                volume=Decimal(rng.randint(1, 50_000_000)).scaleb(-8),
-                side=rng.choice("bs"),
-                ord_type=rng.choice("lm"),
-            )
-        )
-    return out
-
-
-@dataclass
-class _Running:
-    """The running candle of one bucket, updated trade by trade (vwap from exact sums)."""
-
-    key: int
-    open: Decimal
-    high: Decimal
-    low: Decimal
-    close: Decimal
-    volume: Decimal = Decimal(0)
-    notional: Decimal = Decimal(0)
-    count: int = 0
-
-    def add(self, trade: HistoricalTrade) -> None:
-        self.high = max(self.high, trade.price)
-        self.low = min(self.low, trade.price)
-        self.close = trade.price
-        self.volume += trade.volume
-        self.notional += trade.price * trade.volume
-        self.count += 1
-
-    def candle(self, symbol: str, interval: int, decimals: int) -> HistoricalCandle:
-        vwap = Decimal(0)
-        if self.volume:
-            vwap = (self.notional / self.volume).quantize(Decimal(1).scaleb(-decimals), rounding="ROUND_DOWN")
-        return HistoricalCandle(
-            symbol=symbol, interval=interval, time=EPOCH + timedelta(minutes=self.key * interval),
-            open=self.open, high=self.high, low=self.low, close=self.close,
-            volume=self.volume, vwap=vwap, trades=self.count,
-        )
-
+logger = logging.getLogger(__name__)
 
 @dataclass
 class _Connection:
@@ -203,7 +84,7 @@ class FakeKrakenWS:
         self._threads: list[threading.Thread] = []
         self._lock = threading.RLock()  # subscribe/publish/drop: a snapshot never races an update
         self._connections: dict[int, _Connection] = {}
-        self._running: dict[tuple[str, int], _Running] = {}
+        self._running: dict[tuple[str, int], RunningCandle] = {}
         self._numbers = 0
         self.stats = {"connections": 0, "frames_sent": 0, "trades_sent": 0, "requests": 0, "drops": 0}
 
@@ -348,7 +229,7 @@ class FakeKrakenWS:
                     "upcoming_maintenance": [], "emergency": [],
                 }],
             })
-            reader = _FrameReader(sock)
+            reader = FrameReader(sock)
             while not self._stop.is_set() and not conn.closed:
                 try:
                     frame = reader.read()
@@ -390,7 +271,7 @@ class FakeKrakenWS:
         if not key or "websocket" not in headers.get("upgrade", "").lower():
             sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             return False
-        accept = base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
+        accept = accept_key(key)
         sock.sendall(
             (
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -420,23 +301,23 @@ class FakeKrakenWS:
 
     def _on_request(self, conn: _Connection, text: str) -> None:
         self.stats["requests"] += 1
-        time_in = _rfc3339(utcnow())
+        time_in = rfc3339(utcnow())
         try:
             request = json.loads(text)
             method = request["method"]
         except (ValueError, KeyError, TypeError):
             self._send_json(conn, {"error": "Malformed request", "success": False,
-                                   "time_in": time_in, "time_out": _rfc3339(utcnow())})
+                                   "time_in": time_in, "time_out": rfc3339(utcnow())})
             return
         req_id = request.get("req_id")
         extra = {"req_id": req_id} if isinstance(req_id, int) else {}
         if method == "ping":
-            self._send_json(conn, {"method": "pong", **extra, "time_in": time_in, "time_out": _rfc3339(utcnow())})
+            self._send_json(conn, {"method": "pong", **extra, "time_in": time_in, "time_out": rfc3339(utcnow())})
         elif method in ("subscribe", "unsubscribe"):
             self._on_subscribe(conn, method, request.get("params") or {}, extra, time_in)
         else:
             self._send_json(conn, {"error": f"Method not found {method}", "method": method, "success": False,
-                                   **extra, "time_in": time_in, "time_out": _rfc3339(utcnow())})
+                                   **extra, "time_in": time_in, "time_out": rfc3339(utcnow())})
 
     def _accepts(self, symbol: object) -> bool:
         """Only exact canonical v2 names: ``XBT/USD`` and lower case are refused, like Kraken."""
@@ -457,7 +338,7 @@ class FakeKrakenWS:
             channel == "ohlc" and interval not in OHLC_INTERVALS
         ):
             self._send_json(conn, {"error": f"Unsupported request for channel {channel!r}", "method": method,
-                                   "success": False, **extra, "time_in": time_in, "time_out": _rfc3339(utcnow())})
+                                   "success": False, **extra, "time_in": time_in, "time_out": rfc3339(utcnow())})
             return
         for symbol in symbols:
             if symbol in self.muted:
@@ -465,7 +346,7 @@ class FakeKrakenWS:
             if not self._accepts(symbol):
                 self._send_json(conn, {"error": f"Currency pair not supported {symbol}", "method": method,
                                        "success": False, "symbol": symbol, **extra,
-                                       "time_in": time_in, "time_out": _rfc3339(utcnow())})
+                                       "time_in": time_in, "time_out": rfc3339(utcnow())})
                 continue
             result: dict[str, Any] = {"channel": channel}
             if channel == "ohlc":
@@ -481,7 +362,7 @@ class FakeKrakenWS:
                 else:
                     conn.subscriptions.discard(key)
                 self._send_json(conn, {"method": method, "result": result, "success": True, **extra,
-                                       "time_in": time_in, "time_out": _rfc3339(utcnow())})
+                                       "time_in": time_in, "time_out": rfc3339(utcnow())})
                 if method == "subscribe" and snapshot and self.market.has(symbol):
                     self._send_snapshot(conn, channel, symbol, interval)
 
@@ -495,7 +376,7 @@ class FakeKrakenWS:
         start = Interval(interval).bucket_start(now) - timedelta(minutes=interval * (self.ohlc_snapshot_depth - 1))
         candles = self.market.candles(symbol, interval, start, now + timedelta(minutes=interval))
         items = ",".join(candle_item(c) for c in candles)
-        self._send_text(conn, f'{{"channel":"ohlc","type":"snapshot","timestamp":"{_rfc3339(utcnow(), 9)}",'
+        self._send_text(conn, f'{{"channel":"ohlc","type":"snapshot","timestamp":"{rfc3339(utcnow(), 9)}",'
                               f'"data":[{items}]}}')
 
     # --- broadcasting ---------------------------------------------------------------------
@@ -514,7 +395,7 @@ class FakeKrakenWS:
         for interval in sorted(intervals):
             candles = self._update_running(symbol, interval, trades)
             items = ",".join(candle_item(c) for c in candles)
-            text = (f'{{"channel":"ohlc","type":"update","timestamp":"{_rfc3339(utcnow(), 9)}",'
+            text = (f'{{"channel":"ohlc","type":"update","timestamp":"{rfc3339(utcnow(), 9)}",'
                     f'"data":[{items}]}}')
             for conn in list(self._connections.values()):
                 if ("ohlc", symbol, interval) in conn.subscriptions:
@@ -537,7 +418,7 @@ class FakeKrakenWS:
                 # first time this bucket is seen: every stored trade of it, the new ones included
                 bucket = self.market.trades(symbol, start, start + timedelta(seconds=seconds))
                 bucket = bucket or list(trades[index:group_end])
-                state = _Running(key=key, open=bucket[0].price, high=bucket[0].price,
+                state = RunningCandle(key=key, open=bucket[0].price, high=bucket[0].price,
                                  low=bucket[0].price, close=bucket[0].price)
                 for trade in bucket:
                     state.add(trade)
@@ -573,13 +454,7 @@ class FakeKrakenWS:
     def _send_frame(self, conn: _Connection, opcode: int, payload: bytes) -> None:
         if conn.closed or conn.stalled:
             return
-        length = len(payload)
-        if length < 126:
-            header = struct.pack("!BB", 0x80 | opcode, length)
-        elif length < 65536:
-            header = struct.pack("!BBH", 0x80 | opcode, 126, length)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+        header = frame_header(opcode, len(payload))
         with conn.send_lock:
             try:
                 conn.sock.sendall(header + payload)
@@ -588,52 +463,6 @@ class FakeKrakenWS:
                 return
             conn.last_sent = time.monotonic()
             self.stats["frames_sent"] += 1
-
-
-class _FrameReader:
-    """Reads masked client frames; keeps partial data across socket timeouts."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    def _need(self, size: int) -> bool:
-        while len(self._buffer) < size:
-            chunk = self._sock.recv(65536)  # may raise socket.timeout: the buffer is kept
-            if not chunk:
-                return False
-            self._buffer += chunk
-        return True
-
-    def read(self) -> tuple[int, bytes] | None:
-        """Next (opcode, payload), or None when the peer closed the socket."""
-        if not self._need(2):
-            return None
-        b1, b2 = self._buffer[0], self._buffer[1]
-        length = b2 & 0x7F
-        offset = 2
-        if length == 126:
-            if not self._need(4):
-                return None
-            length = struct.unpack_from("!H", self._buffer, 2)[0]
-            offset = 4
-        elif length == 127:
-            if not self._need(10):
-                return None
-            length = struct.unpack_from("!Q", self._buffer, 2)[0]
-            offset = 10
-        if not b2 & 0x80:
-            raise ValueError("client frame not masked (RFC 6455 5.1)")
-        if not self._need(offset + 4 + length):
-            return None
-        mask = bytes(self._buffer[offset:offset + 4])
-        body = bytes(self._buffer[offset + 4:offset + 4 + length])
-        del self._buffer[:offset + 4 + length]
-        if not b1 & 0x80:
-            raise ValueError("fragmented frames are not supported by the fake")
-        repeated = (mask * (length // 4 + 1))[:length]
-        payload = (int.from_bytes(body, "big") ^ int.from_bytes(repeated, "big")).to_bytes(length, "big")
-        return b1 & 0x0F, payload
 
 
 def main(argv: Sequence[str] | None = None) -> None:
